@@ -1,0 +1,95 @@
+"""The building blocks every section of the model shares: a Linear that can hold FP8 weights, RMSNorm and
+the SwiGLU MLP (dense layers, shared experts)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant import fp8
+
+
+class KeepDtype(nn.Module):
+    """A module some of whose tensors keep their dtype when the model is cast (`model.to(torch.bfloat16)`):
+    FP8 weights with their float32 scales, the gate's float32 bias, RoPE frequencies. Device moves and
+    `to_empty` still apply to them."""
+
+    keep_dtype: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {}
+        for name in self.keep_dtype:
+            t = getattr(self, name, None)
+            if t is not None:
+                kept[name] = t.data  # an alias of the current storage, unaffected by the rebinding below
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = getattr(self, name)
+            if new.dtype != old.dtype:
+                new.data = old.to(new.device)
+        return self
+
+
+class Linear(KeepDtype):
+    """y = x W^T (+ b). The weight is either a plain tensor or, after `to_fp8()`, e4m3 with a float32
+    `weight_scale_inv` per 128x128 block, exactly the layout of the official checkpoints."""
+
+    keep_dtype = ("weight", "weight_scale_inv")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.register_buffer("weight_scale_inv", None)
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.weight_scale_inv is not None
+
+    def to_fp8(self) -> None:
+        """Switch to FP8 storage (empty tensors on the weight's device: a loader fills them)."""
+        dev = self.weight.device
+        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, dtype=fp8.FP8, device=dev),
+                                   requires_grad=False)
+        self.weight_scale_inv = torch.empty(fp8.scale_shape(self.weight.shape), dtype=torch.float32, device=dev)
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight as a plain matrix (dequantised if FP8)."""
+        if self.is_fp8:
+            return fp8.weight_dequant(self.weight, self.weight_scale_inv, dtype or torch.bfloat16)
+        return self.weight if dtype is None else self.weight.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8.linear(x, self.weight, self.weight_scale_inv, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, fp8={self.is_fp8}"
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w, the normalisation taken in float32 whatever the activation dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). HF names: w1 gate_proj, w3 up_proj, w2 down_proj."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = Linear(dim, inter_dim)
+        self.w2 = Linear(inter_dim, dim)
+        self.w3 = Linear(dim, inter_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

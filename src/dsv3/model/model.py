@@ -1,0 +1,248 @@
+"""DeepSeek-V3, to be read next to the technical report (arXiv 2412.19437, §2.1): RoPE with YaRN, Multi-head
+Latent Attention, the dense MLP, the transformer block and the model. MoE and MTP are siblings (moe.py,
+mtp.py); the shared building blocks (an FP8-capable Linear, RMSNorm, the SwiGLU MLP) are in layers.py.
+
+The model knows nothing of caches, ranks or devices: `forward(input_ids)` computes the whole sequence.
+The inference engine drives the same modules through `MLA.project_q`, `MLA.project_kv` and its own
+attention over a latent cache.
+
+Shapes: B batch, T query positions, S key positions, H heads, D hidden size, C kv latent (kv_lora_rank),
+R rope dims per head, P nope dims per head, V value dims per head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import KeepDtype, Linear, MLP, RMSNorm
+from .moe import MoE
+from .mtp import MTPModule
+
+
+# ---- rotary position embedding, with YaRN ---------------------------------------------------------------
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """theta_j = base^(-2j/R) for j < R/2; under YaRN, low frequencies (long wavelengths) are interpolated by
+    the factor s, high ones kept, with a linear ramp between the dims completing beta_slow and beta_fast
+    rotations over the original context."""
+    dim, base = config.qk_rope_head_dim, config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if config.rope_type != "yarn":
+        return inv_freq
+
+    def correction_dim(rotations: float) -> float:  # the dim whose wavelength fits `rotations` times
+        return dim * math.log(config.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(config.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(config.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: original frequency (extrapolate), 0: divided by the factor (interpolate)
+    return inv_freq / config.rope_factor * (1 - keep) + inv_freq * keep
+
+
+class RotaryEmbedding(KeepDtype):
+    """positions -> (cos, sin), each (..., R/2), float32."""
+
+    keep_dtype = ("inv_freq",)
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.attention_factor = config.rope_attention_factor
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions[..., None].float() * self.inv_freq  # (..., T, R/2)
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x0, x1), (x2, x3), ... of x (B, T, [H,] R) as complex numbers x0 + i x1 (the
+    layout of the official checkpoints; rotating halves instead would be a different model).
+    cos/sin: (T, R/2) or (B, T, R/2)."""
+    if x.dim() == 4:
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+# ---- Multi-head Latent Attention (§2.1.1) --------------------------------------------------------------
+
+class MLA(nn.Module):
+    """Keys and values are generated from one low-rank latent c_KV (C wide, normalised) plus one decoupled
+    rotary key k_R (R wide) shared by all heads: these two are all a cache needs to hold. Queries come from
+    their own latent c_Q when q_lora_rank is set."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, H = config.hidden_size, config.num_attention_heads
+        self.n_heads = H
+        self.q_lora_rank, self.kv_lora_rank = config.q_lora_rank, config.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.qk_dim = self.nope_dim + self.rope_dim
+        bias = config.attention_bias
+        if self.q_lora_rank is None:
+            self.wq = Linear(d, H * self.qk_dim)
+        else:
+            self.wq_a = Linear(d, self.q_lora_rank, bias=bias)
+            self.q_norm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.wq_b = Linear(self.q_lora_rank, H * self.qk_dim)
+        self.wkv_a = Linear(d, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.wkv_b = Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim))
+        self.wo = Linear(H * self.v_dim, d, bias=bias)
+        self.softmax_scale = config.softmax_scale
+
+    def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> q_nope (B, T, H, P), q_rope (B, T, H, R) rotated."""
+        q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.unflatten(-1, (self.n_heads, self.qk_dim))  # (B, T, H, P+R)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_rope, cos, sin)
+
+    def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> kv latent (B, T, C) normalised, k_rope (B, T, R) rotated: what the cache keeps."""
+        kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.kv_norm(kv), apply_rope(k_rope, cos, sin)
+
+    def expand_kv(self, kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent (B, S, C) and rotary key (B, S, R) -> per-head keys (B, S, H, P+R) and values (B, S, H, V)."""
+        kv = self.wkv_b(kv).unflatten(-1, (self.n_heads, self.nope_dim + self.v_dim))  # (B, S, H, P+V)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope.unsqueeze(-2).expand(-1, -1, self.n_heads, -1)], dim=-1)
+        return k, v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-sequence attention (training, scoring). mask: None for causal, else a boolean (T, S) or
+        (B, 1, T, S) mask, True where attention is allowed."""
+        q_nope, q_rope = self.project_q(x, cos, sin)
+        kv, k_rope = self.project_kv(x, cos, sin)
+        k, v = self.expand_kv(kv, k_rope)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        out = F.scaled_dot_product_attention(  # (B, H, T, V)
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale)
+        return self.wo(out.transpose(1, 2).flatten(2))
+
+
+# ---- the transformer -----------------------------------------------------------------------------------
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        d = config.hidden_size
+        self.layer_id = layer_id
+        self.attn_norm = RMSNorm(d, config.rms_norm_eps)
+        self.attn = MLA(config)
+        self.ffn_norm = RMSNorm(d, config.rms_norm_eps)
+        if config.is_moe_layer(layer_id):
+            shared = None
+            if config.n_shared_experts:
+                shared = MLP(d, config.moe_intermediate_size * config.n_shared_experts)
+            self.ffn = MoE(config, shared)
+        else:
+            self.ffn = MLP(d, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        x = x + self.ffn(self.ffn_norm(x))
+        return x
+
+
+class DeepSeekV3(nn.Module):
+    """Embedding -> blocks -> final norm -> head, plus the MTP modules (which share the embedding and head).
+    `model(input_ids)` returns the main head's logits (B, T, vocab)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        L, d = config.num_hidden_layers, config.hidden_size
+        self.embed = nn.Embedding(config.vocab_size, d)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(L))
+        self.norm = RMSNorm(d, config.rms_norm_eps)
+        self.head = Linear(d, config.vocab_size)
+        if config.tie_word_embeddings:
+            self.head.weight = self.embed.weight
+        self.rope = RotaryEmbedding(config)
+        self.mtp = nn.ModuleList(MTPModule(config, Block(config, L + k))
+                                 for k in range(config.num_nextn_predict_layers))
+
+    def _check_input(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq), got "
+                             f"{tuple(input_ids.shape)} {input_ids.dtype}")
+        T = input_ids.shape[1]
+        if T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {T} tokens exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> the final-normed hidden states (B, T, D) that the head maps to logits."""
+        self._check_input(input_ids)
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        cos, sin = self.rope(positions)
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask)
+        return self.norm(h)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.hidden_states(input_ids, positions, mask))
+
+    def mtp_hidden_states(self, h: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Run the MTP modules in sequence from the main model's hidden states h (B, T, D). Module k returns
+        (B, T-k, D): position i sees tokens up to i+k and predicts token i+k+1."""
+        T = input_ids.shape[1]
+        outs = []
+        for k, module in enumerate(self.mtp, start=1):
+            if T - k <= 0:
+                break
+            cos, sin = self.rope(torch.arange(T - k, device=input_ids.device))
+            h = module(h[:, :T - k], self.embed(input_ids[:, k:]), cos, sin)
+            outs.append(h)
+        return outs
+
+    def forward_with_mtp(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """-> (main logits (B, T, V), [MTP module k's logits (B, T-k, V) for k = 1..D]), one pass."""
+        h = self.hidden_states(input_ids)
+        mtp_h = self.mtp_hidden_states(h, input_ids)
+        return self.head(h), [self.head(m.norm(hk)) for m, hk in zip(self.mtp, mtp_h)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+
+@torch.no_grad()
+def init_weights(model: DeepSeekV3, std: float | None = None, generator: torch.Generator | None = None) -> None:
+    """Every weight matrix and the embedding ~ N(0, std) (the V3 report: std 0.006 for all parameters);
+    norms 1, biases and balancing biases 0. std defaults to config.initializer_range."""
+    std = model.config.initializer_range if std is None else std
+    for name, p in model.named_parameters():
+        if p.dtype == torch.float8_e4m3fn:
+            raise ValueError(f"{name} is stored in FP8; initialise the model before quantising it")
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:
+            p.normal_(0.0, std, generator=generator)
+    for mod in model.modules():
+        if isinstance(mod, MoE) and mod.gate.bias is not None:
+            mod.gate.bias.zero_()

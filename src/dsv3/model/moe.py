@@ -1,0 +1,165 @@
+"""DeepSeekMoE (DeepSeek-V3 report §2.1.2): fine-grained routed experts plus always-on shared experts, a
+sigmoid gate with group-limited routing, and the auxiliary-loss-free balancing bias.
+
+Shape suffixes: N tokens, D hidden size, E routed experts, K experts per token, G expert groups,
+S = N*K routed (token, expert) pairs, I one expert's hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..quant import fp8
+from .layers import KeepDtype
+
+
+class Gate(KeepDtype):
+    """Scores every expert for every token and picks K of them.
+
+    V3 (`noaux_tc`): sigmoid scores in float32; the balancing bias is added for *choosing* only; a group's
+    score is the sum of its two best biased scores; the `topk_group` best groups are kept; the top-K experts
+    of those are chosen; their weights are the unbiased scores, normalised to sum 1, times
+    `routed_scaling_factor`. V2 (`greedy`, `group_limited_greedy`): softmax scores, a group scored by its
+    best expert, no bias.
+    """
+
+    keep_dtype = ("bias",)
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts, self.topk = config.n_routed_experts, config.num_experts_per_tok
+        self.method, self.score_func = config.topk_method, config.scoring_func
+        self.n_groups = 1 if config.topk_method == "greedy" else config.n_group
+        self.topk_groups = config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.route_scale = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+        # §2.1.2: b_i, a buffer (not trained by the optimiser) kept in float32: updates of 1e-3 vanish in bf16
+        bias = torch.zeros(self.n_experts, dtype=torch.float32) if self.method == "noaux_tc" else None
+        self.register_buffer("bias", bias)
+
+    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (weights_NK float32, experts_NK int64, scores_NE float32, the unbiased affinities)."""
+        logits_NE = F.linear(x_ND.float(), self.weight.float())
+        if self.score_func == "sigmoid":
+            scores_NE = logits_NE.sigmoid()
+        else:
+            scores_NE = logits_NE.softmax(dim=-1)
+        choice_NE = scores_NE if self.bias is None else scores_NE + self.bias  # the bias selects, never weights
+        if self.n_groups > 1:
+            N = choice_NE.shape[0]
+            choice_NGe = choice_NE.view(N, self.n_groups, -1)
+            if self.method == "noaux_tc":
+                group_NG = choice_NGe.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_NG = choice_NGe.amax(dim=-1)
+            keep_NG = group_NG.topk(self.topk_groups, dim=-1).indices
+            mask_NG = torch.ones_like(group_NG, dtype=torch.bool).scatter_(1, keep_NG, False)
+            choice_NE = choice_NGe.masked_fill(mask_NG[..., None], float("-inf")).view(N, -1)
+        experts_NK = choice_NE.topk(self.topk, dim=-1).indices
+        weights_NK = scores_NE.gather(1, experts_NK)
+        if self.norm_topk_prob:
+            weights_NK = weights_NK / (weights_NK.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights_NK * self.route_scale, experts_NK, scores_NE
+
+
+class Experts(KeepDtype):
+    """The routed experts' SwiGLU weights, stacked: w1 (gate_proj) and w3 (up_proj) of shape (E, I, D), w2
+    (down_proj) of shape (E, D, I). Optionally FP8 with (E, ceil(.. / 128), ceil(.. / 128)) block scales."""
+
+    keep_dtype = ("w1", "w2", "w3", "w1_scale_inv", "w2_scale_inv", "w3_scale_inv")
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.n_experts, self.dim, self.inter_dim = n_experts, dim, inter_dim
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        for name in ("w1", "w2", "w3"):
+            self.register_buffer(f"{name}_scale_inv", None)
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.w1_scale_inv is not None
+
+    def to_fp8(self) -> None:
+        for name in ("w1", "w2", "w3"):
+            w = getattr(self, name)
+            setattr(self, name, nn.Parameter(torch.empty(w.shape, dtype=fp8.FP8, device=w.device),
+                                             requires_grad=False))
+            setattr(self, f"{name}_scale_inv", torch.empty(fp8.scale_shape(w.shape), device=w.device))
+
+    def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.is_fp8:
+            return self.w1[e], self.w2[e], self.w3[e]
+        return tuple(fp8.weight_dequant(getattr(self, n)[e], getattr(self, f"{n}_scale_inv")[e], dtype)
+                     for n in ("w1", "w2", "w3"))
+
+    def forward(self, x_SD: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
+        """x_SD holds each expert's tokens contiguously, expert 0 first, counts_E[e] of them for expert e."""
+        outs, start = [], 0
+        for e, n in enumerate(counts_E):  # a loop over experts, each a dense GEMM on its own tokens
+            if n == 0:
+                continue
+            w1, w2, w3 = self.expert_weights(e, x_SD.dtype)
+            x = x_SD[start:start + n]
+            outs.append(F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2))
+            start += n
+        if not outs:
+            return x_SD.new_empty(0, self.dim)
+        return torch.cat(outs)
+
+
+class MoE(nn.Module):
+    """y = sum_k g_k * expert_k(x) + shared(x). Routed tokens are dispatched by sorting the (token, expert)
+    pairs by expert and combined with one index_add; `dispatch`/`combine` are the seam where expert
+    parallelism swaps in all-to-all (identity on one process)."""
+
+    def __init__(self, config: ModelConfig, shared_experts: nn.Module | None):
+        super().__init__()
+        self.n_experts, self.topk = config.n_routed_experts, config.num_experts_per_tok
+        self.gate = Gate(config)
+        self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = shared_experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x_ND = x.reshape(-1, shape[-1])
+        weights_NK, experts_NK, _ = self.gate(x_ND)
+        y_ND = self.routed(x_ND, weights_NK, experts_NK)
+        if self.shared_experts is not None:
+            y_ND = y_ND + self.shared_experts(x_ND)
+        return y_ND.view(shape)
+
+    def routed(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
+        x_SD, token_S, weight_S, counts_E = self.dispatch(x_ND, weights_NK, experts_NK)
+        y_SD = self.experts(x_SD, counts_E)
+        return self.combine(y_SD, token_S, weight_S, x_ND)
+
+    def dispatch(self, x_ND, weights_NK, experts_NK):
+        """Sort the S = N*K (token, expert) pairs by expert: -> (x_SD, token_S, weight_S, counts_E)."""
+        expert_S = experts_NK.flatten()
+        order_S = expert_S.argsort(stable=True)
+        token_S = order_S // self.topk
+        counts_E = torch.bincount(expert_S, minlength=self.n_experts).tolist()
+        return x_ND[token_S], token_S, weights_NK.flatten()[order_S], counts_E
+
+    def combine(self, y_SD, token_S, weight_S, x_ND):
+        """Weight each pair's output by its gate value and add it back into its token's row."""
+        y_SD = (y_SD * weight_S[:, None]).to(x_ND.dtype)
+        return torch.zeros_like(x_ND).index_add_(0, token_S, y_SD)
+
+    def routed_reference(self, x_ND, weights_NK, experts_NK) -> torch.Tensor:
+        """The plain per-expert loop (as HF computes it), kept to hold `routed` to."""
+        y_ND = torch.zeros_like(x_ND)
+        for e in range(self.n_experts):
+            tok, k = torch.where(experts_NK == e)
+            if tok.numel() == 0:
+                continue
+            w1, w2, w3 = self.experts.expert_weights(e, x_ND.dtype)
+            h = F.linear(F.silu(F.linear(x_ND[tok], w1)) * F.linear(x_ND[tok], w3), w2)
+            y_ND.index_add_(0, tok, (h * weights_NK[tok, k, None]).to(x_ND.dtype))
+        return y_ND
