@@ -291,16 +291,8 @@ def checkpoint_entries(model: DeepSeekV3, dtype: torch.dtype, fp8: bool,
                 entries.append(PendingTensor(hf + "_scale_inv", torch.float32, tuple(src_scale.shape),
                                              lambda: src_scale))
                 return
-            stash = {}
-
-            def weight() -> torch.Tensor:
-                w = src if src_scale is None else fp8q.weight_dequant(src, src_scale, torch.float32)
-                stash["q"], stash["s"] = fp8q.weight_quant(w, scale_fmt=scale_fmt)
-                return stash.pop("q")
-
-            entries.append(PendingTensor(hf, fp8q.FP8, tuple(src.shape), weight))
-            entries.append(PendingTensor(hf + "_scale_inv", torch.float32, fp8q.scale_shape(src.shape),
-                                         lambda: stash.pop("s")))
+            entries.extend(fp8_pair(hf, tuple(src.shape), lambda: src if src_scale is None else
+                                    fp8q.weight_dequant(src, src_scale, torch.float32), scale_fmt))
             return
         out = torch.float32 if hf.endswith("e_score_correction_bias") else dtype
         if src_scale is not None:
@@ -323,6 +315,19 @@ def checkpoint_entries(model: DeepSeekV3, dtype: torch.dtype, fp8: bool,
     # keep each weight next to its scale: sort by layer, then by name with the scale right after the weight
     entries.sort(key=lambda p: _layer_order(p.name.removesuffix("_scale_inv")) + (p.name.endswith("_scale_inv"),))
     return entries
+
+
+def fp8_pair(hf: str, shape: tuple[int, ...], get_weight, scale_fmt: str | None = None) -> list[PendingTensor]:
+    """The two entries of a weight written in FP8: `hf` (e4m3) then `hf_scale_inv` (float32 block scales).
+    The weight is quantised once, when the first is written; the scale is handed to the second."""
+    stash = {}
+
+    def weight() -> torch.Tensor:
+        stash["q"], stash["s"] = fp8q.weight_quant(get_weight(), scale_fmt=scale_fmt)
+        return stash.pop("q")
+
+    return [PendingTensor(hf, fp8q.FP8, shape, weight),
+            PendingTensor(hf + "_scale_inv", torch.float32, fp8q.scale_shape(shape), lambda: stash.pop("s"))]
 
 
 def _parse_size(size: int | str) -> int:

@@ -1,0 +1,138 @@
+"""Directory-to-directory checkpoint tools that stream tensor by tensor (memory: one tensor at a time):
+
+- `fp8_cast`: FP8 (block-scaled e4m3) -> BF16/FP32, what the official `fp8_cast_bf16.py` does, but on CPU as
+  well as GPU, writing a config.json without `quantization_config` (or transformers and vLLM would try to
+  treat the BF16 weights as FP8) and carrying the tokenizer and other files along.
+- `quantize_fp8`: the way back, BF16/FP32 -> the official FP8 layout (optionally with power-of-two
+  `ue8m0` scales, as DeepSeek-V3.1).
+
+Shard names are kept, so a sharded checkpoint stays sharded the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from tqdm.auto import tqdm
+
+from ..quant import fp8 as fp8q
+from .hf import is_quantizable
+from .io import CheckpointError, PendingTensor, atomic_write_json, write_safetensors
+from .pretrained import INDEX, CheckpointDir, copy_files, dtype_name, fp8_pair, resolve_dtype
+
+FP8_QUANT_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                    "weight_block_size": [128, 128]}
+
+
+def _read_config(path: str) -> dict:
+    p = os.path.join(path, "config.json")
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"no config.json in {path}")
+    try:
+        with open(p, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p} is not valid JSON: {e}") from None
+
+
+def _check_dirs(src: str, dst: str) -> None:
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"input directory {src!r} does not exist")
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise ValueError("--output must differ from --input (the input is read while the output is written)")
+    os.makedirs(dst, exist_ok=True)
+
+
+def _rewrite(ckpt: CheckpointDir, dst: str, per_file, config: dict, desc: str, progress: bool | None) -> None:
+    """Write each input shard's replacement entries to a shard of the same name, then index and config, and
+    copy every other file of the input directory."""
+    weight_map, total = {}, 0
+    disable = (not progress) if progress is not None else None
+    with tqdm(total=ckpt.total_bytes(), unit="B", unit_scale=True, desc=desc, disable=disable) as bar:
+        for fn, sf in ckpt.files.items():
+            entries: list[PendingTensor] = per_file(sf)
+            write_safetensors(os.path.join(dst, fn), entries)
+            for p in entries:
+                weight_map[p.name] = fn
+                total += p.nbytes
+            bar.update(sum(sf.info(n).nbytes for n in sf.keys()))
+    if len(ckpt.files) > 1 or os.path.isfile(os.path.join(ckpt.path, INDEX)):
+        atomic_write_json(os.path.join(dst, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    atomic_write_json(os.path.join(dst, "config.json"), config)
+    skip = set(ckpt.files) | {INDEX, "config.json"}
+    copy_files(ckpt.path, dst, [f for f in sorted(os.listdir(ckpt.path))
+                                if f not in skip and os.path.isfile(os.path.join(ckpt.path, f))
+                                and not f.endswith(".safetensors")])
+
+
+def fp8_cast(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype | str = torch.bfloat16,
+             device: str | None = None, progress: bool | None = None) -> None:
+    """Dequantise every FP8 weight of `src` (e4m3 x its 128x128 block `weight_scale_inv`) into `dtype`."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    _check_dirs(src, dst)
+    dtype = resolve_dtype(dtype)
+    config = _read_config(src)
+    ckpt = CheckpointDir(src)
+    try:
+        fp8_names = [n for n in ckpt.where if ckpt.info(n).dtype == fp8q.FP8]
+        if not fp8_names:
+            raise CheckpointError(f"{src} holds no FP8 weights: nothing to cast")
+        for n in fp8_names:
+            if n + "_scale_inv" not in ckpt.where:
+                raise CheckpointError(f"{ckpt.where[n].path}: FP8 tensor {n!r} has no {n + '_scale_inv'!r}")
+
+        def per_file(sf) -> list[PendingTensor]:
+            out = []
+            for n in sorted(sf.keys(), key=lambda n: sf.info(n).begin):
+                info = sf.info(n)
+                if n.endswith("_scale_inv") and n.removesuffix("_scale_inv") in ckpt.where:
+                    continue
+                if info.dtype == fp8q.FP8:
+                    def deq(n=n):
+                        w, s = ckpt.read(n), ckpt.read(n + "_scale_inv")
+                        if device:
+                            w, s = w.to(device), s.to(device)
+                        return fp8q.weight_dequant(w, s, dtype)
+                    out.append(PendingTensor(n, dtype, info.shape, deq))
+                else:
+                    out.append(PendingTensor(n, info.dtype, info.shape, lambda n=n: ckpt.read(n)))
+            return out
+
+        config.pop("quantization_config", None)
+        config["torch_dtype"] = dtype_name(dtype)
+        config.pop("dtype", None)
+        _rewrite(ckpt, dst, per_file, config, "fp8 -> " + dtype_name(dtype), progress)
+    finally:
+        ckpt.close()
+
+
+def quantize_fp8(src: str | os.PathLike, dst: str | os.PathLike, scale_fmt: str | None = None,
+                 device: str | None = None, progress: bool | None = None) -> None:
+    """Quantise every projection weight of `src` (attention and MLPs; not embeddings, head, norms, gate or
+    the MTP eh_proj, as the official release) to FP8 e4m3 with 128x128 block scales."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    _check_dirs(src, dst)
+    config = _read_config(src)
+    if config.get("quantization_config"):
+        raise CheckpointError(f"{src}/config.json already has a quantization_config: the checkpoint is quantised")
+    ckpt = CheckpointDir(src)
+    try:
+        def per_file(sf) -> list[PendingTensor]:
+            out = []
+            for n in sorted(sf.keys(), key=lambda n: sf.info(n).begin):
+                info = sf.info(n)
+                if is_quantizable(n) and info.dtype.is_floating_point and info.dtype != fp8q.FP8:
+                    def get(n=n):
+                        w = ckpt.read(n)
+                        return w.to(device) if device else w
+                    out.extend(fp8_pair(n, info.shape, get, scale_fmt))
+                else:
+                    out.append(PendingTensor(n, info.dtype, info.shape, lambda n=n: ckpt.read(n)))
+            return out
+
+        config["quantization_config"] = dict(FP8_QUANT_CONFIG, **({"scale_fmt": scale_fmt} if scale_fmt else {}))
+        _rewrite(ckpt, dst, per_file, config, "-> fp8", progress)
+    finally:
+        ckpt.close()
