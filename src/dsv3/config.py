@@ -15,6 +15,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+_TYPES = {  # the annotations below, as isinstance() checks (int is accepted where a float is expected)
+    "int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,),
+    "int | None": (int, type(None)), "dict | None": (dict, type(None)),
+    "int | list[int] | None": (int, list, type(None)),
+}
 _ARCHS = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM"}
 _TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 
@@ -76,6 +81,10 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)  # config.json keys we do not interpret, kept for to_hf()
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value, allowed = getattr(self, f.name), _TYPES[f.type]
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                raise ValueError(f"{f.name}={value!r} must be of type {f.type}")
         if self.q_lora_rank == 0:
             self.q_lora_rank = None  # the official demo writes 0 for "no q latent"
         if self.model_type not in _ARCHS:

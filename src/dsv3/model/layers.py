@@ -15,11 +15,13 @@ class KeepDtype(nn.Module):
     FP8 weights with their float32 scales, the gate's float32 bias, RoPE frequencies. Device moves and
     `to_empty` still apply to them."""
 
-    keep_dtype: tuple[str, ...] = ()
+    def pinned(self) -> tuple[str, ...]:
+        """Names of the tensors whose dtype is fixed right now."""
+        return ()
 
     def _apply(self, fn, recurse=True):
         kept = {}
-        for name in self.keep_dtype:
+        for name in self.pinned():
             t = getattr(self, name, None)
             if t is not None:
                 kept[name] = t.data  # an alias of the current storage, unaffected by the rebinding below
@@ -35,8 +37,6 @@ class Linear(KeepDtype):
     """y = x W^T (+ b). The weight is either a plain tensor or, after `to_fp8()`, e4m3 with a float32
     `weight_scale_inv` per 128x128 block, exactly the layout of the official checkpoints."""
 
-    keep_dtype = ("weight", "weight_scale_inv")
-
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -47,6 +47,9 @@ class Linear(KeepDtype):
     @property
     def is_fp8(self) -> bool:
         return self.weight_scale_inv is not None
+
+    def pinned(self) -> tuple[str, ...]:
+        return ("weight", "weight_scale_inv") if self.is_fp8 else ()
 
     def to_fp8(self) -> None:
         """Switch to FP8 storage (empty tensors on the weight's device: a loader fills them)."""

@@ -50,12 +50,13 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 class RotaryEmbedding(KeepDtype):
     """positions -> (cos, sin), each (..., R/2), float32."""
 
-    keep_dtype = ("inv_freq",)
-
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.attention_factor = config.rope_attention_factor
+
+    def pinned(self) -> tuple[str, ...]:
+        return ("inv_freq",)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions[..., None].float() * self.inv_freq  # (..., T, R/2)

@@ -26,8 +26,6 @@ class Gate(KeepDtype):
     best expert, no bias.
     """
 
-    keep_dtype = ("bias",)
-
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_experts, self.topk = config.n_routed_experts, config.num_experts_per_tok
@@ -40,6 +38,9 @@ class Gate(KeepDtype):
         # §2.1.2: b_i, a buffer (not trained by the optimiser) kept in float32: updates of 1e-3 vanish in bf16
         bias = torch.zeros(self.n_experts, dtype=torch.float32) if self.method == "noaux_tc" else None
         self.register_buffer("bias", bias)
+
+    def pinned(self) -> tuple[str, ...]:
+        return ("bias",)
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (weights_NK float32, experts_NK int64, scores_NE float32, the unbiased affinities)."""
@@ -70,8 +71,6 @@ class Experts(KeepDtype):
     """The routed experts' SwiGLU weights, stacked: w1 (gate_proj) and w3 (up_proj) of shape (E, I, D), w2
     (down_proj) of shape (E, D, I). Optionally FP8 with (E, ceil(.. / 128), ceil(.. / 128)) block scales."""
 
-    keep_dtype = ("w1", "w2", "w3", "w1_scale_inv", "w2_scale_inv", "w3_scale_inv")
-
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
         self.n_experts, self.dim, self.inter_dim = n_experts, dim, inter_dim
@@ -84,6 +83,9 @@ class Experts(KeepDtype):
     @property
     def is_fp8(self) -> bool:
         return self.w1_scale_inv is not None
+
+    def pinned(self) -> tuple[str, ...]:
+        return ("w1", "w2", "w3", "w1_scale_inv", "w2_scale_inv", "w3_scale_inv") if self.is_fp8 else ()
 
     def to_fp8(self) -> None:
         for name in ("w1", "w2", "w3"):

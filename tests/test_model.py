@@ -1,0 +1,206 @@
+"""The model's parts, each against a plain reference: RoPE, the gate's rules, grouped vs per-expert MoE,
+MTP causality and loss, dtype handling, initialisation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv3 import DeepSeekV3, ModelConfig, init_weights
+from dsv3.model import Gate, MoE, apply_rope, mtp_loss, rope_inv_freq
+
+from conftest import random_model, rel_err, tiny_config
+
+
+def test_rope_rotates_adjacent_pairs_as_complex_numbers():
+    """The official formulation: view_as_complex over (x0, x1) pairs, times e^{i pos theta}."""
+    c = tiny_config()
+    x = torch.randn(2, 11, 3, c.qk_rope_head_dim)
+    pos = torch.arange(11)
+    angles = pos[:, None].float() * rope_inv_freq(c)
+    ref = torch.view_as_real(torch.view_as_complex(x.reshape(2, 11, 3, -1, 2))
+                             * torch.polar(torch.ones_like(angles), angles)[None, :, None]).flatten(-2)
+    assert torch.allclose(apply_rope(x, angles.cos(), angles.sin()), ref, atol=1e-6)
+
+
+def test_yarn_frequencies():
+    """Official YaRN: high-frequency dims untouched, low-frequency dims divided by the factor, a ramp between."""
+    c = tiny_config(qk_rope_head_dim=64, rope_type="yarn", rope_factor=40.0, original_max_position_embeddings=4096)
+    base = rope_inv_freq(c.replace(rope_type="default"))
+    yarn = rope_inv_freq(c)
+    assert torch.equal(yarn[:5], base[:5])  # wavelengths far below the original context: kept
+    assert torch.allclose(yarn[-3:], base[-3:] / 40)  # wavelengths beyond it: interpolated
+    assert torch.all(yarn <= base) and torch.all(yarn >= base / 40 * (1 - 1e-6))
+
+
+def _reference_route(gate: Gate, x: torch.Tensor):
+    """Token by token, as the report describes it, with Python loops."""
+    scores = torch.sigmoid(x.float() @ gate.weight.float().T)
+    out_w, out_i = [], []
+    per_group = gate.n_experts // gate.n_groups
+    for s in scores:
+        biased = s + gate.bias
+        gscore = [sorted(biased[g * per_group:(g + 1) * per_group].tolist())[-2:] for g in range(gate.n_groups)]
+        kept = sorted(range(gate.n_groups), key=lambda g: -sum(gscore[g]))[:gate.topk_groups]
+        cand = [e for e in range(gate.n_experts) if e // per_group in kept]
+        chosen = sorted(cand, key=lambda e: -biased[e].item())[:gate.topk]
+        w = torch.stack([s[e] for e in chosen])
+        out_w.append(w / w.sum() * gate.route_scale)
+        out_i.append(chosen)
+    return torch.stack(out_w), torch.tensor(out_i)
+
+
+def test_gate_matches_the_report_token_by_token():
+    c = tiny_config(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    torch.manual_seed(0)
+    gate = Gate(c)
+    torch.nn.init.normal_(gate.weight, std=0.1)
+    gate.bias.normal_(0, 0.1)
+    x = torch.randn(50, c.hidden_size)
+    w, idx, scores = gate(x)
+    ref_w, ref_idx = _reference_route(gate, x)
+    order, ref_order = idx.argsort(dim=1), ref_idx.argsort(dim=1)
+    assert torch.equal(idx.gather(1, order), ref_idx.gather(1, ref_order))
+    assert torch.allclose(w.gather(1, order), ref_w.gather(1, ref_order), atol=1e-6)
+    assert w.dtype == torch.float32 and scores.dtype == torch.float32
+
+
+def test_bias_selects_but_never_weights():
+    c = tiny_config(n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=2, routed_scaling_factor=1.0)
+    torch.manual_seed(0)
+    gate = Gate(c)
+    torch.nn.init.normal_(gate.weight, std=0.1)
+    x = torch.randn(30, c.hidden_size)
+    gate.bias[5] = 10.0  # forces expert 5 into every token's top-2
+    w, idx, scores = gate(x)
+    assert (idx == 5).any(dim=1).all()
+    # the weights are the unbiased scores of the chosen experts, normalised
+    chosen = scores.gather(1, idx)
+    assert torch.allclose(w, chosen / chosen.sum(1, keepdim=True))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_grouped_moe_equals_per_expert_loop(dtype, tol, fp8):
+    c = tiny_config()
+    model = random_model(c).to(dtype)
+    moe: MoE = model.layers[1].ffn
+    if fp8:
+        from dsv3.quant import fp8 as q
+        w = {n: getattr(moe.experts, n).detach().float() for n in ("w1", "w2", "w3")}
+        moe.experts.to_fp8()
+        for n, t in w.items():
+            qw, s = q.weight_quant(t)
+            getattr(moe.experts, n).data.copy_(qw)
+            getattr(moe.experts, f"{n}_scale_inv").copy_(s)
+    x = torch.randn(64, c.hidden_size, dtype=dtype)
+    with torch.no_grad():
+        weights, experts, _ = moe.gate(x)
+        assert rel_err(moe.routed(x, weights, experts), moe.routed_reference(x, weights, experts)) <= tol
+
+
+def test_moe_with_unused_experts_and_single_token():
+    c = tiny_config()
+    moe = random_model(c).layers[1].ffn
+    with torch.no_grad():
+        y = moe(torch.randn(1, 1, c.hidden_size))
+    assert y.shape == (1, 1, c.hidden_size) and torch.isfinite(y).all()
+
+
+def test_causal_and_batch_independent():
+    c = tiny_config()
+    model = random_model(c)
+    x = torch.randint(0, c.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(x)
+        x2 = x.clone()
+        x2[:, 12] = (x2[:, 12] + 1) % c.vocab_size
+        changed = model(x2)
+        alone = model(x[1:2])
+    assert torch.allclose(full[:, :12], changed[:, :12], atol=1e-5)  # the future never leaks back
+    assert not torch.allclose(full[:, 12:], changed[:, 12:], atol=1e-3)
+    assert torch.allclose(full[1:2], alone, atol=1e-5)  # other sequences in the batch change nothing
+
+
+def test_mtp_shapes_causality_and_loss():
+    c = tiny_config(num_nextn_predict_layers=2)
+    model = random_model(c)
+    x = torch.randint(0, c.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, mtp = model.forward_with_mtp(x)
+        assert torch.equal(logits, model(x))
+        assert [t.shape for t in mtp] == [(2, 15, c.vocab_size), (2, 14, c.vocab_size)]
+        # module 1 at position i sees tokens up to i+1 (it predicts i+2): changing token 9 leaves i < 8 alone
+        x2 = x.clone()
+        x2[:, 9] = (x2[:, 9] + 1) % c.vocab_size
+        _, mtp2 = model.forward_with_mtp(x2)
+    assert torch.allclose(mtp[0][:, :8], mtp2[0][:, :8], atol=1e-5)
+    assert not torch.allclose(mtp[0][:, 8], mtp2[0][:, 8], atol=1e-4)
+    assert torch.allclose(mtp[1][:, :7], mtp2[1][:, :7], atol=1e-5)
+    # L_MTP = mean over depths of the cross-entropy of predicting token i+k+1
+    want = (F.cross_entropy(mtp[0][:, :14].flatten(0, 1), x[:, 2:].flatten())
+            + F.cross_entropy(mtp[1][:, :13].flatten(0, 1), x[:, 3:].flatten())) / 2
+    assert torch.allclose(mtp_loss(mtp, x), want, atol=1e-6)
+
+
+def test_backward_reaches_every_parameter():
+    c = tiny_config()
+    model = random_model(c).train()
+    x = torch.randint(0, c.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    logits, mtp = model.forward_with_mtp(x)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()) + 0.3 * mtp_loss(mtp, x)
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == [], no_grad
+    assert all(b.grad is None for b in model.buffers())
+
+
+def test_keep_dtype_on_cast():
+    c = tiny_config()
+    model = random_model(c)
+    model.layers[0].attn.wq_a.to_fp8()
+    model = model.to(torch.bfloat16)
+    assert model.embed.weight.dtype == torch.bfloat16
+    assert model.layers[1].ffn.gate.bias.dtype == torch.float32  # aux-free bias updates need fp32
+    assert model.rope.inv_freq.dtype == torch.float32
+    assert model.layers[0].attn.wq_a.weight.dtype == torch.float8_e4m3fn
+    assert model.layers[0].attn.wq_a.weight_scale_inv.dtype == torch.float32
+
+
+def test_init_weights():
+    c = ModelConfig.preset("tiny")
+    torch.manual_seed(0)
+    model = DeepSeekV3(c)
+    init_weights(model)
+    assert c.initializer_range == 0.006
+    assert abs(model.layers[1].ffn.experts.w1.std().item() - 0.006) < 3e-4
+    assert abs(model.embed.weight.std().item() - 0.006) < 3e-4
+    assert torch.equal(model.layers[0].attn_norm.weight, torch.ones(c.hidden_size))
+    assert torch.equal(model.mtp[0].norm.weight, torch.ones(c.hidden_size))
+    assert torch.equal(model.layers[1].ffn.gate.bias, torch.zeros(c.n_routed_experts))
+    with torch.no_grad():
+        logits = model(torch.randint(0, c.vocab_size, (1, 8)))
+    # tiny weights: the untrained model is close to uniform over the vocabulary
+    assert abs(F.cross_entropy(logits[0], torch.zeros(8, dtype=torch.long)).item() - math.log(c.vocab_size)) < 0.1
+
+
+def test_dense_model_and_tied_embeddings():
+    c = tiny_config(n_routed_experts=None, tie_word_embeddings=True, num_nextn_predict_layers=0)
+    model = random_model(c)
+    assert model.head.weight is model.embed.weight
+    assert all(not isinstance(b.ffn, MoE) for b in model.layers)
+    with torch.no_grad():
+        assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, c.vocab_size)
+
+
+def test_bad_input_ids():
+    model = random_model(tiny_config(max_position_embeddings=16))
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer tensor of shape"):
+        model(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer tensor of shape"):
+        model(torch.zeros(1, 4))
