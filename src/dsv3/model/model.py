@@ -64,11 +64,9 @@ class RotaryEmbedding(KeepDtype):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x0, x1), (x2, x3), ... of x (B, T, [H,] R) as complex numbers x0 + i x1 (the
+    """Rotate adjacent pairs (x0, x1), (x2, x3), ... of x (..., R) as complex numbers x0 + i x1 (the
     layout of the official checkpoints; rotating halves instead would be a different model).
-    cos/sin: (T, R/2) or (B, T, R/2)."""
-    if x.dim() == 4:
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    cos/sin (..., R/2) broadcast against x's leading dims."""
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
     return out.to(x.dtype)
@@ -102,14 +100,14 @@ class MLA(nn.Module):
         self.softmax_scale = config.softmax_scale
 
     def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, D) -> q_nope (B, T, H, P), q_rope (B, T, H, R) rotated."""
+        """x (..., D) -> q_nope (..., H, P), q_rope (..., H, R) rotated; cos/sin (..., R/2) per position."""
         q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.unflatten(-1, (self.n_heads, self.qk_dim))  # (B, T, H, P+R)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        return q_nope, apply_rope(q_rope, cos, sin)
+        return q_nope, apply_rope(q_rope, cos.unsqueeze(-2), sin.unsqueeze(-2))  # one angle for all heads
 
     def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, D) -> kv latent (B, T, C) normalised, k_rope (B, T, R) rotated: what the cache keeps."""
+        """x (..., D) -> kv latent (..., C) normalised, k_rope (..., R) rotated: what the cache keeps."""
         kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         return self.kv_norm(kv), apply_rope(k_rope, cos, sin)
 

@@ -1,0 +1,2 @@
+from .engine import LLM, RequestOutput, StepOutput
+from .sampling import SamplingParams

@@ -1,0 +1,297 @@
+"""The engine: the public API (`LLM`) and the step loop, schedule -> run -> postprocess.
+
+    llm = dsv3.LLM("path/to/model", speculative="mtp")
+    outs = llm.generate(["def fib(n):", "Hello"], dsv3.SamplingParams(temperature=0, max_new_tokens=64))
+    outs[0].text, outs[0].token_ids, outs[0].finish_reason
+
+Requests can also be added and stepped one at a time (`add_request`, `step`, `abort`): the server's
+continuous batching drives the engine that way.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..ckpt.pretrained import load_pretrained
+from ..model.model import DeepSeekV3
+from ..tokenizer import IncrementalDetokenizer, Tokenizer
+from .kv_cache import LatentCache
+from .model_runner import ModelRunner, build_batch
+from .sampling import Sampler, SamplingParams
+from .scheduler import Scheduler, Sequence, Status
+from .speculative import MTPSpeculator
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated tokens (a stop or end-of-sequence token that ended the output included)
+    text: str  # their text (special tokens and a matched stop string left out)
+    finish_reason: str | None  # "stop", "length", "abort", or None while running
+
+
+@dataclass
+class StepOutput:
+    """What one engine step added to a request (for streaming)."""
+    request_id: int
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+
+
+@dataclass(eq=False)
+class _Request:
+    seq: Sequence
+    params: SamplingParams
+    generator: torch.Generator | None
+    detok: IncrementalDetokenizer | None
+    text: str = ""
+    stop_ids: set[int] = field(default_factory=set)
+
+
+class LLM:
+    """A DeepSeek-V3/V2 model served from its latent cache, optionally with MTP speculative decoding.
+
+    model: a model directory (or an already built DeepSeekV3). dtype/device: as `load_pretrained`.
+    speculative: None or "mtp". max_model_len: the longest sequence (prompt + output; default the
+    config's max_position_embeddings). max_num_seqs: sequences decoded together. kv_cache_tokens: cache
+    positions over all sequences (default: 90% of free GPU memory; on CPU enough for max_num_seqs full
+    sequences, capped at 4 GiB).
+    """
+
+    def __init__(self, model: str | os.PathLike | DeepSeekV3, dtype: torch.dtype | str | None = None,
+                 device: torch.device | str | None = None, speculative: str | None = None, *,
+                 tokenizer: Tokenizer | None = None, max_model_len: int | None = None, max_num_seqs: int = 16,
+                 max_num_batched_tokens: int = 16384, block_size: int = 64, kv_cache_tokens: int | None = None,
+                 seed: int | None = None):
+        path = None
+        if isinstance(model, DeepSeekV3):
+            self.model = model.eval()
+            if device is not None or dtype is not None:
+                self.model.to(device=device, dtype=dtype)
+        else:
+            path = os.fspath(model)
+            self.model = load_pretrained(path, dtype=dtype, device=device)
+        config = self.config = self.model.config
+        if speculative not in (None, "mtp"):
+            raise ValueError(f"speculative={speculative!r} is not supported; expected None or 'mtp'")
+        if speculative == "mtp" and not self.model.mtp:
+            raise ValueError("speculative='mtp' needs a model with an MTP module; this one has "
+                             f"num_nextn_predict_layers={config.num_nextn_predict_layers}")
+        if tokenizer is None and path is not None and os.path.isfile(os.path.join(path, "tokenizer.json")):
+            tokenizer = Tokenizer.from_dir(path)
+        self.tokenizer = tokenizer
+        self.eos_token_ids = self._eos_ids(path)
+
+        self.max_model_len = max_model_len or config.max_position_embeddings
+        if not 1 <= self.max_model_len <= config.max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len} must be in [1, max_position_embeddings="
+                             f"{config.max_position_embeddings}]")
+        n_mtp = 1 if speculative else 0
+        dev, dtype = self.model.device, self.model.dtype
+        per_token = LatentCache.bytes_per_token(config, dtype, config.num_hidden_layers + n_mtp)
+        if kv_cache_tokens is None:
+            if dev.type == "cuda":
+                kv_cache_tokens = int(0.9 * torch.cuda.mem_get_info(dev)[0]) // per_token
+            else:
+                kv_cache_tokens = min(max_num_seqs * self.max_model_len, (4 << 30) // per_token)
+        num_blocks = max(1, -(-kv_cache_tokens // block_size))
+        self.cache = LatentCache(config, num_blocks, block_size, dtype, dev, num_mtp_layers=n_mtp)
+        self.runner = ModelRunner(self.model, self.cache)
+        self.sampler = Sampler(dev, seed)
+        self.scheduler = Scheduler(num_blocks, block_size, max_num_seqs, max_num_batched_tokens,
+                                   self.max_model_len, lookahead=2 if speculative else 1)
+        self.speculator = MTPSpeculator(self.runner, self.sampler) if speculative else None
+        self.requests: dict[int, _Request] = {}
+        self._ids = itertools.count()
+        self.num_steps = self.num_prefill_tokens = self.num_decode_tokens = 0
+
+    def _eos_ids(self, path: str | None) -> set[int]:
+        ids: set[int] = set()
+
+        def add(x):
+            if isinstance(x, int):
+                ids.add(x)
+            elif isinstance(x, list):
+                ids.update(i for i in x if isinstance(i, int))
+
+        gen = getattr(self.model, "generation_config", None)
+        if gen is None and path is not None and os.path.isfile(os.path.join(path, "generation_config.json")):
+            with open(os.path.join(path, "generation_config.json"), encoding="utf-8") as f:
+                gen = json.load(f)
+        add((gen or {}).get("eos_token_id"))
+        add(self.config.eos_token_id)
+        if self.tokenizer is not None:
+            add(self.tokenizer.eos_token_id)
+        return ids
+
+    # ---- facts -----------------------------------------------------------------------------------------
+    @property
+    def kv_cache_bytes_per_token(self) -> int:
+        """Bytes one token of context costs in the main model's cache, measured from the allocation:
+        layers x (kv_lora_rank + qk_rope_head_dim) x dtype bytes."""
+        return self.cache.main_bytes_per_token
+
+    @property
+    def stats(self) -> dict:
+        s = {"steps": self.num_steps, "prefill_tokens": self.num_prefill_tokens,
+             "decode_tokens": self.num_decode_tokens, "preemptions": self.scheduler.num_preemptions}
+        if self.speculator is not None:
+            sp = self.speculator.stats
+            s.update(drafted=sp.drafted, accepted=sp.accepted, acceptance_rate=sp.acceptance_rate,
+                     tokens_per_forward=sp.tokens_per_forward)
+        return s
+
+    # ---- requests --------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model directory has no tokenizer.json: pass prompts as lists of token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise ValueError("a prompt must be a string or a list of integer token ids")
+            bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the context is {self.max_model_len}: "
+                             "it needs room for at least one new token")
+        return ids
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
+        params = params or SamplingParams()
+        ids = self.encode_prompt(prompt)
+        rid = next(self._ids)
+        seq = Sequence(seq_id=rid, token_ids=list(ids), num_prompt_tokens=len(ids), params=params)
+        self.scheduler.add(seq)
+        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        self.requests[rid] = _Request(seq, params, Sampler.generator_for(params.seed), detok, stop_ids=stop_ids)
+        return rid
+
+    def abort(self, request_id: int) -> None:
+        req = self.requests.get(request_id)
+        if req is not None and req.seq.status is not Status.FINISHED:
+            self.scheduler.abort(req.seq)
+            if self.speculator is not None:
+                self.speculator.forget(req.seq)
+
+    def output(self, request_id: int) -> RequestOutput:
+        req = self.requests[request_id]
+        return RequestOutput(request_id, req.seq.token_ids[:req.seq.num_prompt_tokens], req.seq.output_ids,
+                             req.text, req.seq.finish_reason)
+
+    def release(self, request_id: int) -> RequestOutput:
+        """Forget a finished request (the server calls this once it has answered)."""
+        out = self.output(request_id)
+        del self.requests[request_id]
+        return out
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step ----------------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return []
+        reqs = [self.requests[s.seq_id] for s in seqs]
+        fed = sum(s.num_tokens - s.num_cached for s in seqs)
+        if self.speculator is not None:
+            new_tokens, _, _ = self.speculator.step(seqs, [r.generator for r in reqs], self.cache.block_size)
+        else:
+            feeds = [s.token_ids[s.num_cached:] for s in seqs]
+            batch = build_batch(feeds, [s.num_cached for s in seqs], [s.block_table for s in seqs],
+                                self.cache.block_size, self.runner.device)
+            h = self.runner.forward(batch)
+            logits = self.runner.logits(h[batch.last_index])
+            tokens = self.sampler.sample(logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
+            new_tokens = [[t] for t in tokens]
+            for s, f, t in zip(seqs, feeds, tokens):
+                s.num_cached += len(f)
+                s.token_ids.append(t)
+        self.num_steps += 1
+        if is_prefill:
+            self.num_prefill_tokens += fed
+        else:
+            self.num_decode_tokens += sum(len(t) for t in new_tokens)
+        return [self._postprocess(r, toks) for r, toks in zip(reqs, new_tokens)]
+
+    def _postprocess(self, req: _Request, toks: list[int]) -> StepOutput:
+        """Apply the stop rules to the new tokens, in order; drop what follows a stop."""
+        seq, p = req.seq, req.params
+        before = len(seq.output_ids) - len(toks)
+        reason = None
+        for j, t in enumerate(toks):
+            n_out = before + j + 1
+            if t in req.stop_ids:
+                reason = "stop"
+            elif n_out >= p.max_new_tokens or seq.num_prompt_tokens + n_out >= self.max_model_len:
+                reason = "length"
+            if reason:
+                del seq.token_ids[seq.num_prompt_tokens + n_out:]
+                toks = toks[: j + 1]
+                break
+        delta = ""
+        if req.detok is not None:
+            delta = req.detok.add(toks)
+            if reason:
+                delta += req.detok.flush()
+            if p.stop:
+                delta, hit = self._cut_at_stop(req, delta)
+                reason = reason if not hit else "stop"
+            req.text += delta
+        if reason:
+            self.scheduler.finish(seq, reason)
+            if self.speculator is not None:
+                self.speculator.forget(seq)
+        return StepOutput(seq.seq_id, toks, delta, reason is not None, reason)
+
+    @staticmethod
+    def _cut_at_stop(req: _Request, delta: str) -> tuple[str, bool]:
+        """Look for a stop string in the text so far plus delta; -> (the part of delta before it, hit)."""
+        longest = max(len(s) for s in req.params.stop)
+        window_start = max(0, len(req.text) - longest + 1)
+        window = req.text[window_start:] + delta
+        hits = [i for i in (window.find(s) for s in req.params.stop) if i >= 0]
+        if not hits:
+            return delta, False
+        cut = window_start + min(hits)  # index in text + delta where the stop string begins
+        if cut < len(req.text):  # the stop string began in text already returned: take that part back
+            req.text = req.text[:cut]
+            return "", True
+        return delta[: cut - len(req.text)], True
+
+    # ---- batch generation --------------------------------------------------------------------------------
+    def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (strings, or lists of token ids); one RequestOutput per prompt, in order."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        if single:
+            prompts = [prompts]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        for p in prompts:  # reject bad input before any work is done
+            self.encode_prompt(p)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        disable = (not use_tqdm) if use_tqdm is not None else (len(ids) < 4 or None)
+        with tqdm(total=len(ids), desc="generating", disable=disable) as bar:
+            while any(self.requests[i].seq.status is not Status.FINISHED for i in ids):
+                for out in self.step():
+                    bar.update(int(out.finished))
+        return [self.release(i) for i in ids]

@@ -1,0 +1,161 @@
+"""The model runner: the only place that touches the device. It lays a step's tokens out as tensors
+(`StepBatch`, the attention metadata, passed explicitly), runs the model's modules over the latent cache,
+and returns hidden states.
+
+Every step, prefill or decode, is the same operation: each sequence feeds the tokens it has not computed
+yet (its prompt; or its last token, plus drafts when speculating) at the positions that follow its cached
+ones. Token-wise work (projections, MoE) runs on all fed tokens flattened together; attention gathers each
+sequence's latents from the cache and runs padded per sequence.
+
+Attention over the latent cache, two ways that compute the same thing:
+- naive (prefill): expand the cached latents into per-head keys and values with W_UK, W_UV (`wkv_b`), then
+  ordinary attention. Cheapest when many queries share the keys.
+- absorbed (decode): never expand the cache. Fold W_UK into the query, q_lat = q_nope W_UK (C wide per
+  head), score against the latents directly, average the latents, then apply W_UV. Cost per query grows
+  with C instead of with every cached token's per-head keys: what makes MLA decode fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model.model import MLA, DeepSeekV3
+from .kv_cache import LatentCache
+
+
+@dataclass
+class StepBatch:
+    """Attention metadata for one step. N fed tokens in all; B sequences; T the longest feed; S the longest
+    context (cached + fed)."""
+    input_ids: torch.Tensor  # (N,) the fed tokens, sequence after sequence
+    positions: torch.Tensor  # (N,) their positions
+    slots: torch.Tensor  # (N,) where their latents go in the cache
+    q_index: torch.Tensor  # (B, T) index into the N fed tokens, padded with 0
+    q_valid: torch.Tensor  # (B, T) bool
+    slot_table: torch.Tensor  # (B, S) the slots of positions 0..S-1 of each sequence (0 past its end)
+    mask: torch.Tensor  # (B, 1, T, S) bool: query may attend key (key position <= query position)
+    feed_lens: list[int]  # tokens fed per sequence
+
+    @property
+    def last_index(self) -> torch.Tensor:
+        """(B,) index of each sequence's last fed token in the N."""
+        ends = torch.tensor(self.feed_lens, device=self.input_ids.device).cumsum(0)
+        return ends - 1
+
+
+def build_batch(feeds: list[list[int]], starts: list[int], block_tables: list[list[int]], block_size: int,
+                device: torch.device) -> StepBatch:
+    """feeds[b]: the tokens sequence b feeds, at positions starts[b], starts[b] + 1, ..."""
+    B = len(feeds)
+    lens = [len(f) for f in feeds]
+    T, S = max(lens), max(s + n for s, n in zip(starts, lens))
+    input_ids, positions, slots = [], [], []
+    q_index = torch.zeros(B, T, dtype=torch.long)
+    q_valid = torch.zeros(B, T, dtype=torch.bool)
+    slot_table = torch.zeros(B, S, dtype=torch.long)
+    qpos = torch.full((B, T), -1, dtype=torch.long)
+    n = 0
+    for b, (feed, start, table) in enumerate(zip(feeds, starts, block_tables)):
+        ctx = start + len(feed)
+        pos = torch.arange(ctx)
+        seq_slots = torch.tensor(table, dtype=torch.long)[pos // block_size] * block_size + pos % block_size
+        slot_table[b, :ctx] = seq_slots
+        input_ids.extend(feed)
+        positions.extend(range(start, ctx))
+        slots.append(seq_slots[start:])
+        q_index[b, : len(feed)] = torch.arange(n, n + len(feed))
+        q_valid[b, : len(feed)] = True
+        qpos[b, : len(feed)] = torch.arange(start, ctx)
+        n += len(feed)
+    mask = torch.arange(S)[None, None, :] <= qpos[:, :, None]  # causal by position; past-the-end keys excluded
+    mask[:, :, 0] |= ~q_valid  # padded query rows attend something, so softmax stays finite (discarded)
+    return StepBatch(
+        input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        slots=torch.cat(slots).to(device), q_index=q_index.to(device), q_valid=q_valid.to(device),
+        slot_table=slot_table.to(device), mask=mask[:, None].to(device), feed_lens=lens)
+
+
+def mla_naive(attn: MLA, q_nope, q_rope, kv, k_rope, mask) -> torch.Tensor:
+    """q_nope (B, T, H, P), q_rope (B, T, H, R); cached kv (B, S, C), k_rope (B, S, R); mask (B, 1, T, S)
+    -> (B, T, H, V), by expanding the latents into per-head keys and values."""
+    k, v = attn.expand_kv(kv, k_rope)  # (B, S, H, P+R), (B, S, H, V)
+    q = torch.cat([q_nope, q_rope], dim=-1)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, scale=attn.softmax_scale)
+    return out.transpose(1, 2)
+
+
+def mla_absorbed(attn: MLA, q_nope, q_rope, kv, k_rope, mask, w_uk: torch.Tensor, w_uv: torch.Tensor
+                 ) -> torch.Tensor:
+    """The same as `mla_naive`, with W_UK (H, P, C) absorbed into the query and W_UV (H, V, C) applied
+    after attention; the cache is never expanded."""
+    q_lat = torch.einsum("bthp,hpc->bthc", q_nope, w_uk)  # (B, T, H, C)
+    scores = (torch.einsum("bthc,bsc->bhts", q_lat, kv) + torch.einsum("bthr,bsr->bhts", q_rope, k_rope))
+    scores = (scores.float() * attn.softmax_scale).masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1).to(kv.dtype)
+    out_lat = torch.einsum("bhts,bsc->bthc", probs, kv)  # (B, T, H, C): a weighted mean of latents
+    return torch.einsum("bthc,hvc->bthv", out_lat, w_uv)
+
+
+class ModelRunner:
+    def __init__(self, model: DeepSeekV3, cache: LatentCache, absorb_max_queries: int = 4):
+        self.model, self.cache = model, cache
+        self.config = model.config
+        self.device = model.device
+        self.absorb_max_queries = absorb_max_queries  # steps feeding at most this many tokens per sequence
+        # W_UK and W_UV per attention module (dequantised once if FP8): (H, P, C) and (H, V, C)
+        self.absorbed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        cfg = self.config
+        dtype = model.dtype
+        blocks = list(model.layers) + [m.block for m in model.mtp]
+        for i, block in enumerate(blocks):
+            w = block.attn.wkv_b.dense_weight(dtype).view(cfg.num_attention_heads, -1, cfg.kv_lora_rank)
+            self.absorbed[i] = (w[:, : cfg.qk_nope_head_dim].contiguous(), w[:, cfg.qk_nope_head_dim:].contiguous())
+
+    def attention(self, attn: MLA, x: torch.Tensor, layer: int, batch: StepBatch, cos, sin) -> torch.Tensor:
+        """x (N, D) -> (N, D): write the fed tokens' latents to the cache, attend over each sequence's."""
+        q_nope, q_rope = attn.project_q(x, cos, sin)  # (N, H, P), (N, H, R)
+        kv_new, k_rope_new = attn.project_kv(x, cos, sin)  # (N, C), (N, R)
+        self.cache.write(layer, batch.slots, kv_new, k_rope_new)
+        kv, k_rope = self.cache.read(layer, batch.slot_table)  # (B, S, C), (B, S, R)
+        q_nope, q_rope = q_nope[batch.q_index], q_rope[batch.q_index]  # (B, T, H, .)
+        if q_nope.shape[1] <= self.absorb_max_queries:
+            out = mla_absorbed(attn, q_nope, q_rope, kv, k_rope, batch.mask, *self.absorbed[layer])
+        else:
+            out = mla_naive(attn, q_nope, q_rope, kv, k_rope, batch.mask)
+        out = out[batch.q_valid]  # (N, H, V), back in fed order
+        return attn.wo(out.flatten(1))
+
+    def block(self, block, layer: int, x: torch.Tensor, batch: StepBatch, cos, sin) -> torch.Tensor:
+        x = x + self.attention(block.attn, block.attn_norm(x), layer, batch, cos, sin)
+        return x + block.ffn(block.ffn_norm(x))
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        """The main model on the fed tokens -> final-normed hidden states (N, D)."""
+        cos, sin = self.model.rope(batch.positions)
+        x = self.model.embed(batch.input_ids)
+        for i, block in enumerate(self.model.layers):
+            x = self.block(block, i, x, batch, cos, sin)
+        return self.model.norm(x)
+
+    @torch.inference_mode()
+    def forward_mtp(self, batch: StepBatch, h_prev: torch.Tensor) -> torch.Tensor:
+        """MTP module 1 at the fed positions: batch.input_ids are the *next* tokens t_{p+1}, h_prev the main
+        model's hidden states at p -> the module's hidden states (N, D), before its shared_head.norm."""
+        module = self.model.mtp[0]
+        cos, sin = self.model.rope(batch.positions)
+        x = module.eh_proj(torch.cat([module.enorm(self.model.embed(batch.input_ids)), module.hnorm(h_prev)], -1))
+        return self.block(module.block, self.config.num_hidden_layers, x, batch, cos, sin)
+
+    @torch.inference_mode()
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.head(h).float()
+
+    @torch.inference_mode()
+    def mtp_logits(self, h_mtp: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.model.mtp[0].norm(h_mtp)).float()

@@ -1,0 +1,118 @@
+"""Sampling: SamplingParams, the processed distribution (temperature -> top-k -> top-p) and an exact
+categorical draw by inverting the CDF with one uniform per token, taken from the request's own generator
+when it has a seed (so a seeded request gives the same tokens whatever else is in the batch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # nucleus: the smallest set of tokens whose probability reaches top_p
+    top_k: int = 0  # 0: no limit
+    max_new_tokens: int = 256
+    stop: str | list[str] | None = None  # strings that end the output (not included in it)
+    seed: int | None = None  # a per-request seed makes the request reproducible
+    ignore_eos: bool = False  # keep going past the end-of-sequence token
+    stop_token_ids: list[int] = field(default_factory=list)  # more tokens that end the output (kept in it)
+    logprobs: int | None = None  # also return the log-probability of each token (and this many top ones)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise ValueError(f"temperature={self.temperature!r} must be a number >= 0")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0 (0: no limit)")
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop={self.stop!r} must be a non-empty string or a list of them")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20):
+            raise ValueError(f"logprobs={self.logprobs!r} must be an integer in [0, 20]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def processed_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                    top_p: torch.Tensor) -> torch.Tensor:
+    """logits (B, V), per-row temperature (> 0), top_k (0: off) and top_p (1: off) -> probabilities (B, V),
+    float32. Rows are independent; the same row gives the same distribution in any batch."""
+    logits = logits.float() / temperature[:, None]
+    V = logits.shape[-1]
+    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        rank = torch.arange(V, device=logits.device)
+        k = torch.where(top_k > 0, top_k, V).clamp(max=V)
+        drop = rank[None, :] >= k[:, None]  # top-k
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability of the better tokens
+        drop |= before >= top_p[:, None]  # top-p keeps tokens until the mass reaches top_p (always the first)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return logits.softmax(dim=-1)
+
+
+def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Exact categorical draw: the token whose CDF interval holds u (B,) in [0, 1). -> (B,) int64."""
+    cdf = probs.double().cumsum(dim=-1)
+    idx = torch.searchsorted(cdf, (uniforms.double() * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    return idx.clamp(max=probs.shape[-1] - 1)
+
+
+class Sampler:
+    """Draws tokens for a batch of requests, each with its own parameters and random stream."""
+
+    def __init__(self, device: torch.device, seed: int | None = None):
+        self.device = device
+        self.default = torch.Generator(device="cpu")
+        self.default.manual_seed(seed if seed is not None else torch.initial_seed())
+
+    @staticmethod
+    def generator_for(seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        g = torch.Generator(device="cpu")
+        g.manual_seed(seed)
+        return g
+
+    def uniforms(self, generators: list[torch.Generator | None]) -> torch.Tensor:
+        """One U[0,1) per row, from the row's generator (or the shared one): drawn on the CPU so that a seed
+        means the same thing on every device."""
+        return torch.cat([torch.rand(1, generator=g or self.default) for g in generators]).to(self.device)
+
+    def params_tensors(self, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dev = self.device
+        temp = torch.tensor([max(p.temperature, 1e-5) for p in params], device=dev)
+        top_k = torch.tensor([p.top_k for p in params], device=dev)
+        top_p = torch.tensor([p.top_p for p in params], device=dev)
+        return temp, top_k, top_p
+
+    def probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """The distribution each row samples from (one-hot at the argmax for greedy rows)."""
+        probs = processed_probs(logits, *self.params_tensors(params))
+        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+        if bool(greedy.any()):
+            onehot = torch.zeros_like(probs).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+            probs = torch.where(greedy[:, None], onehot, probs)
+        return probs
+
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams],
+               generators: list[torch.Generator | None]) -> torch.Tensor:
+        """logits (B, V) -> tokens (B,). Greedy rows take the argmax and consume no randomness."""
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            return logits.argmax(dim=-1)
+        probs = self.probs(logits, params)
+        u = self.uniforms([None if gr else g for gr, g in zip(greedy, generators)])
+        tokens = draw(probs, u)
+        argmax = logits.argmax(dim=-1)
+        return torch.where(torch.tensor(greedy, device=logits.device), argmax, tokens)

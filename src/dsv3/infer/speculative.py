@@ -1,0 +1,122 @@
+"""MTP speculative decoding, on top of the model runner (DeepSeek-V3 report §2.2 and §5.4.3).
+
+Each decode step feeds, per sequence, its last token t_n and one draft d for t_{n+1} proposed by MTP
+module 1. The main model scores both positions in one forward:
+- greedy: d is kept if it is the argmax at position n; then position n+1's argmax comes for free.
+- sampling (Leviathan et al. 2023; Chen et al. 2023): d, drawn from the draft distribution q, is kept with
+  probability min(1, p(d) / q(d)); if not, the token is drawn from max(0, p - q), renormalised. Either way
+  the output is distributed exactly as plain sampling from p.
+A rejected draft's cache row is simply left behind: the next step overwrites it.
+
+Then MTP module 1 runs over the positions the main model has just confirmed, p, with the main model's h_p
+and the token t_{p+1}, extending its own latent cache, and its prediction at the last of them is the
+next draft.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model_runner import ModelRunner, StepBatch, build_batch
+from .sampling import Sampler, draw
+from .scheduler import Sequence
+
+
+@dataclass
+class SpecStats:
+    drafted: int = 0
+    accepted: int = 0
+    decode_forwards: int = 0  # per sequence: main-model positions verified, one per sequence per step
+    decode_tokens: int = 0  # tokens those forwards produced
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.decode_tokens / self.decode_forwards if self.decode_forwards else 0.0
+
+
+class MTPSpeculator:
+    def __init__(self, runner: ModelRunner, sampler: Sampler):
+        if not runner.model.mtp:
+            raise ValueError("speculative='mtp' needs a model with an MTP module (num_nextn_predict_layers >= 1)")
+        self.runner, self.sampler = runner, sampler
+        self.draft_probs: dict[int, torch.Tensor] = {}  # seq_id -> q, the distribution its draft was drawn from
+        self.stats = SpecStats()
+
+    def step(self, seqs: list[Sequence], generators: list[torch.Generator | None], block_size: int
+             ) -> tuple[list[list[int]], torch.Tensor, StepBatch]:
+        """One main forward (+ one MTP forward) for `seqs` -> (new tokens per sequence, main logits of every
+        fed token (N, V), the batch). Updates each sequence's cache counts and draft."""
+        runner = self.runner
+        feeds = [s.token_ids[s.num_cached:] + s.draft for s in seqs]
+        batch = build_batch(feeds, [s.num_cached for s in seqs], [s.block_table for s in seqs], block_size,
+                            runner.device)
+        h = runner.forward(batch)
+        logits = runner.logits(h)
+        params = [s.params for s in seqs]
+        starts = [0] + torch.tensor(batch.feed_lens).cumsum(0).tolist()
+        new_tokens: list[list[int]] = []
+        for i, seq in enumerate(seqs):
+            last = starts[i + 1] - 1
+            if not seq.draft:  # prefill: sample from the last position, as plain decoding
+                tok = self.sampler.sample(logits[last:last + 1], [params[i]], [generators[i]])
+                new_tokens.append([int(tok)])
+                continue
+            p = self.sampler.probs(logits[last - 1:last + 1], [params[i]] * 2)  # positions n, n+1
+            d = seq.draft[0]
+            q = self.draft_probs.pop(seq.seq_id)
+            g = generators[i] or self.sampler.default
+            self.stats.drafted += 1
+            self.stats.decode_forwards += 1
+            if params[i].greedy:
+                accept = int(p[0].argmax()) == d
+            else:
+                accept = float(torch.rand(1, generator=g)) * float(q[d]) < float(p[0, d])
+            if accept:
+                self.stats.accepted += 1
+                bonus = self._draw(p[1], params[i].greedy, g)
+                new_tokens.append([d, bonus])
+            else:
+                residual = (p[0] - q).clamp(min=0) if not params[i].greedy else p[0]
+                if residual.sum() <= 0:  # p == q: cannot happen on a rejection, but stay safe
+                    residual = p[0]
+                new_tokens.append([self._draw(residual / residual.sum(), params[i].greedy, g)])
+            self.stats.decode_tokens += len(new_tokens[-1])
+
+        # the main model's cache now holds confirmed positions up to the last accepted one
+        mtp_feeds, mtp_h = [], []
+        for i, (seq, toks) in enumerate(zip(seqs, new_tokens)):
+            start = seq.num_cached
+            seq.num_cached = start + (len(feeds[i]) if not seq.draft else len(toks))
+            seq.token_ids.extend(toks)
+            # MTP at positions [num_mtp_cached, num_cached): main hidden state at p, token p+1
+            n = seq.num_cached - seq.num_mtp_cached
+            assert seq.num_mtp_cached == start, (seq.num_mtp_cached, start)
+            mtp_feeds.append(seq.token_ids[seq.num_mtp_cached + 1: seq.num_cached + 1])
+            mtp_h.append(h[starts[i]: starts[i] + n])
+        mtp_batch = build_batch(mtp_feeds, [s.num_mtp_cached for s in seqs], [s.block_table for s in seqs],
+                                block_size, runner.device)
+        h_mtp = runner.forward_mtp(mtp_batch, torch.cat(mtp_h))
+        draft_logits = runner.mtp_logits(h_mtp[mtp_batch.last_index])
+        q_all = self.sampler.probs(draft_logits, params)
+        drafts = self.sampler.sample(draft_logits, params, generators)
+        for i, seq in enumerate(seqs):
+            seq.num_mtp_cached = seq.num_cached
+            seq.draft = [int(drafts[i])]
+            self.draft_probs[seq.seq_id] = q_all[i]
+        return new_tokens, logits, batch
+
+    def _draw(self, probs: torch.Tensor, greedy: bool, g: torch.Generator) -> int:
+        if greedy:
+            return int(probs.argmax())
+        u = torch.rand(1, generator=g).to(probs.device)
+        return int(draw(probs[None], u)[0])
+
+    def forget(self, seq: Sequence) -> None:
+        self.draft_probs.pop(seq.seq_id, None)
+        seq.draft = []

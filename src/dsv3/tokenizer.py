@@ -1,0 +1,163 @@
+"""The tokenizer of a model directory: tokenizer.json (the `tokenizers` library) plus tokenizer_config.json
+(special tokens, `add_bos_token`, the chat template), used as transformers uses them, without transformers.
+
+- `encode` adds the BOS token when the config asks for it (DeepSeek-V3: `add_bos_token: true`).
+- `apply_chat_template` renders the Jinja template as transformers does (trim_blocks, lstrip_blocks, a
+  sandbox, `raise_exception`, `strftime_now`, special tokens as variables).
+- `IncrementalDetokenizer` turns a growing list of ids into text deltas and never emits half a UTF-8
+  character (byte-level BPE splits characters across tokens).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from typing import Any
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+from .ckpt.io import atomic_write_json, atomic_write_text
+
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _content(tok: Any) -> str | None:
+    if tok is None or isinstance(tok, str):
+        return tok
+    if isinstance(tok, dict):
+        return tok.get("content")
+    raise ValueError(f"a special token must be a string or an object with 'content', not {tok!r}")
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: _HFTokenizer, config: dict | None = None):
+        self.tok = tokenizer
+        self.config = dict(config or {})
+        self.special = {k: _content(self.config.get(k)) for k in SPECIAL_KEYS}
+        self.add_bos_token = bool(self.config.get("add_bos_token", False))
+        self.add_eos_token = bool(self.config.get("add_eos_token", False))
+        self.chat_template: str | None = self.config.get("chat_template")
+        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in self.chat_template}
+            self.chat_template = named.get("default") or next(iter(named.values()), None)
+        self._template = None
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> "Tokenizer":
+        path = os.fspath(path)
+        tj = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(tj):
+            raise FileNotFoundError(f"no tokenizer.json in {path}")
+        tok = _HFTokenizer.from_file(tj)
+        config = {}
+        tc = os.path.join(path, "tokenizer_config.json")
+        if os.path.isfile(tc):
+            with open(tc, encoding="utf-8") as f:
+                try:
+                    config = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{tc} is not valid JSON: {e}") from None
+        tmpl = os.path.join(path, "chat_template.jinja")
+        if "chat_template" not in config and os.path.isfile(tmpl):
+            with open(tmpl, encoding="utf-8") as f:
+                config["chat_template"] = f.read()
+        return cls(tok, config)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        path = os.fspath(path)
+        atomic_write_text(os.path.join(path, "tokenizer.json"), self.tok.to_str())
+        atomic_write_json(os.path.join(path, "tokenizer_config.json"), self.config)
+
+    # ---- ids -------------------------------------------------------------------------------------------
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.tok.token_to_id(token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.token_to_id(self.special["bos_token"])
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.token_to_id(self.special["eos_token"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens:
+            bos, eos = self.bos_token_id, self.eos_token_id
+            if self.add_bos_token and bos is not None and (not ids or ids[0] != bos):
+                ids = [bos] + ids
+            if self.add_eos_token and eos is not None and (not ids or ids[-1] != eos):
+                ids = ids + [eos]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    # ---- chat ------------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tokenize: bool = False, **kwargs) -> str | list[int]:
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat_template (tokenizer_config.json)")
+        if self._template is None:
+            self._template = _compile(self.chat_template)
+        text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     **{k: v for k, v in self.special.items() if v is not None}, **kwargs)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _compile(source: str):
+    """The chat template environment transformers uses: sandboxed, trim_blocks and lstrip_blocks."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        return datetime.datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env.from_string(source)
+
+
+class IncrementalDetokenizer:
+    """ids arrive a few at a time; `add` returns the text they complete. Text is released only when the
+    decoded window does not end in U+FFFD (a character still waiting for its remaining bytes)."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # decoding restarts here, so that spacing at the window's start is right
+        self.read_offset = 0  # text up to here has been returned
+        self.text = ""
+
+    def add(self, new_ids: list[int]) -> str:
+        self.ids.extend(new_ids)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset:], self.skip)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        delta = full[len(prefix):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        """At the end of a sequence: whatever is left, replacement characters included."""
+        full = self.tokenizer.decode(self.ids[self.prefix_offset:], self.skip)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        delta = full[len(prefix):] if len(full) > len(prefix) else ""
+        self.prefix_offset = self.read_offset = len(self.ids)
+        self.text += delta
+        return delta
