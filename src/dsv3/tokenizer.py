@@ -161,3 +161,44 @@ class IncrementalDetokenizer:
         self.prefix_offset = self.read_offset = len(self.ids)
         self.text += delta
         return delta
+
+
+# ---- training a tokenizer for a new model ----------------------------------------------------------------
+
+BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
+USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
+FIM_BEGIN, FIM_HOLE, FIM_END = "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, FIM_BEGIN, FIM_HOLE, FIM_END]  # ids 0..7, BOS 0 and EOS 1 as V3
+
+# DeepSeek-V3's chat format: BOS, the system prompt, then <｜User｜>... <｜Assistant｜>...<｜end▁of▁sentence｜> turns.
+CHAT_TEMPLATE = (
+    "{% set ns = namespace(system='') %}"
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{% set ns.system = ns.system + message['content'] %}{% endif %}{% endfor %}"
+    "{{ bos_token }}{{ ns.system }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<｜Assistant｜>' + message['content'] + eos_token }}"
+    "{% elif message['role'] != 'system' %}{{ raise_exception('unknown role: ' + message['role']) }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+)
+
+
+def train_bpe(texts, vocab_size: int, min_frequency: int = 2, show_progress: bool = False) -> Tokenizer:
+    """Byte-level BPE (any text round-trips) with DeepSeek-V3's special tokens at ids 0..7 and its chat
+    format. BOS is added by the tokenizer.json post-processor, so transformers and dsv3 encode alike."""
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    tok = _HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, tok.token_to_id(BOS))])
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+              "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+              "model_max_length": 1 << 20, "chat_template": CHAT_TEMPLATE}
+    return Tokenizer(tok, config)

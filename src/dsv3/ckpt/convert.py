@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 
 from ..quant import fp8 as fp8q
 from .hf import is_quantizable
-from .io import CheckpointError, PendingTensor, atomic_write_json, write_safetensors
-from .pretrained import INDEX, CheckpointDir, copy_files, dtype_name, fp8_pair, resolve_dtype
+from .io import CheckpointError, PendingTensor, atomic_write_json
+from .pretrained import (INDEX, CheckpointDir, commit_weights, copy_files, dtype_name, fp8_pair, resolve_dtype,
+                         stage_weights)
 
 FP8_QUANT_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                     "weight_block_size": [128, 128]}
@@ -42,24 +43,23 @@ def _check_dirs(src: str, dst: str) -> None:
         raise FileNotFoundError(f"input directory {src!r} does not exist")
     if os.path.exists(dst) and os.path.samefile(src, dst):
         raise ValueError("--output must differ from --input (the input is read while the output is written)")
-    os.makedirs(dst, exist_ok=True)
 
 
 def _rewrite(ckpt: CheckpointDir, dst: str, per_file, config: dict, desc: str, progress: bool | None) -> None:
     """Write each input shard's replacement entries to a shard of the same name, then index and config, and
     copy every other file of the input directory."""
-    weight_map, total = {}, 0
+    names = list(ckpt.files)
+    shards: list[list[PendingTensor]] = [per_file(sf) for sf in ckpt.files.values()]
     disable = (not progress) if progress is not None else None
+    os.makedirs(dst, exist_ok=True)
     with tqdm(total=ckpt.total_bytes(), unit="B", unit_scale=True, desc=desc, disable=disable) as bar:
-        for fn, sf in ckpt.files.items():
-            entries: list[PendingTensor] = per_file(sf)
-            write_safetensors(os.path.join(dst, fn), entries)
-            for p in entries:
-                weight_map[p.name] = fn
-                total += p.nbytes
-            bar.update(sum(sf.info(n).nbytes for n in sf.keys()))
-    if len(ckpt.files) > 1 or os.path.isfile(os.path.join(ckpt.path, INDEX)):
-        atomic_write_json(os.path.join(dst, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        staged = stage_weights(dst, names, shards,
+                               lambda group: bar.update(sum(p.nbytes for p in group)))
+    index = None
+    if len(names) > 1 or os.path.isfile(os.path.join(ckpt.path, INDEX)):
+        index = {"metadata": {"total_size": sum(p.nbytes for g in shards for p in g)},
+                 "weight_map": {p.name: fn for fn, g in zip(names, shards) for p in g}}
+    commit_weights(dst, staged, index)
     atomic_write_json(os.path.join(dst, "config.json"), config)
     skip = set(ckpt.files) | {INDEX, "config.json"}
     copy_files(ckpt.path, dst, [f for f in sorted(os.listdir(ckpt.path))

@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import stat
 import struct
 import tempfile
 from collections.abc import Callable, Iterator
@@ -38,6 +39,27 @@ class CheckpointError(ValueError):
 
 # ---- atomic writes -------------------------------------------------------------------------------------
 
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)  # elsewhere: read it by setting it (and put it back at once)
+    os.umask(old)
+    return old
+
+
+def _file_mode(path: str) -> int:
+    """A replaced file keeps its mode; a new one gets what open() would give it (0666 minus the umask)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a temporary file beside `path`; on success flush, fsync and rename it over `path`."""
@@ -46,6 +68,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
     try:
+        os.fchmod(fd, _file_mode(path))  # mkstemp makes 0600 files; a checkpoint should be as readable as any
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

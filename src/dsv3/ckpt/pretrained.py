@@ -9,6 +9,7 @@ the config; what is missing, unexpected or misshapen is reported by name.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -25,7 +26,7 @@ from ..model.model import DeepSeekV3, rope_inv_freq
 from ..model.moe import Experts
 from ..quant import fp8 as fp8q
 from .hf import _LAYER_HF, hf_to_ours, is_quantizable, mtp_shared_names, ours_to_hf
-from .io import (CheckpointError, PendingTensor, SafetensorsFile, atomic_open, atomic_write_json,
+from .io import (CheckpointError, PendingTensor, SafetensorsFile, atomic_open, atomic_write_json, fsync_dir,
                  write_safetensors)
 
 INDEX = "model.safetensors.index.json"
@@ -364,27 +365,60 @@ def _scale_bytes(entries: list[PendingTensor], i: int) -> int:
 def write_checkpoint(path: str, entries: list[PendingTensor], max_shard_size: int | str = "5GB",
                      progress: bool | None = None) -> list[str]:
     """Write entries as model.safetensors, or as model-0000i-of-0000n.safetensors + the index when they do
-    not fit one shard; remove weight files of an earlier save that are not part of this one. -> file names."""
-    os.makedirs(path, exist_ok=True)
+    not fit one shard. -> the file names. See `commit_weights` for what a failure or a kill leaves."""
     shards = shard(entries, _parse_size(max_shard_size))
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     total = sum(p.nbytes for p in entries)
     disable = (not progress) if progress is not None else (total < 2**30 or None)
+    os.makedirs(path, exist_ok=True)
     with tqdm(total=total, unit="B", unit_scale=True, desc="writing weights", disable=disable) as bar:
-        for fn, group in zip(names, shards):
-            write_safetensors(os.path.join(path, fn), group)
-            bar.update(sum(p.nbytes for p in group))
+        staged = stage_weights(path, names, shards, lambda group: bar.update(sum(p.nbytes for p in group)))
+    index = None
     if n > 1:
-        atomic_write_json(os.path.join(path, INDEX), {
-            "metadata": {"total_size": total},
-            "weight_map": {p.name: fn for fn, group in zip(names, shards) for p in group}})
-    for stale in glob.glob(os.path.join(path, "model*.safetensors")):
-        if os.path.basename(stale) not in names:
-            os.unlink(stale)
-    if n == 1 and os.path.exists(os.path.join(path, INDEX)):
-        os.unlink(os.path.join(path, INDEX))
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {p.name: fn for fn, group in zip(names, shards) for p in group}}
+    commit_weights(path, staged, index)
     return names
+
+
+def stage_weights(path: str, names: list[str], shards: list[list[PendingTensor]], done=None) -> list[tuple[str, str]]:
+    """Write each shard under a hidden staging name beside its final one. -> [(staged path, final name)].
+    If any shard fails, the staged ones are removed and nothing else in `path` has changed."""
+    staged: list[tuple[str, str]] = []
+    try:
+        for fn, group in zip(names, shards):
+            tmp = os.path.join(path, f".{fn}.staged")
+            write_safetensors(tmp, group)
+            staged.append((tmp, fn))
+            if done is not None:
+                done(group)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+    return staged
+
+
+def commit_weights(path: str, staged: list[tuple[str, str]], index: dict | None) -> None:
+    """Put staged shards in place, in an order that keeps the directory loadable after a kill at any point:
+    (1) remove the old index (the loader then reads model.safetensors, else every shard: still the old
+    model); (2) rename the new shards in (a new model.safetensors wins over stale shards); (3) write the new
+    index; (4) delete weight files that are not part of the new checkpoint. One window remains: a sharded
+    save over a sharded checkpoint with the same shard names, killed between two renames of step 2."""
+    index_path = os.path.join(path, INDEX)
+    if os.path.exists(index_path):
+        os.unlink(index_path)
+    for tmp, fn in staged:
+        os.replace(tmp, os.path.join(path, fn))
+    fsync_dir(path)
+    if index is not None:
+        atomic_write_json(index_path, index)
+    keep = {fn for _, fn in staged}
+    for stale in glob.glob(os.path.join(path, "*.safetensors")):
+        if os.path.basename(stale) not in keep:
+            os.unlink(stale)
 
 
 def save_pretrained(model: DeepSeekV3, path: str | os.PathLike, dtype: torch.dtype | str = torch.bfloat16,

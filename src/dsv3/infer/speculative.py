@@ -68,24 +68,12 @@ class MTPSpeculator:
                 new_tokens.append([int(tok)])
                 continue
             p = self.sampler.probs(logits[last - 1:last + 1], [params[i]] * 2)  # positions n, n+1
-            d = seq.draft[0]
             q = self.draft_probs.pop(seq.seq_id)
-            g = generators[i] or self.sampler.default
+            toks = verify_draft(p[0], p[1], q, seq.draft[0], params[i].greedy, generators[i] or self.sampler.default)
+            new_tokens.append(toks)
             self.stats.drafted += 1
+            self.stats.accepted += len(toks) - 1
             self.stats.decode_forwards += 1
-            if params[i].greedy:
-                accept = int(p[0].argmax()) == d
-            else:
-                accept = float(torch.rand(1, generator=g)) * float(q[d]) < float(p[0, d])
-            if accept:
-                self.stats.accepted += 1
-                bonus = self._draw(p[1], params[i].greedy, g)
-                new_tokens.append([d, bonus])
-            else:
-                residual = (p[0] - q).clamp(min=0) if not params[i].greedy else p[0]
-                if residual.sum() <= 0:  # p == q: cannot happen on a rejection, but stay safe
-                    residual = p[0]
-                new_tokens.append([self._draw(residual / residual.sum(), params[i].greedy, g)])
             self.stats.decode_tokens += len(new_tokens[-1])
 
         # the main model's cache now holds confirmed positions up to the last accepted one
@@ -111,12 +99,29 @@ class MTPSpeculator:
             self.draft_probs[seq.seq_id] = q_all[i]
         return new_tokens, logits, batch
 
-    def _draw(self, probs: torch.Tensor, greedy: bool, g: torch.Generator) -> int:
-        if greedy:
-            return int(probs.argmax())
-        u = torch.rand(1, generator=g).to(probs.device)
-        return int(draw(probs[None], u)[0])
-
     def forget(self, seq: Sequence) -> None:
         self.draft_probs.pop(seq.seq_id, None)
         seq.draft = []
+
+
+def verify_draft(p: torch.Tensor, p_next: torch.Tensor, q: torch.Tensor, draft: int, greedy: bool,
+                 generator: torch.Generator) -> list[int]:
+    """The tokens one verified draft yields. p, p_next: the main model's distributions at the draft's
+    position and the one after; q: the distribution the draft was drawn from. -> [draft, bonus] if the
+    draft is kept, else [replacement]."""
+    if greedy:
+        if int(p.argmax()) == draft:
+            return [draft, int(p_next.argmax())]
+        return [int(p.argmax())]
+    u = float(torch.rand(1, generator=generator))
+    if u * float(q[draft]) < float(p[draft]):  # kept with probability min(1, p(d) / q(d))
+        return [draft, _draw_one(p_next, generator)]
+    residual = (p - q).clamp(min=0)
+    if float(residual.sum()) <= 0:  # only when p == q, where a rejection cannot happen; stay safe
+        residual = p
+    return [_draw_one(residual / residual.sum(), generator)]
+
+
+def _draw_one(probs: torch.Tensor, generator: torch.Generator) -> int:
+    u = torch.rand(1, generator=generator).to(probs.device)
+    return int(draw(probs[None], u)[0])

@@ -1,0 +1,185 @@
+"""The engine against plain references: absorbed vs naive MLA over the latent cache, engine greedy vs
+full-recompute greedy and transformers' generate, batched vs alone, speculative vs plain, stop rules."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import dsv3
+from dsv3.infer import LLM, SamplingParams
+from dsv3.infer.kv_cache import LatentCache
+from dsv3.infer.model_runner import mla_absorbed, mla_naive
+from dsv3.tokenizer import train_bpe
+
+from conftest import random_model, rel_err, tiny_config
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
+
+
+@torch.no_grad()
+def reference_greedy(model, prompt, n):
+    ids = torch.tensor([prompt])
+    for _ in range(n):
+        ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+def prompts(vocab, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_absorbed_attention_equals_naive():
+    c = tiny_config()
+    attn = random_model(c).layers[0].attn
+    B, T, S, H = 3, 2, 9, c.num_attention_heads
+    g = torch.Generator().manual_seed(0)
+    q_nope, q_rope = torch.randn(B, T, H, c.qk_nope_head_dim, generator=g), torch.randn(B, T, H, c.qk_rope_head_dim, generator=g)
+    kv, k_rope = torch.randn(B, S, c.kv_lora_rank, generator=g), torch.randn(B, S, c.qk_rope_head_dim, generator=g)
+    lens = torch.tensor([9, 5, 2])
+    qpos = lens[:, None] - T + torch.arange(T)
+    mask = (torch.arange(S)[None, None] <= qpos[..., None])[:, None]
+    w = attn.wkv_b.weight.view(H, -1, c.kv_lora_rank)
+    with torch.no_grad():
+        a = mla_absorbed(attn, q_nope, q_rope, kv, k_rope, mask, w[:, :c.qk_nope_head_dim], w[:, c.qk_nope_head_dim:])
+        b = mla_naive(attn, q_nope, q_rope, kv, k_rope, mask)
+    assert rel_err(a, b) <= 1e-5
+
+
+def test_engine_greedy_equals_full_recompute_and_batched_equals_alone():
+    c = tiny_config()
+    model = random_model(c, std=0.2)
+    ps = prompts(c.vocab_size, [7, 3, 12, 5])
+    llm = LLM(model, block_size=4, kv_cache_tokens=256)
+    batched = llm.generate(ps, GREEDY)
+    for p, out in zip(ps, batched):
+        assert out.token_ids == reference_greedy(model, p, 10)
+        assert out.finish_reason == "length" and out.prompt_token_ids == p
+        assert llm.generate([p], GREEDY)[0].token_ids == out.token_ids  # alone
+    # the absorbed path decoded these (one query per sequence); the naive one prefilled them
+    assert llm.stats["decode_tokens"] > 0
+
+
+def test_engine_greedy_equals_transformers_generate(tmp_path, quiet):
+    transformers = pytest.importorskip("transformers")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    c = tiny_config(vocab_size=64)
+    model = random_model(c, std=0.2)
+    dsv3.save_pretrained(model, tmp_path, dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    llm = LLM(tmp_path, kv_cache_tokens=512)
+    for p in prompts(c.vocab_size, [6, 15], seed=1):
+        ours = llm.generate([p], SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True))[0].token_ids
+        with torch.no_grad():
+            x = torch.tensor([p])
+            theirs = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=20, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        assert ours == theirs
+
+
+def test_preemption_recomputes_and_changes_nothing():
+    c = tiny_config()
+    model = random_model(c, std=0.2)
+    ps = prompts(c.vocab_size, [6, 6, 6, 6], seed=2)
+    want = [reference_greedy(model, p, 10) for p in ps]
+    # 12 blocks of 4 positions: four sequences of 16 positions cannot all fit
+    llm = LLM(model, block_size=4, kv_cache_tokens=48)
+    outs = llm.generate(ps, GREEDY)
+    assert llm.stats["preemptions"] > 0
+    assert [o.token_ids for o in outs] == want
+
+
+@pytest.mark.parametrize("vocab", [8, 300])
+def test_speculative_greedy_is_identical_to_plain_greedy(vocab):
+    """A small vocabulary makes the random MTP module right often enough to exercise both branches."""
+    c = tiny_config(vocab_size=vocab)
+    model = random_model(c, std=0.2, seed=5)
+    ps = prompts(vocab, [5, 9, 2, 14], seed=3)
+    params = SamplingParams(temperature=0, max_new_tokens=25, ignore_eos=True)
+    plain = LLM(model, block_size=4, kv_cache_tokens=512).generate(ps, params)
+    spec_llm = LLM(model, speculative="mtp", block_size=4, kv_cache_tokens=512)
+    spec = spec_llm.generate(ps, params)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    st = spec_llm.stats
+    assert st["drafted"] > 0 and st["tokens_per_forward"] == pytest.approx(1 + st["acceptance_rate"])
+    if vocab == 8:
+        assert 0 < st["accepted"] < st["drafted"]
+
+
+def test_speculative_sampling_is_reproducible_and_plausible():
+    c = tiny_config(vocab_size=8)
+    model = random_model(c, std=0.2, seed=5)
+    ps = prompts(8, [4, 6], seed=4)
+    params = [SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=30, ignore_eos=True, seed=s) for s in (1, 2)]
+    a = LLM(model, speculative="mtp", block_size=4, kv_cache_tokens=256).generate(ps, params)
+    b = LLM(model, speculative="mtp", block_size=4, kv_cache_tokens=256).generate(ps, params)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert all(len(o.token_ids) == 30 for o in a)
+
+
+def test_seeded_sampling_independent_of_batch():
+    c = tiny_config()
+    model = random_model(c, std=0.2)
+    ps = prompts(c.vocab_size, [5, 8, 3])
+    sp = SamplingParams(temperature=1.0, top_k=50, max_new_tokens=8, seed=123, ignore_eos=True)
+    llm = LLM(model, block_size=4, kv_cache_tokens=256)
+    together = llm.generate(ps, [sp, SamplingParams(temperature=1.0, max_new_tokens=8), sp])
+    alone = llm.generate([ps[0]], sp)[0]
+    assert together[0].token_ids == alone.token_ids
+
+
+def test_stop_rules_and_errors(tmp_path):
+    tok = train_bpe(["the cat sat on the mat. the dog ate the bone! " * 20], vocab_size=300)
+    c = tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=64)
+    model = random_model(c, std=0.2)
+    llm = LLM(model, tokenizer=tok, block_size=4, kv_cache_tokens=256)
+    free = llm.generate("the cat", SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True))
+    assert len(free.token_ids if isinstance(free, dsv3.infer.RequestOutput) else free[0].token_ids) == 12
+    out = free[0]
+    assert out.text == tok.decode(out.token_ids)
+    # stop token ids end the output and are kept; the max length is respected
+    stop_tok = out.token_ids[3]
+    o = llm.generate("the cat", SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=[stop_tok]))[0]
+    assert o.token_ids == out.token_ids[:out.token_ids.index(stop_tok) + 1] and o.finish_reason == "stop"
+    # stop strings end the text before them
+    if len(out.text) > 4:
+        s = out.text[2:4]
+        o = llm.generate("the cat", SamplingParams(temperature=0, max_new_tokens=12, stop=[s]))[0]
+        assert o.finish_reason == "stop" and o.text == out.text[:out.text.index(s)]
+    # eos ends the output unless ignore_eos
+    eos_llm = LLM(model, tokenizer=tok, block_size=4, kv_cache_tokens=256)
+    eos_llm.eos_token_ids = {out.token_ids[5]}
+    o = eos_llm.generate("the cat", SamplingParams(temperature=0, max_new_tokens=12))[0]
+    assert o.finish_reason == "stop" and len(o.token_ids) <= 6
+    # an over-long prompt is refused before any work
+    with pytest.raises(ValueError, match="prompt has 64 tokens but the context is 64"):
+        llm.generate([[1] * 64], GREEDY)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate([[c.vocab_size + 5]], GREEDY)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]], GREEDY)
+    assert not llm.has_unfinished()
+
+
+def test_kv_cache_bytes_per_token_is_the_latent_formula():
+    c = tiny_config()
+    llm = LLM(random_model(c), block_size=4, kv_cache_tokens=64)
+    assert llm.kv_cache_bytes_per_token == c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * 4
+    assert llm.cache.data.nbytes == llm.kv_cache_bytes_per_token * llm.cache.capacity  # measured: the allocation
+    v3 = dsv3.ModelConfig.preset("671B")
+    assert LatentCache.bytes_per_token(v3, torch.bfloat16) == 70_272
+    full = v3.num_hidden_layers * v3.num_attention_heads * (v3.qk_head_dim + v3.v_head_dim) * 2
+    assert full == 4_997_120 and full // 70_272 == 71
+
+
+def test_fp8_model_generates_like_its_dequantised_twin(tmp_path):
+    c = tiny_config()
+    model = random_model(c, std=0.2)
+    dsv3.save_pretrained(model, tmp_path, dtype=torch.float32, fp8=True)
+    ps = prompts(c.vocab_size, [5, 9])
+    a = LLM(tmp_path, kv_cache_tokens=256).generate(ps, GREEDY)
+    b = LLM(dsv3.load_pretrained(tmp_path, fp8=False), kv_cache_tokens=256).generate(ps, GREEDY)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]

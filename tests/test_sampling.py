@@ -1,0 +1,82 @@
+"""Sampling: the processed distribution, the exact draw, seeds, and the speculative accept/reject rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv3.infer.sampling import Sampler, SamplingParams, draw, processed_probs
+from dsv3.infer.speculative import verify_draft
+
+
+def test_params_validation():
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(max_new_tokens=0),
+                dict(stop=[""]), dict(logprobs=50)):
+        with pytest.raises(ValueError, match=list(bad)[0]):
+            SamplingParams(**bad)
+    assert SamplingParams(stop="###").stop == ["###"]
+
+
+def test_top_k_top_p_temperature():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    one = torch.ones(1)
+    p = processed_probs(logits, one, torch.tensor([2]), one)
+    assert torch.allclose(p, torch.tensor([[5 / 7, 2 / 7, 0, 0, 0]]))
+    p = processed_probs(logits, one, torch.tensor([0]), torch.tensor([0.8]))  # 0.5 + 0.2 < 0.8: keep 3
+    assert torch.allclose(p, torch.tensor([[0.5, 0.2, 0.15, 0, 0]]) / 0.85)
+    p = processed_probs(logits, one, torch.tensor([0]), torch.tensor([0.3]))  # the best token always stays
+    assert torch.allclose(p, torch.tensor([[1.0, 0, 0, 0, 0]]))
+    p = processed_probs(logits, torch.tensor([0.5]), torch.tensor([0]), one)  # temperature sharpens
+    assert torch.allclose(p, torch.tensor([[0.25, 0.04, 0.0225, 0.01, 0.0025]]) / 0.325)
+
+
+def test_draw_is_exact():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]])
+    # the CDF intervals: [0, .1) -> 0, [.1, .7) -> 2, [.7, 1) -> 3; a zero-probability token is never drawn
+    for u, want in [(0.0, 0), (0.0999, 0), (0.1001, 2), (0.69, 2), (0.7001, 3), (0.9999, 3)]:
+        assert int(draw(probs, torch.tensor([u]))) == want
+
+
+def test_seeded_requests_reproduce_whatever_the_batch():
+    s = Sampler(torch.device("cpu"))
+    logits = torch.randn(3, 50)
+    p = SamplingParams(temperature=1.0, seed=7)
+    a = s.sample(logits, [p, p, p], [Sampler.generator_for(7), None, Sampler.generator_for(8)])
+    b = s.sample(logits[:1], [p], [Sampler.generator_for(7)])
+    assert a[0] == b[0]
+    greedy = SamplingParams(temperature=0)
+    assert torch.equal(s.sample(logits, [greedy] * 3, [None] * 3), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("greedy_draft", [False, True])
+def test_speculative_rule_keeps_the_target_distribution(greedy_draft):
+    """Whatever q the draft comes from, the first token verify_draft returns is distributed as p; a kept
+    draft's bonus token is distributed as p_next."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.40, 0.25, 0.20, 0.10, 0.05])
+    p_next = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])
+    q = torch.tensor([0.05, 0.15, 0.30, 0.30, 0.20]) if not greedy_draft else torch.tensor([0.0, 0, 0, 1.0, 0])
+    n = 12000
+    first = torch.zeros(5)
+    bonus = torch.zeros(5)
+    kept = 0
+    for _ in range(n):
+        d = int(draw(q[None], torch.rand(1, generator=g))[0])
+        toks = verify_draft(p, p_next, q, d, greedy=False, generator=g)
+        first[toks[0]] += 1
+        if len(toks) == 2:
+            kept += 1
+            bonus[toks[1]] += 1
+    tol = 4 * (p * (1 - p) / n).sqrt().max()  # four standard errors
+    assert (first / n - p).abs().max() < tol, first / n
+    assert (bonus / kept - p_next).abs().max() < 0.03
+    # acceptance probability is sum_x min(p(x), q(x))
+    assert abs(kept / n - torch.minimum(p, q).sum().item()) < 0.015
+
+
+def test_greedy_verification():
+    p = torch.tensor([0.1, 0.7, 0.2])
+    p_next = torch.tensor([0.5, 0.2, 0.3])
+    g = torch.Generator()
+    assert verify_draft(p, p_next, torch.eye(3)[1], 1, greedy=True, generator=g) == [1, 0]
+    assert verify_draft(p, p_next, torch.eye(3)[2], 2, greedy=True, generator=g) == [1]
