@@ -77,6 +77,120 @@ def _quantize(args) -> None:
     print(f"wrote {args.output} in {time.time() - t0:.1f}s")
 
 
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="chat with a model or complete a file of prompts",
+        description="Generate from a model directory with the latent-cache engine. --interactive: a multi-turn "
+                    "chat (the model's chat template; /clear forgets the history, /exit or Ctrl-D quits), tokens "
+                    "printed as they come. --input-file: one prompt per line, completions printed in order. "
+                    "--prompt: one prompt.")
+    p.add_argument("--model", required=True, help="model directory (config.json, *.safetensors, tokenizer.json)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--interactive", "-i", action="store_true", help="chat in the terminal")
+    mode.add_argument("--input-file", help="a text file with one prompt per line")
+    mode.add_argument("--prompt", help="a single prompt")
+    p.add_argument("--output-file", help="also write one JSON object per prompt here (prompt, text, token_ids, "
+                                         "finish_reason)")
+    p.add_argument("--raw", action="store_true",
+                   help="batch prompts are plain text to continue, not user messages put through the chat template")
+    p.add_argument("--temperature", type=float, default=0.6, help="0 for greedy (default 0.6, as DeepSeek suggests)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0: all)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="per reply (default 256)")
+    p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    p.add_argument("--speculative", choices=["mtp"], default=None,
+                   help="draft with the model's MTP module and verify (identical output, faster)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + reply (default: the config's)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together (default 16)")
+    p.set_defaults(func=_generate)
+
+
+def _generate(args) -> None:
+    import json
+
+    import torch
+
+    from .infer import LLM, SamplingParams
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    llm = LLM(args.model, dtype=args.dtype, device=device, speculative=args.speculative,
+              max_model_len=args.max_model_len, max_num_seqs=args.max_batch_size, seed=args.seed)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_new_tokens=args.max_new_tokens, seed=args.seed)
+    tok = llm.tokenizer
+    if tok is None:
+        raise ValueError(f"{args.model} has no tokenizer.json; `dsv3 generate` needs one")
+    if args.interactive:
+        _chat(llm, params)
+        return
+    if args.prompt is not None:
+        prompts = [args.prompt]
+    else:
+        with open(args.input_file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        if not prompts:
+            raise ValueError(f"{args.input_file} has no prompts (one per line)")
+    chat = not args.raw and tok.chat_template is not None
+    inputs = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=True) if chat else p
+              for p in prompts]
+    t0 = time.perf_counter()
+    outs = llm.generate(inputs, params)
+    dt = time.perf_counter() - t0
+    for prompt, out in zip(prompts, outs):
+        print(f"Prompt: {prompt}\nCompletion: {out.text}\n")
+    n = sum(len(o.token_ids) for o in outs)
+    stats = llm.stats
+    extra = (f", {stats['acceptance_rate']:.0%} of MTP drafts accepted, {stats['tokens_per_forward']:.2f} tokens "
+             "per forward") if args.speculative else ""
+    print(f"[{len(outs)} prompts, {n} tokens in {dt:.1f}s: {n / dt:.1f} tokens/s{extra}]", file=sys.stderr)
+    if args.output_file:
+        from .ckpt.io import atomic_write_text
+        atomic_write_text(args.output_file, "".join(
+            json.dumps({"prompt": p, "text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason},
+                       ensure_ascii=False) + "\n" for p, o in zip(prompts, outs)))
+
+
+def _chat(llm, params) -> None:
+    """A multi-turn chat: the history goes through the chat template each turn; replies stream."""
+    tok = llm.tokenizer
+    if tok.chat_template is None:
+        raise ValueError("this tokenizer has no chat template; use --input-file or --prompt with --raw")
+    messages: list[dict] = []
+    print("Chat with the model. /clear forgets the conversation, /exit quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            break
+        if line.strip() == "/exit":
+            break
+        if line.strip() == "/clear":
+            messages.clear()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            rid = llm.add_request(tok.apply_chat_template(messages, tokenize=True), params)
+        except ValueError as e:  # e.g. the conversation outgrew the context: say so, keep the session
+            messages.pop()
+            print(f"error: {e} (use /clear to start over)", file=sys.stderr)
+            continue
+        finished = False
+        while not finished:
+            for out in llm.step():
+                if out.request_id == rid:
+                    print(out.new_text, end="", flush=True)
+                    finished = out.finished
+        reply = llm.release(rid)
+        print()
+        messages.append({"role": "assistant", "content": reply.text})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dsv3", description="DeepSeek-V3 in readable, fast PyTorch: model, checkpoints, tools.")
@@ -84,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dsv3 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    _add_generate(sub)
     _add_convert(sub)
     _add_fp8_cast(sub)
     _add_quantize(sub)
