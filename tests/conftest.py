@@ -49,3 +49,8 @@ def quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+# Tiny models gain nothing from a second thread, and on a shared 2-core machine an OpenMP thread that loses
+# its core stalls every parallel region: one thread keeps the suite fast and steady. (Tests never time.)
+torch.set_num_threads(1)

@@ -20,9 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..model.model import MLA, DeepSeekV3
+from ..model.model import MLA, DeepSeekV3, attention
 from .kv_cache import LatentCache
 
 
@@ -83,10 +82,7 @@ def mla_naive(attn: MLA, q_nope, q_rope, kv, k_rope, mask) -> torch.Tensor:
     """q_nope (B, T, H, P), q_rope (B, T, H, R); cached kv (B, S, C), k_rope (B, S, R); mask (B, 1, T, S)
     -> (B, T, H, V), by expanding the latents into per-head keys and values."""
     k, v = attn.expand_kv(kv, k_rope)  # (B, S, H, P+R), (B, S, H, V)
-    q = torch.cat([q_nope, q_rope], dim=-1)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask, scale=attn.softmax_scale)
-    return out.transpose(1, 2)
+    return attention(torch.cat([q_nope, q_rope], dim=-1), k, v, mask, attn.softmax_scale)
 
 
 def mla_absorbed(attn: MLA, q_nope, q_rope, kv, k_rope, mask, w_uk: torch.Tensor, w_uv: torch.Tensor

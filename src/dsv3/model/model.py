@@ -31,7 +31,8 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     the factor s, high ones kept, with a linear ramp between the dims completing beta_slow and beta_fast
     rotations over the original context."""
     dim, base = config.qk_rope_head_dim, config.rope_theta
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    # computed on the CPU even while a model is built on the meta device (a meta kernel would pull in sympy)
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
     if config.rope_type != "yarn":
         return inv_freq
 
@@ -42,7 +43,7 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     high = min(math.ceil(correction_dim(config.beta_slow)), dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # 1: original frequency (extrapolate), 0: divided by the factor (interpolate)
     return inv_freq / config.rope_factor * (1 - keep) + inv_freq * keep
 
@@ -126,10 +127,21 @@ class MLA(nn.Module):
         kv, k_rope = self.project_kv(x, cos, sin)
         k, v = self.expand_kv(kv, k_rope)
         q = torch.cat([q_nope, q_rope], dim=-1)
-        out = F.scaled_dot_product_attention(  # (B, H, T, V)
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale)
-        return self.wo(out.transpose(1, 2).flatten(2))
+        out = attention(q, k, v, mask, self.softmax_scale)  # (B, T, H, V)
+        return self.wo(out.flatten(2))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v for q, k (B, T|S, H, P+R), v (B, S, H, V); causal when mask is None.
+    MLA's value heads are narrower than its query/key heads (128 vs 192 in V3); the fused SDPA kernels
+    want them equal, so v is zero-padded and the padding cut from the output (2x faster on CPU)."""
+    dv = v.shape[-1]
+    if dv != q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - dv))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, is_causal=mask is None, scale=scale)
+    return out.transpose(1, 2)[..., :dv]
 
 
 # ---- the transformer -----------------------------------------------------------------------------------
@@ -165,7 +177,8 @@ class DeepSeekV3(nn.Module):
         super().__init__()
         self.config = config
         L, d = config.num_hidden_layers, config.hidden_size
-        self.embed = nn.Embedding(config.vocab_size, d)
+        # uninitialised like every other weight (init_weights or a checkpoint fills it)
+        self.embed = nn.Embedding(config.vocab_size, d, _weight=torch.empty(config.vocab_size, d))
         self.layers = nn.ModuleList(Block(config, i) for i in range(L))
         self.norm = RMSNorm(d, config.rms_norm_eps)
         self.head = Linear(d, config.vocab_size)
