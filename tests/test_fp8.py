@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv3.model.layers import Linear
+from dsv3.model.layers import Linear, linear
 from dsv3.quant import fp8
 
 
@@ -78,5 +78,8 @@ def test_fp8_linear_equals_dequantised_linear():
     lin.weight.data.copy_(q)
     lin.weight_scale_inv.copy_(s)
     x = torch.randn(4, 300)
-    assert torch.equal(lin(x), torch.nn.functional.linear(x, fp8.weight_dequant(q, s, torch.float32)))
+    dense = fp8.weight_dequant(q, s, torch.float32)
+    assert torch.equal(lin(x), linear(x, dense))  # the FP8 layer is exactly the dequantised one
+    assert torch.allclose(lin(x), torch.nn.functional.linear(x, dense), atol=1e-5)
+    assert torch.equal(lin(x[:1]), torch.nn.functional.linear(x[:1], dense))
     assert torch.equal(lin.dense_weight(torch.float32), fp8.weight_dequant(q, s, torch.float32))

@@ -43,9 +43,11 @@ def test_absorbed_attention_equals_naive():
     qpos = lens[:, None] - T + torch.arange(T)
     mask = (torch.arange(S)[None, None] <= qpos[..., None])[:, None]
     w = attn.wkv_b.weight.view(H, -1, c.kv_lora_rank)
+    ctx = torch.cat([kv, k_rope], dim=-1)
     with torch.no_grad():
-        a = mla_absorbed(attn, q_nope, q_rope, kv, k_rope, mask, w[:, :c.qk_nope_head_dim], w[:, c.qk_nope_head_dim:])
-        b = mla_naive(attn, q_nope, q_rope, kv, k_rope, mask)
+        a = mla_absorbed(q_nope, q_rope, ctx, mask, w[:, :c.qk_nope_head_dim],
+                         w[:, c.qk_nope_head_dim:].transpose(1, 2), attn.softmax_scale)
+        b = mla_naive(attn, q_nope, q_rope, ctx, mask)
     assert rel_err(a, b) <= 1e-5
 
 

@@ -45,7 +45,6 @@ class LatentCache:
         """Store tokens' latents (N, C) and roped keys (N, R) at their slots (N,)."""
         self.data[layer].index_copy_(0, slots, torch.cat([kv, k_rope], dim=-1).to(self.data.dtype))
 
-    def read(self, layer: int, slot_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather the latents of slot_table (B, S) -> kv (B, S, C), k_rope (B, S, R)."""
-        x = self.data[layer][slot_table]
-        return x[..., : self.C], x[..., self.C:]
+    def read(self, layer: int, slot_table: torch.Tensor) -> torch.Tensor:
+        """Gather the rows of slot_table (B, S) -> (B, S, C + R): the latent, then the roped key."""
+        return self.data[layer][slot_table]

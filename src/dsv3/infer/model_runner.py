@@ -78,23 +78,27 @@ def build_batch(feeds: list[list[int]], starts: list[int], block_tables: list[li
         slot_table=slot_table.to(device), mask=mask[:, None].to(device), feed_lens=lens)
 
 
-def mla_naive(attn: MLA, q_nope, q_rope, kv, k_rope, mask) -> torch.Tensor:
-    """q_nope (B, T, H, P), q_rope (B, T, H, R); cached kv (B, S, C), k_rope (B, S, R); mask (B, 1, T, S)
+def mla_naive(attn: MLA, q_nope, q_rope, ctx, mask) -> torch.Tensor:
+    """q_nope (B, T, H, P), q_rope (B, T, H, R); cached rows ctx (B, S, C + R); mask (B, 1, T, S)
     -> (B, T, H, V), by expanding the latents into per-head keys and values."""
-    k, v = attn.expand_kv(kv, k_rope)  # (B, S, H, P+R), (B, S, H, V)
+    k, v = attn.expand_kv(ctx[..., : attn.kv_lora_rank], ctx[..., attn.kv_lora_rank:])  # (B, S, H, P+R), (B, S, H, V)
     return attention(torch.cat([q_nope, q_rope], dim=-1), k, v, mask, attn.softmax_scale)
 
 
-def mla_absorbed(attn: MLA, q_nope, q_rope, kv, k_rope, mask, w_uk: torch.Tensor, w_uv: torch.Tensor
-                 ) -> torch.Tensor:
-    """The same as `mla_naive`, with W_UK (H, P, C) absorbed into the query and W_UV (H, V, C) applied
-    after attention; the cache is never expanded."""
-    q_lat = torch.einsum("bthp,hpc->bthc", q_nope, w_uk)  # (B, T, H, C)
-    scores = (torch.einsum("bthc,bsc->bhts", q_lat, kv) + torch.einsum("bthr,bsr->bhts", q_rope, k_rope))
-    scores = (scores.float() * attn.softmax_scale).masked_fill(~mask, float("-inf"))
-    probs = scores.softmax(dim=-1).to(kv.dtype)
-    out_lat = torch.einsum("bhts,bsc->bthc", probs, kv)  # (B, T, H, C): a weighted mean of latents
-    return torch.einsum("bthc,hvc->bthv", out_lat, w_uv)
+def mla_absorbed(q_nope, q_rope, ctx, mask, w_uk, w_uv_t, scale: float) -> torch.Tensor:
+    """The same as `mla_naive`, with W_UK (H, P, C) absorbed into the query and W_UV (given transposed,
+    (H, C, V)) applied after attention: the cache is never expanded. Scores against the latent and the
+    roped key come from one product, since a cache row holds both side by side."""
+    B, T, H, P = q_nope.shape
+    C = w_uk.shape[-1]
+    q_lat = torch.bmm(q_nope.reshape(B * T, H, P).transpose(0, 1), w_uk)  # (H, B*T, C)
+    q = torch.cat([q_lat.transpose(0, 1), q_rope.reshape(B * T, H, -1)], dim=-1)  # (B*T, H, C+R)
+    scores = torch.bmm(q.view(B, T * H, -1), ctx.transpose(1, 2))  # (B, T*H, S)
+    scores = scores.view(B, T, H, -1).float().mul_(scale).masked_fill_(~mask.view(B, T, 1, -1), float("-inf"))
+    probs = scores.softmax(dim=-1).to(ctx.dtype).view(B, T * H, -1)
+    out_lat = torch.bmm(probs, ctx[..., :C])  # (B, T*H, C): per head, a weighted mean of latents
+    out = torch.bmm(out_lat.view(B * T, H, C).transpose(0, 1), w_uv_t)  # (H, B*T, V)
+    return out.transpose(0, 1).reshape(B, T, H, -1)
 
 
 class ModelRunner:
@@ -103,40 +107,41 @@ class ModelRunner:
         self.config = model.config
         self.device = model.device
         self.absorb_max_queries = absorb_max_queries  # steps feeding at most this many tokens per sequence
-        # W_UK and W_UV per attention module (dequantised once if FP8): (H, P, C) and (H, V, C)
+        # W_UK (H, P, C) and W_UV^T (H, C, V) per attention module (dequantised once if FP8)
         self.absorbed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         cfg = self.config
         dtype = model.dtype
         blocks = list(model.layers) + [m.block for m in model.mtp]
         for i, block in enumerate(blocks):
             w = block.attn.wkv_b.dense_weight(dtype).view(cfg.num_attention_heads, -1, cfg.kv_lora_rank)
-            self.absorbed[i] = (w[:, : cfg.qk_nope_head_dim].contiguous(), w[:, cfg.qk_nope_head_dim:].contiguous())
+            self.absorbed[i] = (w[:, : cfg.qk_nope_head_dim].contiguous(),
+                                w[:, cfg.qk_nope_head_dim:].transpose(1, 2).contiguous())
 
-    def attention(self, attn: MLA, x: torch.Tensor, layer: int, batch: StepBatch, cos, sin) -> torch.Tensor:
+    def attention(self, attn: MLA, x: torch.Tensor, layer: int, batch: StepBatch, freqs) -> torch.Tensor:
         """x (N, D) -> (N, D): write the fed tokens' latents to the cache, attend over each sequence's."""
-        q_nope, q_rope = attn.project_q(x, cos, sin)  # (N, H, P), (N, H, R)
-        kv_new, k_rope_new = attn.project_kv(x, cos, sin)  # (N, C), (N, R)
+        q_nope, q_rope = attn.project_q(x, freqs)  # (N, H, P), (N, H, R)
+        kv_new, k_rope_new = attn.project_kv(x, freqs)  # (N, C), (N, R)
         self.cache.write(layer, batch.slots, kv_new, k_rope_new)
-        kv, k_rope = self.cache.read(layer, batch.slot_table)  # (B, S, C), (B, S, R)
+        ctx = self.cache.read(layer, batch.slot_table)  # (B, S, C+R)
         q_nope, q_rope = q_nope[batch.q_index], q_rope[batch.q_index]  # (B, T, H, .)
         if q_nope.shape[1] <= self.absorb_max_queries:
-            out = mla_absorbed(attn, q_nope, q_rope, kv, k_rope, batch.mask, *self.absorbed[layer])
+            out = mla_absorbed(q_nope, q_rope, ctx, batch.mask, *self.absorbed[layer], attn.softmax_scale)
         else:
-            out = mla_naive(attn, q_nope, q_rope, kv, k_rope, batch.mask)
+            out = mla_naive(attn, q_nope, q_rope, ctx, batch.mask)
         out = out[batch.q_valid]  # (N, H, V), back in fed order
         return attn.wo(out.flatten(1))
 
-    def block(self, block, layer: int, x: torch.Tensor, batch: StepBatch, cos, sin) -> torch.Tensor:
-        x = x + self.attention(block.attn, block.attn_norm(x), layer, batch, cos, sin)
+    def block(self, block, layer: int, x: torch.Tensor, batch: StepBatch, freqs) -> torch.Tensor:
+        x = x + self.attention(block.attn, block.attn_norm(x), layer, batch, freqs)
         return x + block.ffn(block.ffn_norm(x))
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """The main model on the fed tokens -> final-normed hidden states (N, D)."""
-        cos, sin = self.model.rope(batch.positions)
+        freqs = self.model.rope(batch.positions)
         x = self.model.embed(batch.input_ids)
         for i, block in enumerate(self.model.layers):
-            x = self.block(block, i, x, batch, cos, sin)
+            x = self.block(block, i, x, batch, freqs)
         return self.model.norm(x)
 
     @torch.inference_mode()
@@ -144,9 +149,8 @@ class ModelRunner:
         """MTP module 1 at the fed positions: batch.input_ids are the *next* tokens t_{p+1}, h_prev the main
         model's hidden states at p -> the module's hidden states (N, D), before its shared_head.norm."""
         module = self.model.mtp[0]
-        cos, sin = self.model.rope(batch.positions)
-        x = module.eh_proj(torch.cat([module.enorm(self.model.embed(batch.input_ids)), module.hnorm(h_prev)], -1))
-        return self.block(module.block, self.config.num_hidden_layers, x, batch, cos, sin)
+        x = module.combine(h_prev, self.model.embed(batch.input_ids))
+        return self.block(module.block, self.config.num_hidden_layers, x, batch, self.model.rope(batch.positions))
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:

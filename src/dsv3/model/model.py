@@ -49,7 +49,7 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(KeepDtype):
-    """positions -> (cos, sin), each (..., R/2), float32."""
+    """positions (...,) -> e^{i pos theta_j} (..., R/2), complex64 (times YaRN's cos/sin factor)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -59,18 +59,20 @@ class RotaryEmbedding(KeepDtype):
     def pinned(self) -> tuple[str, ...]:
         return ("inv_freq",)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = positions[..., None].float() * self.inv_freq  # (..., T, R/2)
-        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        angles = positions[..., None].float() * self.inv_freq  # (..., R/2)
+        return torch.polar(torch.full_like(angles, self.attention_factor), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x0, x1), (x2, x3), ... of x (..., R) as complex numbers x0 + i x1 (the
     layout of the official checkpoints; rotating halves instead would be a different model).
-    cos/sin (..., R/2) broadcast against x's leading dims."""
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
-    return out.to(x.dtype)
+    freqs (..., R/2) complex, broadcast against x's leading dims."""
+    xf = x.float()
+    if xf.stride(-1) != 1:  # view_as_complex needs (real, imag) adjacent in memory
+        xf = xf.contiguous()
+    xc = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * freqs).flatten(-2).to(x.dtype)
 
 
 # ---- Multi-head Latent Attention (§2.1.1) --------------------------------------------------------------
@@ -100,17 +102,17 @@ class MLA(nn.Module):
         self.wo = Linear(H * self.v_dim, d, bias=bias)
         self.softmax_scale = config.softmax_scale
 
-    def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (..., D) -> q_nope (..., H, P), q_rope (..., H, R) rotated; cos/sin (..., R/2) per position."""
+    def project_q(self, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (..., D) -> q_nope (..., H, P), q_rope (..., H, R) rotated; freqs (..., R/2) per position."""
         q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.unflatten(-1, (self.n_heads, self.qk_dim))  # (B, T, H, P+R)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        return q_nope, apply_rope(q_rope, cos.unsqueeze(-2), sin.unsqueeze(-2))  # one angle for all heads
+        return q_nope, apply_rope(q_rope, freqs.unsqueeze(-2))  # one angle for all heads
 
-    def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_kv(self, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (..., D) -> kv latent (..., C) normalised, k_rope (..., R) rotated: what the cache keeps."""
         kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        return self.kv_norm(kv), apply_rope(k_rope, cos, sin)
+        return self.kv_norm(kv), apply_rope(k_rope, freqs)
 
     def expand_kv(self, kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent (B, S, C) and rotary key (B, S, R) -> per-head keys (B, S, H, P+R) and values (B, S, H, V)."""
@@ -119,12 +121,11 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_rope.unsqueeze(-2).expand(-1, -1, self.n_heads, -1)], dim=-1)
         return k, v
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Full-sequence attention (training, scoring). mask: None for causal, else a boolean (T, S) or
         (B, 1, T, S) mask, True where attention is allowed."""
-        q_nope, q_rope = self.project_q(x, cos, sin)
-        kv, k_rope = self.project_kv(x, cos, sin)
+        q_nope, q_rope = self.project_q(x, freqs)
+        kv, k_rope = self.project_kv(x, freqs)
         k, v = self.expand_kv(kv, k_rope)
         q = torch.cat([q_nope, q_rope], dim=-1)
         out = attention(q, k, v, mask, self.softmax_scale)  # (B, T, H, V)
@@ -162,9 +163,8 @@ class Block(nn.Module):
         else:
             self.ffn = MLP(d, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), freqs, mask)
         x = x + self.ffn(self.ffn_norm(x))
         return x
 
@@ -203,10 +203,10 @@ class DeepSeekV3(nn.Module):
         self._check_input(input_ids)
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        cos, sin = self.rope(positions)
+        freqs = self.rope(positions)
         h = self.embed(input_ids)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask)
+            h = layer(h, freqs, mask)
         return self.norm(h)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
@@ -221,8 +221,8 @@ class DeepSeekV3(nn.Module):
         for k, module in enumerate(self.mtp, start=1):
             if T - k <= 0:
                 break
-            cos, sin = self.rope(torch.arange(T - k, device=input_ids.device))
-            h = module(h[:, :T - k], self.embed(input_ids[:, k:]), cos, sin)
+            freqs = self.rope(torch.arange(T - k, device=input_ids.device))
+            h = module(h[:, :T - k], self.embed(input_ids[:, k:]), freqs)
             outs.append(h)
         return outs
 

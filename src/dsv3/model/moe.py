@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..quant import fp8
-from .layers import KeepDtype
+from .layers import KeepDtype, linear
 
 
 class Gate(KeepDtype):
@@ -108,7 +108,7 @@ class Experts(KeepDtype):
                 continue
             w1, w2, w3 = self.expert_weights(e, x_SD.dtype)
             x = x_SD[start:start + n]
-            outs.append(F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2))
+            outs.append(linear(F.silu(linear(x, w1)) * linear(x, w3), w2))
             start += n
         if not outs:
             return x_SD.new_empty(0, self.dim)
@@ -162,6 +162,6 @@ class MoE(nn.Module):
             if tok.numel() == 0:
                 continue
             w1, w2, w3 = self.experts.expert_weights(e, x_ND.dtype)
-            h = F.linear(F.silu(F.linear(x_ND[tok], w1)) * F.linear(x_ND[tok], w3), w2)
+            h = linear(F.silu(linear(x_ND[tok], w1)) * linear(x_ND[tok], w3), w2)
             y_ND.index_add_(0, tok, (h * weights_NK[tok, k, None]).to(x_ND.dtype))
         return y_ND

@@ -32,10 +32,13 @@ class MTPModule(nn.Module):
         self.block = block
         self.norm = RMSNorm(d, config.rms_norm_eps)  # shared_head.norm in the checkpoint
 
+    def combine(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> torch.Tensor:
+        """h_prev (..., D) and the embeddings of the tokens one further along (..., D) -> the block's input."""
+        return self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
+
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, *block_args, **block_kwargs) -> torch.Tensor:
-        """h_prev (B, T, D) and the embeddings of the tokens one further along (B, T, D) -> h^k (B, T, D)."""
-        x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
-        return self.block(x, *block_args, **block_kwargs)
+        """-> h^k (B, T, D)."""
+        return self.block(self.combine(h_prev, emb_next), *block_args, **block_kwargs)
 
 
 def mtp_loss(mtp_logits: list[torch.Tensor], input_ids: torch.Tensor, ignore_index: int = -100,

@@ -85,16 +85,3 @@ def fp8_gemm_ref(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch
     x = xq.to(torch.float32) * xs.repeat_interleave(block, dim=-1)[..., :k]
     w = weight_dequant(wq, ws, torch.float32, block)
     return (x @ w.T).to(out_dtype)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear that also takes an FP8 weight with its block scales.
-
-    Reference path for FP8 weights: dequantise to the activation dtype and run a normal GEMM (weight-only
-    FP8; the numbers are those of the BF16/FP32 model made by `fp8-cast-bf16`). A GPU kernel may instead
-    quantise the activations and run the block-scaled FP8 GEMM.
-    """
-    if scale is None:
-        return F.linear(x, weight, bias)
-    return F.linear(x, weight_dequant(weight, scale, x.dtype), bias)
