@@ -191,6 +191,47 @@ def _chat(llm, params) -> None:
         messages.append({"role": "assistant", "content": reply.text})
 
 
+def _add_train(sub) -> None:
+    from .train.train import __doc__ as doc, add_args
+    p = sub.add_parser("train", help="pretrain with the V3 recipe (resumable)", description=doc,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    p.set_defaults(func=_train)
+
+
+def _train(args) -> None:
+    from .train.train import main as train_main
+    train_main(args)
+
+
+def _add_experiment(sub) -> None:
+    from .train.experiment import __doc__ as doc, add_args
+    p = sub.add_parser("experiment", help="small-scale experiments from the papers (balance)", description=doc,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", choices=["balance"], help="balance: aux-free vs aux-loss vs none")
+    add_args(p)
+    p.set_defaults(func=_experiment)
+
+
+def _experiment(args) -> None:
+    from .train.experiment import main as experiment_main
+    experiment_main(args)
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="write a run's PNG plots (loss, MaxVio, expert loads)",
+                       description="Draw loss.png, maxvio.png and expert_load.png into a run directory from its "
+                                   "metrics.jsonl (needs matplotlib: pip install 'dsv3[plot]').")
+    p.add_argument("run_dir", help="a directory written by dsv3 train")
+    p.set_defaults(func=_plot)
+
+
+def _plot(args) -> None:
+    from .train.metrics import plot_run
+    for path in plot_run(args.run_dir):
+        print(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dsv3", description="DeepSeek-V3 in readable, fast PyTorch: model, checkpoints, tools.")
@@ -198,7 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dsv3 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    _add_train(sub)
     _add_generate(sub)
+    _add_plot(sub)
+    _add_experiment(sub)
     _add_convert(sub)
     _add_fp8_cast(sub)
     _add_quantize(sub)
@@ -210,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     from .ckpt.io import CheckpointError
     try:
         args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"dsv3 {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -383,6 +383,14 @@ PRESETS: dict[str, dict] = {
         n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1, num_nextn_predict_layers=1,
         torch_dtype="float32",
     ),
+    # For tests: every part of the model, trained in seconds.
+    "micro": dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=512, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32, num_experts_per_tok=2,
+        n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1, num_nextn_predict_layers=1,
+        torch_dtype="float32",
+    ),
     # The CPU benchmark model of DESIGN.md.
     "bench-small": dict(
         vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
@@ -390,6 +398,19 @@ PRESETS: dict[str, dict] = {
         v_head_dim=32, n_routed_experts=16, n_shared_experts=1, moe_intermediate_size=256, num_experts_per_tok=4,
         n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1, num_nextn_predict_layers=1,
         torch_dtype="float32",
+    ),
+    # GPU-sized models with the recipe's shapes (~125M and ~1B parameters in all, MTP included).
+    "125M": dict(
+        vocab_size=32768, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+        max_position_embeddings=4096, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
+        v_head_dim=64, n_routed_experts=16, n_shared_experts=1, moe_intermediate_size=128, num_experts_per_tok=2,
+        n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1, num_nextn_predict_layers=1,
+    ),
+    "1B": dict(
+        vocab_size=32768, hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
+        max_position_embeddings=4096, q_lora_rank=768, kv_lora_rank=384, qk_nope_head_dim=96, qk_rope_head_dim=48,
+        v_head_dim=96, n_routed_experts=48, n_shared_experts=1, moe_intermediate_size=256, num_experts_per_tok=4,
+        n_group=8, topk_group=4, routed_scaling_factor=2.5, first_k_dense_replace=1, num_nextn_predict_layers=1,
     ),
     # DeepSeek-V3 / R1 as released (FP8 weights, 128K context through YaRN).
     "671B": _V3_FULL,

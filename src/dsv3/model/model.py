@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .layers import KeepDtype, Linear, MLP, RMSNorm
@@ -187,6 +188,7 @@ class DeepSeekV3(nn.Module):
         self.rope = RotaryEmbedding(config)
         self.mtp = nn.ModuleList(MTPModule(config, Block(config, L + k))
                                  for k in range(config.num_nextn_predict_layers))
+        self.recompute = False  # training: keep only each block's input, recompute the rest in backward
 
     def _check_input(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
@@ -206,8 +208,13 @@ class DeepSeekV3(nn.Module):
         freqs = self.rope(positions)
         h = self.embed(input_ids)
         for layer in self.layers:
-            h = layer(h, freqs, mask)
+            h = self._run(layer, h, freqs, mask)
         return self.norm(h)
+
+    def _run(self, block: nn.Module, *args) -> torch.Tensor:
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,7 +229,7 @@ class DeepSeekV3(nn.Module):
             if T - k <= 0:
                 break
             freqs = self.rope(torch.arange(T - k, device=input_ids.device))
-            h = module(h[:, :T - k], self.embed(input_ids[:, k:]), freqs)
+            h = self._run(module, h[:, :T - k], self.embed(input_ids[:, k:]), freqs)
             outs.append(h)
         return outs
 

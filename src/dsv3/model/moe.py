@@ -126,14 +126,23 @@ class MoE(nn.Module):
         self.gate = Gate(config)
         self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
         self.shared_experts = shared_experts
+        # Instrumentation for training, switched on by the trainer (inference leaves both off):
+        self.record_loads = False  # count the tokens routed to each expert into tokens_per_expert
+        self.balance_loss: str | None = None  # "sequence" (V3's) or "batch" (the classic auxiliary loss)
+        self.register_buffer("tokens_per_expert", torch.zeros(self.n_experts, dtype=torch.long), persistent=False)
+        self.aux_loss: torch.Tensor | None = None  # the last forward's balance loss (before its weight alpha)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_ND = x.reshape(-1, shape[-1])
-        weights_NK, experts_NK, _ = self.gate(x_ND)
+        weights_NK, experts_NK, scores_NE = self.gate(x_ND)
         y_ND = self.routed(x_ND, weights_NK, experts_NK)
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND)
+        if self.balance_loss is not None and self.training:
+            batch = shape[0] if self.balance_loss == "sequence" and x.dim() == 3 else 1
+            self.aux_loss = balance_loss(scores_NE.view(batch, -1, self.n_experts),
+                                         experts_NK.view(batch, -1, self.topk), self.n_experts)
         return y_ND.view(shape)
 
     def routed(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
@@ -146,8 +155,10 @@ class MoE(nn.Module):
         expert_S = experts_NK.flatten()
         order_S = expert_S.argsort(stable=True)
         token_S = order_S // self.topk
-        counts_E = torch.bincount(expert_S, minlength=self.n_experts).tolist()
-        return x_ND[token_S], token_S, weights_NK.flatten()[order_S], counts_E
+        counts = torch.bincount(expert_S, minlength=self.n_experts)
+        if self.record_loads:
+            self.tokens_per_expert += counts
+        return x_ND[token_S], token_S, weights_NK.flatten()[order_S], counts.tolist()
 
     def combine(self, y_SD, token_S, weight_S, x_ND):
         """Weight each pair's output by its gate value and add it back into its token's row."""
@@ -165,3 +176,16 @@ class MoE(nn.Module):
             h = linear(F.silu(linear(x_ND[tok], w1)) * linear(x_ND[tok], w3), w2)
             y_ND.index_add_(0, tok, (h * weights_NK[tok, k, None]).to(x_ND.dtype))
         return y_ND
+
+
+def balance_loss(scores_BTE: torch.Tensor, experts_BTK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """The complementary sequence-wise balance loss of the V3 report (eqs. 17-20), without its weight alpha:
+    per sequence, f_i = E / (K T) * (tokens choosing expert i), P_i = mean over the sequence of the
+    normalised affinity s_i / sum_j s_j; loss = sum_i f_i P_i, averaged over sequences. With the whole batch
+    as one sequence (B = 1) it is the classic batch-wise auxiliary loss. f carries no gradient; P does."""
+    B, T, K = experts_BTK.shape
+    counts_BE = torch.zeros(B, n_experts, device=scores_BTE.device).scatter_add_(
+        1, experts_BTK.reshape(B, -1), torch.ones(B, T * K, device=scores_BTE.device))
+    f_BE = counts_BE * (n_experts / (K * T))
+    p_BE = (scores_BTE / scores_BTE.sum(dim=-1, keepdim=True)).mean(dim=1)
+    return (f_BE * p_BE).sum(dim=-1).mean()

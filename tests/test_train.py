@@ -1,0 +1,288 @@
+"""Pretraining: the recipe's pieces against their definitions, and whole runs of the micro preset: the loss
+falls, the run directory is a model directory transformers reads, and a run killed at any moment and
+started again ends exactly as one never interrupted."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dsv3
+from dsv3.ckpt.state import list_checkpoints
+from dsv3.data.corpus import Document, builtin_corpus, load_corpus, split
+from dsv3.data.dataset import PackedSequences, tokenize, unigram_entropy
+from dsv3.model.moe import balance_loss
+from dsv3.tokenizer import EOS, FIM_BEGIN, FIM_END, FIM_HOLE, train_bpe
+from dsv3.train import balance
+from dsv3.train.metrics import read_metrics
+from dsv3.train.optim import AdamW
+from dsv3.train.schedules import gamma_at, lr_at, mtp_lambda_at
+
+from conftest import rel_err
+
+
+# ---- the recipe's pieces -----------------------------------------------------------------------------------
+
+def test_lr_schedule():
+    total, peak, warm = 1000, 1e-3, 50
+    lrs = [lr_at(s, total, peak, warm) for s in range(total)]
+    assert lrs[0] == pytest.approx(peak / warm) and lrs[warm - 1] == pytest.approx(peak)  # linear warmup
+    assert all(v == peak for v in lrs[warm:675])  # constant for the first 10/14.8 of the run
+    cos = lrs[676:966]
+    assert all(a >= b for a, b in zip(cos, cos[1:])) and cos[0] < peak and cos[-1] > peak * 0.1  # cosine down
+    assert lrs[970] == pytest.approx(peak * 0.1) and lrs[-1] == pytest.approx(peak * 7.3e-6 / 2.2e-4)
+
+
+def test_gamma_and_lambda_schedules():
+    assert gamma_at(0, 100, 0.001) == 0.001 and gamma_at(96, 100, 0.001) == 0.001
+    assert gamma_at(97, 100, 0.001) == 0.0  # the last 0.5T of 14.8T tokens: no bias updates
+    assert mtp_lambda_at(0, 300) == 0.3 and mtp_lambda_at(200, 300) == 0.3 and mtp_lambda_at(203, 300) == 0.1
+
+
+def test_bias_update_moves_towards_balance():
+    model = dsv3.DeepSeekV3(dsv3.ModelConfig.preset("micro"))
+    dsv3.init_weights(model)
+    balance.configure(model, "aux-free", 1e-4)
+    moes = balance.moe_layers(model)
+    loads = torch.tensor([[10, 0, 5, 5, 5, 5, 5, 5]] * len(moes))
+    balance.update_bias(model, loads, 0.01)
+    b = moes[0].gate.bias
+    assert b[0] == pytest.approx(-0.01) and b[1] == pytest.approx(0.01) and b[2] == pytest.approx(0.0)
+    assert balance.maxvio(loads)[0].item() == pytest.approx((10 - 5) / 5)
+
+
+def test_sequence_wise_balance_loss_matches_the_formula():
+    g = torch.Generator().manual_seed(0)
+    B, T, E, K = 3, 7, 8, 2
+    scores = torch.rand(B, T, E, generator=g)
+    experts = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(B * T)]).view(B, T, K)
+    want = 0.0
+    for b in range(B):  # eqs. 17-20, sequence by sequence
+        f = torch.zeros(E)
+        for t in range(T):
+            for e in experts[b, t]:
+                f[e] += E / (K * T)
+        P = (scores[b] / scores[b].sum(-1, keepdim=True)).mean(0)
+        want += (f * P).sum() / B
+    assert balance_loss(scores, experts, E).item() == pytest.approx(want.item(), rel=1e-6)
+    # perfectly balanced routing with uniform affinities gives the minimum, 1
+    uni = torch.ones(1, 4, 4)
+    assert balance_loss(uni, torch.tensor([[[0], [1], [2], [3]]]), 4).item() == pytest.approx(1.0)
+
+
+def test_our_adamw_equals_torch_and_keeps_bf16_moments():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    b.load_state_dict(a.state_dict())
+    oa = AdamW(a.parameters(), lr=1e-2, weight_decay=0.1)
+    ob = torch.optim.AdamW(b.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    for _ in range(5):
+        x = torch.randn(3, 8)
+        for m, o in ((a, oa), (b, ob)):
+            m(x).square().sum().backward()
+            o.step()
+            o.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+    c = torch.nn.Linear(8, 4)
+    oc = AdamW(c.parameters(), lr=1e-2, moment_dtype=torch.bfloat16)
+    c(torch.randn(3, 8)).sum().backward()
+    oc.step()
+    assert all(s["exp_avg"].dtype == torch.bfloat16 for s in oc.state.values())
+    oc2 = AdamW(c.parameters(), lr=1e-2, moment_dtype=torch.bfloat16)
+    oc2.load_state_dict(oc.state_dict())
+    assert all(s["exp_avg_sq"].dtype == torch.bfloat16 for s in oc2.state.values())
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_tok():
+    return train_bpe(["def f(x):\n    return x + 1\n" * 50, "class A:\n    pass\n" * 50], vocab_size=300)
+
+
+def test_fim_psm_form_and_packing(small_tok):
+    docs = [Document(f"d{i}", f"def f{i}(x):\n    return x * {i}\n") for i in range(40)]
+    ids = tokenize(docs, small_tok, fim_rate=0.5, seed=3)
+    eos, fb, fh, fe = (small_tok.token_to_id(t) for t in (EOS, FIM_BEGIN, FIM_HOLE, FIM_END))
+    pieces = np.split(ids, np.where(ids == eos)[0] + 1)[:-1]
+    assert len(pieces) == 40  # one EOS after every document
+    n_fim = 0
+    for doc, piece in zip(docs, pieces):
+        p = piece[:-1].tolist()
+        if p and p[0] == fb:
+            n_fim += 1
+            assert p.count(fh) == 1 and p.count(fe) == 1 and p.index(fh) < p.index(fe)
+            pre, suf, mid = p[1:p.index(fh)], p[p.index(fh) + 1:p.index(fe)], p[p.index(fe) + 1:]
+            assert small_tok.decode(pre) + small_tok.decode(mid) + small_tok.decode(suf) == doc.text
+        else:
+            assert small_tok.decode(p) == doc.text
+    assert 10 <= n_fim <= 30
+    assert np.array_equal(ids, tokenize(docs, small_tok, fim_rate=0.5, seed=3))  # deterministic
+
+
+def test_packed_sequences_order_and_resume():
+    tokens = np.arange(1001, dtype=np.int32)
+    data = PackedSequences(tokens, seq_len=10, seed=1)
+    assert data.num_sequences == 100
+    first_epoch = [int(data.sequence(i)[0]) // 10 for i in range(100)]
+    assert sorted(first_epoch) == list(range(100)) and first_epoch != list(range(100))  # a permutation
+    assert first_epoch != [int(data.sequence(100 + i)[0]) // 10 for i in range(100)]  # a new one next epoch
+    seq = data.sequence(5)
+    assert len(seq) == 11 and np.array_equal(seq, np.arange(seq[0], seq[0] + 11))  # inputs and targets
+    again = PackedSequences(tokens, seq_len=10, seed=1)
+    assert torch.equal(data.batch(37, 4), again.batch(37, 4))  # the position is the whole state
+
+
+def test_corpus_sources(tmp_path):
+    docs = builtin_corpus()
+    assert len(docs) > 100 and all(d.name.endswith(".py") for d in docs)
+    assert docs == sorted(docs, key=lambda d: d.name)
+    train, val = split(docs)
+    assert 0 < len(val) < len(docs) // 20 and not {d.name for d in train} & {d.name for d in val}
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("world")
+    (tmp_path / "c.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n')
+    assert [d.text for d in load_corpus(str(tmp_path))] == ["hello", "one", "two", "world"]
+    (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: each line must be an object with a string 'text'"):
+        load_corpus(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_corpus(str(tmp_path / "nope"))
+    assert unigram_entropy(np.array([0, 1, 0, 1])) == pytest.approx(math.log(2))
+
+
+# ---- whole runs --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    docs = [d for d in builtin_corpus() if d.name.startswith(("json/", "email/", "string.py", "textwrap.py"))]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
+    return str(path)
+
+
+def train_cmd(out, data, steps=8, extra=()):
+    return [sys.executable, "-m", "dsv3", "train", "--preset", "micro", "--out", str(out), "--data", data,
+            "--steps", str(steps), "--save-every", "2", "--eval-every", "4", "--eval-batches", "2", "--no-plots",
+            "--keep", "10", *extra]
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def run(cmd):
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def losses(run_dir):
+    return [(r["step"], r["loss"], r.get("mtp_loss"), r["grad_norm"], r["maxvio"]) for r in
+            read_metrics(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, corpus_file):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    run(train_cmd(out, corpus_file, steps=8))
+    return out
+
+
+def test_run_directory(reference_run):
+    out = reference_run
+    rows = read_metrics(os.path.join(out, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for key in ("loss", "mtp_loss", "balance_loss", "lr", "grad_norm", "tokens_per_s", "maxvio", "expert_load"):
+        assert all(key in r for r in rows), key
+    assert len(rows[0]["expert_load"]) == 2  # one dense + one MoE layer, and the MTP block's MoE
+    assert "val_loss" in rows[3] and "val_bpb" in rows[7] and "maxvio_global" in rows[7]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3  # it learns
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+              "generation_config.json", "run.json"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    model = dsv3.load_pretrained(out)  # the run directory is a model directory
+    assert model.mtp and model.config.num_nextn_predict_layers == 1
+
+
+def test_run_directory_loads_in_transformers(reference_run, quiet):
+    transformers = pytest.importorskip("transformers")
+    import logging
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    ours = dsv3.load_pretrained(reference_run)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(reference_run, dtype=torch.float32).eval()
+    x = torch.randint(0, ours.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        assert rel_err(ours(x), hf(x).logits) <= 1e-5
+
+
+def test_resume_after_kills_is_bit_identical(reference_run, corpus_file, tmp_path):
+    """SIGKILL at random moments (mid-step, mid-checkpoint), then the same command: every step's loss,
+    gradient norm and MaxVio equal the uninterrupted run's, and every checkpoint left behind loads."""
+    out = tmp_path / "run"
+    rng = random.Random(0)
+    for attempt in range(3):
+        p = subprocess.Popen(train_cmd(out, corpus_file, steps=8), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=ENV)
+        deadline = time.time() + 120
+        # wait for some progress past the previous attempt, then kill at a random moment
+        while time.time() < deadline and p.poll() is None:
+            done = len(read_metrics(os.path.join(out, "metrics.jsonl")))
+            if done >= 2 * (attempt + 1):
+                break
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0, 0.4))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        for step in list_checkpoints(str(out)):  # nothing left half-written
+            d = out / "checkpoints" / f"step_{step:08d}"
+            assert sorted(os.listdir(d)) == ["model.safetensors", "optimizer.safetensors", "state.json"]
+            json.loads((d / "state.json").read_text())
+    run(train_cmd(out, corpus_file, steps=8))
+    assert losses(out) == losses(reference_run)
+    ours, ref = dsv3.load_pretrained(out), dsv3.load_pretrained(reference_run)
+    for (k, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_resume_refuses_other_options(reference_run, corpus_file, tmp_path):
+    import shutil
+    out = tmp_path / "copy"
+    shutil.copytree(reference_run, out)
+    r = subprocess.run(train_cmd(out, corpus_file, steps=10, extra=["--seed", "5"]), capture_output=True,
+                       text=True, env=ENV, timeout=600)
+    assert r.returncode == 2 and "seed: was 0, now 5" in r.stderr
+
+
+def test_balance_modes_and_nonfinite_guard(corpus_file, tmp_path):
+    from dsv3.train.train import add_args, main
+    import argparse
+    p = argparse.ArgumentParser()
+    add_args(p)
+    base = ["--preset", "micro", "--data", corpus_file, "--steps", "3", "--save-every", "3", "--eval-every", "3",
+            "--eval-batches", "1", "--no-plots"]
+    s_none = main(p.parse_args(base + ["--out", str(tmp_path / "none"), "--balance", "none"]))
+    rows = read_metrics(str(tmp_path / "none" / "metrics.jsonl"))
+    assert all(r["balance_loss"] == 0 for r in rows)
+    assert torch.equal(dsv3.load_pretrained(tmp_path / "none").layers[1].ffn.gate.bias, torch.zeros(8))
+    main(p.parse_args(base + ["--out", str(tmp_path / "af"), "--balance", "aux-free", "--gamma", "0.01"]))
+    bias = dsv3.load_pretrained(tmp_path / "af").layers[1].ffn.gate.bias
+    assert bias.abs().max() > 0  # moved, in whole steps of gamma (three updates: +-0.01, +-0.03, ...)
+    assert torch.allclose((bias / 0.01).round() * 0.01, bias, atol=1e-6)
+    rows = read_metrics(str(tmp_path / "af" / "metrics.jsonl"))
+    assert all(r["balance_loss"] > 0 for r in rows)
+    # a learning rate that blows up: steps with non-finite loss or gradients are skipped and reported
+    s = main(p.parse_args(base + ["--out", str(tmp_path / "nan"), "--lr", "1e30", "--steps", "4"]))
+    assert s_none["skipped_steps"] == 0 and s["skipped_steps"] >= 1
