@@ -117,10 +117,11 @@ def test_fim_psm_form_and_packing(small_tok):
     ids = tokenize(docs, small_tok, fim_rate=0.5, seed=3)
     eos, fb, fh, fe = (small_tok.token_to_id(t) for t in (EOS, FIM_BEGIN, FIM_HOLE, FIM_END))
     pieces = np.split(ids, np.where(ids == eos)[0] + 1)[:-1]
-    assert len(pieces) == 40  # one EOS after every document
+    assert len(pieces) == 40  # BOS document EOS, every document
     n_fim = 0
     for doc, piece in zip(docs, pieces):
-        p = piece[:-1].tolist()
+        assert piece[0] == small_tok.bos_token_id and piece[-1] == eos
+        p = piece[1:-1].tolist()
         if p and p[0] == fb:
             n_fim += 1
             assert p.count(fh) == 1 and p.count(fe) == 1 and p.index(fh) < p.index(fe)

@@ -3,7 +3,7 @@
 - Fill-in-the-middle (V3 report §4.1) on a fraction of training documents, before packing, in PSM form:
   <｜fim▁begin｜> prefix <｜fim▁hole｜> suffix <｜fim▁end｜> middle, the three parts cut at two uniform
   random character positions. Validation documents are left whole, so validation loss is plain LM loss.
-- Every document ends with EOS; documents are concatenated and cut into sequences of seq_len + 1 tokens
+- Every document starts with BOS (as prompts do at inference) and ends with EOS; documents are concatenated and cut into sequences of seq_len + 1 tokens
   (inputs and shifted targets) with no cross-document masking, as in V3's pretraining.
 - Sequences are visited in a seeded random order, a fresh permutation each epoch. The only state is the
   number of sequences consumed so far, so a resumed run reads exactly what an uninterrupted one would.
@@ -18,16 +18,16 @@ import numpy as np
 import torch
 
 from ..ckpt.io import atomic_open, atomic_write_json
-from ..tokenizer import EOS, FIM_BEGIN, FIM_END, FIM_HOLE, Tokenizer
+from ..tokenizer import BOS, EOS, FIM_BEGIN, FIM_END, FIM_HOLE, Tokenizer
 from .corpus import Document
 
 
 def tokenize(docs: list[Document], tokenizer: Tokenizer, fim_rate: float = 0.0, seed: int = 0) -> np.ndarray:
-    """-> all documents' ids, each followed by EOS, as one int32 array. A document is FIM-transformed with
+    """-> all documents' ids, each as BOS ids EOS, in one int32 array. A document is FIM-transformed with
     probability fim_rate, decided by a generator seeded from `seed` (the same documents every time)."""
-    eos = tokenizer.token_to_id(EOS)
+    bos, eos = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
     fim_ids = [tokenizer.token_to_id(t) for t in (FIM_BEGIN, FIM_HOLE, FIM_END)]
-    if eos is None or (fim_rate > 0 and None in fim_ids):
+    if bos is None or eos is None or (fim_rate > 0 and None in fim_ids):
         raise ValueError("the tokenizer lacks DeepSeek-V3's special tokens (EOS, FIM); train one with dsv3")
     rng = np.random.default_rng(seed)
     pieces: list[str] = []
@@ -43,6 +43,7 @@ def tokenize(docs: list[Document], tokenizer: Tokenizer, fim_rate: float = 0.0, 
     enc = [e.ids for e in tokenizer.tok.encode_batch(pieces, add_special_tokens=False)]
     out: list[int] = []
     for p in plan:
+        out.append(bos)
         if len(p) == 1:
             out += enc[p[0]]
         else:

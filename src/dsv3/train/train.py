@@ -104,7 +104,7 @@ def _prepare_data(args, run_dir: str):
         vocab = PRESETS[args.preset]["vocab_size"]
         tok = train_bpe((d.text for d in train_docs), vocab_size=vocab)
         tok.save_pretrained(run_dir)
-    key = {"corpus": corpus_hash(docs), "tokenizer": hash_text(tok.tok.to_str()), "fim_rate": args.fim_rate,
+    key = {"format": 2, "corpus": corpus_hash(docs), "tokenizer": hash_text(tok.tok.to_str()), "fim_rate": args.fim_rate,
            "seed": args.seed, "val_fraction": args.val_fraction}
     data_dir = os.path.join(run_dir, "data")
     train = cached_tokens(os.path.join(data_dir, "train.npy"), dict(key, split="train"),

@@ -1,0 +1,127 @@
+"""One training step (forward, next-token loss, backward, AdamW) on bench-small: dsv3 against transformers'
+DeepseekV3ForCausalLM, same weights (saved once, loaded by both), same batches, same process, fp32 on CPU.
+MTP and balance losses are off so both compute the same thing. Also the model FLOPs utilisation (MFU)
+against this machine's measured fp32 matmul peak.
+
+    python benchmarks/bench_train.py [--shapes 8x256,4x512] [--steps 5] [--threads N] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+import dsv3  # noqa: E402
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_time(lambda: a @ b) for _ in range(repeats))
+    return 2 * n ** 3 / best
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def step_flops(cfg: dsv3.ModelConfig, batch: int, seq: int) -> float:
+    """6 x (matmul parameters a token uses) x tokens, plus attention's score and value products
+    (2 * 2 * (qk + v) * heads per causal query-key pair per layer, x3 for forward and backward)."""
+    per_token = cfg.num_active_params()  # excludes the embedding lookup, includes the head
+    attn_pairs = batch * seq * (seq + 1) / 2
+    attn = 2 * 2 * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.num_attention_heads * attn_pairs * cfg.num_hidden_layers
+    return 6 * per_token * batch * seq + 3 * attn
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="8x256,4x512")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+    cfg = dsv3.ModelConfig.preset("bench-small").replace(num_nextn_predict_layers=0)
+    torch.manual_seed(0)
+    model = dsv3.DeepSeekV3(cfg)
+    dsv3.init_weights(model, std=0.02)
+    d = tempfile.mkdtemp(prefix="bench_train_")
+    dsv3.save_pretrained(model, d, dtype=torch.float32)
+    peak = matmul_peak()
+    print(f"bench-small without MTP ({cfg.num_params() / 1e6:.1f}M parameters, {cfg.num_active_params() / 1e6:.1f}M "
+          f"active), fp32, {torch.get_num_threads()} threads, torch {torch.__version__}, transformers "
+          f"{transformers.__version__}; measured matmul peak {peak / 1e9:.1f} GFLOP/s")
+    rows = []
+    for shape in args.shapes.split(","):
+        B, T = (int(v) for v in shape.split("x"))
+        g = torch.Generator().manual_seed(1)
+        batches = [torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g) for _ in range(args.steps + 2)]
+        ours = dsv3.load_pretrained(d).train()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).train()
+        opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+        opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+
+        def step_ours(b):
+            logits = ours(b[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten())
+            loss.backward()
+            opt_ours.step()
+            opt_ours.zero_grad(set_to_none=True)
+            return loss.item()
+
+        def step_hf(b):
+            logits = hf(b[:, :-1]).logits
+            loss = F.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten())
+            loss.backward()
+            opt_hf.step()
+            opt_hf.zero_grad(set_to_none=True)
+            return loss.item()
+
+        t_ours, t_hf, l_ours, l_hf = [], [], [], []
+        for i, b in enumerate(batches):  # alternate, so that slow spells of the machine hit both
+            t = time.perf_counter()
+            l_ours.append(step_ours(b))
+            t_ours.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            l_hf.append(step_hf(b))
+            t_hf.append(time.perf_counter() - t)
+        t_ours, t_hf = t_ours[2:], t_hf[2:]  # two warm-up steps
+        fl = step_flops(cfg, B, T)
+        row = dict(shape=shape, tokens=B * T, dsv3_s=statistics.median(t_ours), hf_s=statistics.median(t_hf),
+                   dsv3_best_s=min(t_ours), hf_best_s=min(t_hf), gflop=fl / 1e9,
+                   max_loss_diff=max(abs(a - b) for a, b in zip(l_ours, l_hf)))
+        row["ratio"] = row["hf_s"] / row["dsv3_s"]
+        row["mfu_dsv3"] = fl / row["dsv3_s"] / peak
+        row["mfu_hf"] = fl / row["hf_s"] / peak
+        rows.append(row)
+        print(f"\n{shape} ({B * T} tokens per step, {fl / 1e9:.1f} GFLOP): losses agree to {row['max_loss_diff']:.1e}")
+        print(f"  {'':18}{'dsv3':>10}{'transformers':>14}")
+        print(f"  {'step s (median)':18}{row['dsv3_s']:10.3f}{row['hf_s']:14.3f}   ratio {row['ratio']:.2f}")
+        print(f"  {'step s (best)':18}{row['dsv3_best_s']:10.3f}{row['hf_best_s']:14.3f}   "
+              f"ratio {row['hf_best_s'] / row['dsv3_best_s']:.2f}")
+        print(f"  {'tokens/s':18}{B * T / row['dsv3_s']:10.0f}{B * T / row['hf_s']:14.0f}")
+        print(f"  {'MFU':18}{row['mfu_dsv3']:10.1%}{row['mfu_hf']:14.1%}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"peak_flops": peak, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
