@@ -185,3 +185,37 @@ def test_fp8_model_generates_like_its_dequantised_twin(tmp_path):
     a = LLM(tmp_path, kv_cache_tokens=256).generate(ps, GREEDY)
     b = LLM(dsv3.load_pretrained(tmp_path, fp8=False), kv_cache_tokens=256).generate(ps, GREEDY)
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
+
+
+@pytest.mark.parametrize("speculative", [None, "mtp"])
+def test_logprobs_are_the_raw_model_distribution(speculative):
+    """Generated and prompt tokens' logprobs are log_softmax of the model's own logits (before temperature and
+    top-k/top-p), the top alternatives best first: checked against a full forward over prompt + output."""
+    c = tiny_config(vocab_size=8 if speculative else 300)  # a small vocabulary: MTP drafts get accepted
+    model = random_model(c, std=0.2, seed=5)
+    ps = prompts(c.vocab_size, [6, 3, 9], seed=6)
+    llm = LLM(model, speculative=speculative, block_size=4, kv_cache_tokens=256)
+    params = [SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True, logprobs=3, prompt_logprobs=2),
+              SamplingParams(temperature=0.7, top_k=4, max_new_tokens=12, ignore_eos=True, logprobs=0, seed=1),
+              SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)]
+    outs = llm.generate(ps, params)
+    for p, sp, out in zip(ps, params, outs):
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([p + out.token_ids]))[0].float(), dim=-1)
+        if sp.logprobs is None:
+            assert out.logprobs is None and out.prompt_logprobs is None
+            continue
+        assert [lp.token_id for lp in out.logprobs] == out.token_ids
+        for k, lp in enumerate(out.logprobs):
+            row = ref[len(p) - 1 + k]
+            assert lp.logprob == pytest.approx(row[lp.token_id].item(), abs=1e-4)
+            assert [t for t, _ in lp.top] == row.topk(sp.logprobs).indices.tolist()
+        if sp.prompt_logprobs is None:
+            assert out.prompt_logprobs is None
+            continue
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(p)
+        for k, lp in enumerate(out.prompt_logprobs[1:], start=1):
+            assert lp.token_id == p[k] and lp.logprob == pytest.approx(ref[k - 1, p[k]].item(), abs=1e-4)
+            assert len(lp.top) == 2
+    if speculative:
+        assert llm.stats["accepted"] > 0  # drafts were kept, so the two-token rows were exercised

@@ -191,6 +191,57 @@ def _chat(llm, params) -> None:
         messages.append({"role": "assistant", "content": reply.text})
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model directory with the OpenAI API (/v1/chat/completions, /v1/completions, "
+                    "/v1/models; /health, /metrics) and continuous batching: requests join and leave the running "
+                    "batch between engine steps; the cache budget decides how many run at once, at most "
+                    "--max-queue wait, and more get a 429.")
+    p.add_argument("--model", required=True, help="model directory (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("DSV3_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $DSV3_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients send (default: the model directory's name)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests that may wait for a slot; more get 429 (default 256)")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + reply (default: the config's)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="latent cache size in token positions over all requests (default: GPU 90%% of free "
+                        "memory; CPU max-batch-size full contexts, capped at 4 GiB)")
+    p.add_argument("--speculative", choices=["mtp"], default=None,
+                   help="draft with the model's MTP module and verify (identical greedy output, faster)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=None, help="seed of requests that bring none")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="server log level (default info)")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args) -> None:
+    import torch
+    import uvicorn
+
+    from .infer import LLM
+    from .serve import create_app
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    llm = LLM(args.model, dtype=args.dtype, device=device, speculative=args.speculative,
+              max_model_len=args.max_model_len, max_num_seqs=args.max_batch_size,
+              kv_cache_tokens=args.kv_cache_tokens, seed=args.seed)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    app = create_app(llm, name, api_key=args.api_key, max_queue=args.max_queue)
+    cache = llm.cache.capacity
+    print(f"serving {name!r} at http://{args.host}:{args.port}/v1 ({device}, {llm.model.dtype}; up to "
+          f"{args.max_batch_size} requests at once, cache {cache} tokens, context {llm.max_model_len}"
+          f"{', API key required' if args.api_key else ''})", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
 def _add_train(sub) -> None:
     from .train.train import __doc__ as doc, add_args
     p = sub.add_parser("train", help="pretrain with the V3 recipe (resumable)", description=doc,
@@ -241,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_train(sub)
     _add_generate(sub)
+    _add_serve(sub)
     _add_plot(sub)
     _add_experiment(sub)
     _add_convert(sub)

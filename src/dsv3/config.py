@@ -377,7 +377,7 @@ PRESETS: dict[str, dict] = {
     # A few million parameters: trains on a laptop CPU in minutes, yet has every part of the real model
     # (q latent, 3 MoE layers of 8 experts in 4 groups, a shared expert, one MTP module).
     "tiny": dict(
-        vocab_size=4096, hidden_size=256, intermediate_size=640, num_hidden_layers=4, num_attention_heads=4,
+        vocab_size=2048, hidden_size=256, intermediate_size=640, num_hidden_layers=4, num_attention_heads=4,
         max_position_embeddings=2048, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
         v_head_dim=32, n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=128, num_experts_per_tok=2,
         n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1, num_nextn_predict_layers=1,

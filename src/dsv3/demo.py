@@ -26,7 +26,7 @@ PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n\ndef main(", "class
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
-    ap.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    ap.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens per completion (default 64)")
     args = ap.parse_args(argv)
 

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs", ".json", ".html",
                  ".css", ".sh", ".yaml", ".yml", ".toml", ".tex")
-_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "turtledemo"}
+# tests, the IDE, installed packages, and generated tables that are data rather than code (codec charmaps,
+# pydoc's topic strings, bundled wheels)
+_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "turtledemo",
+              "encodings", "pydoc_data", "ensurepip", "lib2to3"}
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from ..model.model import DeepSeekV3
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .kv_cache import LatentCache
 from .model_runner import ModelRunner, build_batch
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
 from .scheduler import Scheduler, Sequence, Status
 from .speculative import MTPSpeculator
 
@@ -35,6 +35,8 @@ class RequestOutput:
     token_ids: list[int]  # generated tokens (a stop or end-of-sequence token that ended the output included)
     text: str  # their text (special tokens and a matched stop string left out)
     finish_reason: str | None  # "stop", "length", "abort", or None while running
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when params.logprobs asks
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (None for the first), when asked
 
 
 @dataclass
@@ -45,6 +47,8 @@ class StepOutput:
     new_text: str
     finished: bool
     finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when params.logprobs asks
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the step that computed them (the prefill)
 
 
 @dataclass(eq=False)
@@ -55,6 +59,8 @@ class _Request:
     detok: IncrementalDetokenizer | None
     text: str = ""
     stop_ids: set[int] = field(default_factory=set)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class LLM:
@@ -191,7 +197,9 @@ class LLM:
     def output(self, request_id: int) -> RequestOutput:
         req = self.requests[request_id]
         return RequestOutput(request_id, req.seq.token_ids[:req.seq.num_prompt_tokens], req.seq.output_ids,
-                             req.text, req.seq.finish_reason)
+                             req.text, req.seq.finish_reason,
+                             logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
+                             prompt_logprobs=req.prompt_logprobs)
 
     def release(self, request_id: int) -> RequestOutput:
         """Forget a finished request (the server calls this once it has answered)."""
@@ -209,8 +217,13 @@ class LLM:
             return []
         reqs = [self.requests[s.seq_id] for s in seqs]
         fed = sum(s.num_tokens - s.num_cached for s in seqs)
+        starts, had_draft = [s.num_cached for s in seqs], [len(s.draft) for s in seqs]
         if self.speculator is not None:
-            new_tokens, _, _ = self.speculator.step(seqs, [r.generator for r in reqs], self.cache.block_size)
+            new_tokens, all_logits, batch = self.speculator.step(seqs, [r.generator for r in reqs],
+                                                                 self.cache.block_size)
+
+            def row_logits(rows):  # the speculator computed the logits of every fed token
+                return all_logits[rows]
         else:
             feeds = [s.token_ids[s.num_cached:] for s in seqs]
             batch = build_batch(feeds, [s.num_cached for s in seqs], [s.block_table for s in seqs],
@@ -222,14 +235,47 @@ class LLM:
             for s, f, t in zip(seqs, feeds, tokens):
                 s.num_cached += len(f)
                 s.token_ids.append(t)
+
+            def row_logits(rows):  # the head again on the rows asked for (only when logprobs are wanted)
+                return self.runner.logits(h[rows])
         self.num_steps += 1
         if is_prefill:
             self.num_prefill_tokens += fed
         else:
             self.num_decode_tokens += sum(len(t) for t in new_tokens)
-        return [self._postprocess(r, toks) for r, toks in zip(reqs, new_tokens)]
+        lps, prompt_lps = self._logprobs(reqs, new_tokens, starts, had_draft, batch.feed_lens, row_logits)
+        return [self._postprocess(r, toks, lp, plp) for r, toks, lp, plp in zip(reqs, new_tokens, lps, prompt_lps)]
 
-    def _postprocess(self, req: _Request, toks: list[int]) -> StepOutput:
+    def _logprobs(self, reqs: list[_Request], new_tokens: list[list[int]], starts: list[int],
+                  had_draft: list[int], feed_lens: list[int], row_logits
+                  ) -> tuple[list[list[TokenLogprob] | None], list[list[TokenLogprob | None] | None]]:
+        """Log-probabilities of the new tokens (and, at a request's first prefill, of its prompt's tokens) for
+        the requests that ask. row_logits(rows) gives the main model's logits at those fed rows (the N tokens
+        of the step, sequence after sequence). New token j of sequence i came from the row of its last fed
+        token, or with a verified draft (fed: last token, draft) from the row before it, j rows on."""
+        lps: list = [None] * len(reqs)
+        prompt_lps: list = [None] * len(reqs)
+        end = 0
+        for i, (req, toks) in enumerate(zip(reqs, new_tokens)):
+            begin, end = end, end + feed_lens[i]
+            p = req.params
+            if p.logprobs is not None:
+                first = end - 1 - had_draft[i]
+                lps[i] = token_logprobs(row_logits(list(range(first, first + len(toks)))), toks, p.logprobs)
+            if p.prompt_logprobs is not None and req.prompt_logprobs is None:
+                # the first prefill feeds the whole prompt from position 0: fed row r predicts prompt token r + 1
+                assert starts[i] == 0, f"prompt logprobs need the prefill from position 0, not {starts[i]}"
+                prompt = req.seq.token_ids[: req.seq.num_prompt_tokens]
+                plp: list[TokenLogprob | None] = [None]
+                for lo in range(1, len(prompt), 1024):  # in chunks: (rows, vocab) logits of a long prompt are big
+                    hi = min(lo + 1024, len(prompt))
+                    plp += token_logprobs(row_logits(list(range(begin + lo - 1, begin + hi - 1))), prompt[lo:hi],
+                                          p.prompt_logprobs)
+                req.prompt_logprobs = prompt_lps[i] = plp
+        return lps, prompt_lps
+
+    def _postprocess(self, req: _Request, toks: list[int], lps: list[TokenLogprob] | None = None,
+                     prompt_lps: list[TokenLogprob | None] | None = None) -> StepOutput:
         """Apply the stop rules to the new tokens, in order; drop what follows a stop."""
         seq, p = req.seq, req.params
         before = len(seq.output_ids) - len(toks)
@@ -243,7 +289,10 @@ class LLM:
             if reason:
                 del seq.token_ids[seq.num_prompt_tokens + n_out:]
                 toks = toks[: j + 1]
+                lps = lps[: j + 1] if lps is not None else None
                 break
+        if lps is not None:
+            req.logprobs.extend(lps)
         delta = ""
         if req.detok is not None:
             delta = req.detok.add(toks)
@@ -257,7 +306,8 @@ class LLM:
             self.scheduler.finish(seq, reason)
             if self.speculator is not None:
                 self.speculator.forget(seq)
-        return StepOutput(seq.seq_id, toks, delta, reason is not None, reason)
+        return StepOutput(seq.seq_id, toks, delta, reason is not None, reason, logprobs=lps,
+                          prompt_logprobs=prompt_lps)
 
     @staticmethod
     def _cut_at_stop(req: _Request, delta: str) -> tuple[str, bool]:

@@ -20,6 +20,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past the end-of-sequence token
     stop_token_ids: list[int] = field(default_factory=list)  # more tokens that end the output (kept in it)
     logprobs: int | None = None  # also return the log-probability of each token (and this many top ones)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (scoring a text's likelihood)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
@@ -34,12 +35,35 @@ class SamplingParams:
             self.stop = [self.stop]
         if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop={self.stop!r} must be a non-empty string or a list of them")
-        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20):
-            raise ValueError(f"logprobs={self.logprobs!r} must be an integer in [0, 20]")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 20):
+                raise ValueError(f"{name}={v!r} must be an integer in [0, 20]")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model's own distribution (log_softmax of the raw logits, before
+    temperature, top-k and top-p, as OpenAI reports it), and the `num_top` most likely tokens there."""
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log-probability), most likely first
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: int) -> list[TokenLogprob]:
+    """logits (R, V), the token each row chose or was followed by (R,) -> one TokenLogprob per row."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(-1, torch.tensor(token_ids, device=lp.device)[:, None]).squeeze(-1).tolist()
+    if num_top > 0:
+        top_lp, top_id = lp.topk(min(num_top, lp.shape[-1]), dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(top_id.tolist(), top_lp.tolist())]
+    else:
+        tops = [[] for _ in token_ids]
+    return [TokenLogprob(t, c, top) for t, c, top in zip(token_ids, chosen, tops)]
 
 
 def processed_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,

@@ -67,9 +67,13 @@ class MTPSpeculator:
                 tok = self.sampler.sample(logits[last:last + 1], [params[i]], [generators[i]])
                 new_tokens.append([int(tok)])
                 continue
-            p = self.sampler.probs(logits[last - 1:last + 1], [params[i]] * 2)  # positions n, n+1
-            q = self.draft_probs.pop(seq.seq_id)
-            toks = verify_draft(p[0], p[1], q, seq.draft[0], params[i].greedy, generators[i] or self.sampler.default)
+            if params[i].greedy:  # argmaxes only: no distributions needed
+                best = logits[last - 1:last + 1].argmax(dim=-1).tolist()  # positions n, n+1
+                toks = [seq.draft[0], best[1]] if best[0] == seq.draft[0] else [best[0]]
+            else:
+                p = self.sampler.probs(logits[last - 1:last + 1], [params[i]] * 2)
+                q = self.draft_probs.pop(seq.seq_id)
+                toks = verify_draft(p[0], p[1], q, seq.draft[0], False, generators[i] or self.sampler.default)
             new_tokens.append(toks)
             self.stats.drafted += 1
             self.stats.accepted += len(toks) - 1
@@ -91,12 +95,14 @@ class MTPSpeculator:
                                 block_size, runner.device)
         h_mtp = runner.forward_mtp(mtp_batch, torch.cat(mtp_h))
         draft_logits = runner.mtp_logits(h_mtp[mtp_batch.last_index])
-        q_all = self.sampler.probs(draft_logits, params)
-        drafts = self.sampler.sample(draft_logits, params, generators)
+        drafts = self.sampler.sample(draft_logits, params, generators).tolist()
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        q_all = self.sampler.probs(draft_logits[sampled], [params[i] for i in sampled]) if sampled else None
         for i, seq in enumerate(seqs):
             seq.num_mtp_cached = seq.num_cached
-            seq.draft = [int(drafts[i])]
-            self.draft_probs[seq.seq_id] = q_all[i]
+            seq.draft = [drafts[i]]
+        for j, i in enumerate(sampled):  # the distribution each sampled draft came from, for its verification
+            self.draft_probs[seqs[i].seq_id] = q_all[j]
         return new_tokens, logits, batch
 
     def forget(self, seq: Sequence) -> None:

@@ -33,18 +33,22 @@ class KeepDtype(nn.Module):
         return self
 
 
+SKINNY_ROWS = 64
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T (+ b), for a plain weight or an FP8 one with its block scales.
 
     FP8 reference path: dequantise to the activation dtype, then a normal GEMM (weight-only FP8: the numbers
-    of the model `fp8-cast-bf16` makes). On CPUs, for more than one row, the product is taken as (W x^T)^T:
-    MKL streams W 1.1-4x faster in that layout when x has few rows (decode), and never slower (measured in
-    benchmarks/RESULTS.md); a single row stays a GEMV.
+    of the model `fp8-cast-bf16` makes). On CPUs, for 2..SKINNY_ROWS rows (decode), the product is taken as
+    (W x^T)^T: MKL streams W 1.5-4x faster in that layout when x has few rows. For many rows (training,
+    prefill) the plain layout wins once the transposed output's later copies are counted; one row is a GEMV.
     """
     if scale is not None:
         weight = fp8.weight_dequant(weight, scale, x.dtype)
-    if x.device.type == "cpu" and x.dim() >= 2 and x.numel() > x.shape[-1]:
+    rows = x.numel() // max(x.shape[-1], 1)
+    if x.device.type == "cpu" and x.dim() >= 2 and 1 < rows <= SKINNY_ROWS:
         x2 = x.reshape(-1, x.shape[-1])
         y = (weight @ x2.T).T
         if bias is not None:

@@ -1,0 +1,576 @@
+"""The OpenAI-compatible server: a FastAPI app over one engine loop.
+
+    llm = dsv3.LLM("path/to/model")
+    app = create_app(llm, "my-model", api_key=None, max_queue=256)
+    uvicorn.run(app, host="127.0.0.1", port=8000)              # what `dsv3 serve --model DIR` does
+
+Continuous batching. One thread, the engine loop, owns the LLM: the model runs only there. Between two engine
+steps it takes the requests that arrived (`LLM.add_request`; the scheduler then prefills new arrivals together
+and decodes everything running together, preempting when the cache is full) and the cancellations of clients
+that went away (`LLM.abort`, which frees their cache blocks at once). After each step it hands every request's
+new tokens to the HTTP handler waiting for them, through that handler's asyncio queue. A request leaves the
+batch when it finishes. How many run at once is the engine's to decide (its cache budget, `kv_cache_tokens`,
+and `max_num_seqs`); the others wait, and at most `max_queue` of them: beyond that a request gets a 429.
+
+The handlers run on the event loop: they validate, tokenize, submit, and turn engine outputs into OpenAI
+responses or server-sent events. Everything a client can get wrong is answered with a 4xx in OpenAI's error
+shape; the engine loop never sees a request that failed validation.
+
+Endpoints: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions, POST /v1/completions, GET /health,
+GET /metrics (Prometheus text). With an API key, /v1/* needs `Authorization: Bearer KEY`; /health and /metrics
+stay open for load balancers and scrapers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+from collections import Counter
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..infer.engine import LLM, RequestOutput, StepOutput
+from ..infer.sampling import SamplingParams
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, TextOffsets, TokenText, chat_logprobs,
+                       completion_logprobs, error_body, new_id, now, sse, usage, validation_error)
+
+log = logging.getLogger("dsv3.serve")
+
+
+# ---- the engine loop -------------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Output:
+    """One engine step's news for one choice of a job."""
+    index: int  # the choice
+    step: StepOutput
+    final: RequestOutput | None  # when the choice finished (the engine has forgotten it then)
+
+
+_DISCONNECTED = object()  # put in a job's queue when its client goes away
+
+
+@dataclass(eq=False)
+class Job:
+    """One HTTP request: its engine requests (one per prompt and choice) and the queue their outputs go to."""
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue  # Output, APIError (the engine failed it) or _DISCONNECTED
+    live: dict[int, int] = field(default_factory=dict)  # engine request id -> choice, until it finishes
+    cancelled: bool = False
+
+    def post(self, item) -> None:
+        """From the engine thread: hand an item to the handler, on its event loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the event loop has closed (shutdown): nobody is waiting
+            pass
+
+
+class EngineLoop:
+    """The thread that runs the LLM, and the figures /metrics reports. `submit` and `cancel` are called from
+    the event loop; everything else that touches the LLM runs on the engine thread."""
+
+    def __init__(self, llm: LLM, max_queue: int):
+        if max_queue < 0:
+            raise ValueError(f"max_queue={max_queue} must be >= 0")
+        self.llm, self.max_queue = llm, max_queue
+        self.cond = threading.Condition()  # guards everything below that both threads touch
+        self.inbox: list[Job] = []  # submitted, not yet added to the engine
+        self.cancels: list[Job] = []
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+        self.jobs: dict[int, Job] = {}  # engine request id -> its job (engine thread only)
+        # figures for /metrics, written under cond
+        self.num_waiting = 0  # engine requests not running yet (inbox + the scheduler's queue): the 429 rule
+        self.num_running = 0
+        self.cache_usage = 0.0
+        self.engine_stats: dict = dict(llm.stats)
+        self.counts: Counter = Counter()
+
+    # ---- called from the event loop ------------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="dsv3-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive() and not self.stopping
+
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> Job:
+        job = Job(prompts, params, asyncio.get_running_loop(), asyncio.Queue())
+        with self.cond:
+            if not self.alive:
+                raise APIError(503, "the engine is not running", type="server_error")
+            if self.num_waiting >= self.max_queue:
+                self.counts["rejected"] += 1
+                raise APIError(429, f"the server is busy: {self.num_waiting} requests are already waiting for a "
+                                    f"slot (max_queue={self.max_queue}); retry later",
+                               type="rate_limit_exceeded", code="queue_full")
+            self.inbox.append(job)
+            self.num_waiting += len(prompts)
+            self.cond.notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: abort the job's unfinished engine requests (on the engine thread)."""
+        with self.cond:
+            if job.cancelled:
+                return
+            job.cancelled = True
+            self.cancels.append(job)
+            self.counts["cancelled"] += 1
+            self.cond.notify()
+
+    # ---- the engine thread ------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        llm = self.llm
+        while True:
+            with self.cond:
+                while not (self.inbox or self.cancels or self.stopping or llm.has_unfinished()):
+                    self.cond.wait()
+                if self.stopping:
+                    break
+                inbox, self.inbox = self.inbox, []
+                cancels, self.cancels = self.cancels, []
+            try:
+                for job in inbox:
+                    self._admit(job)
+                for job in cancels:
+                    self._abort(job)
+                self._update_figures()  # the waiting count moves from the inbox to the scheduler's queue
+                if llm.has_unfinished():
+                    self._deliver(llm.step())
+            except Exception as e:  # a bug, or out of memory: fail what is in flight and keep serving
+                log.exception("the engine loop failed")
+                self._fail_all(APIError(500, f"the engine failed: {type(e).__name__}: {e}", type="server_error"),
+                               inbox)
+            self._update_figures()
+        self._fail_all(APIError(503, "the server is shutting down", type="server_error"), self.inbox)
+
+    def _admit(self, job: Job) -> None:
+        if job.cancelled:
+            return
+        for i, (prompt, params) in enumerate(zip(job.prompts, job.params)):
+            try:
+                rid = self.llm.add_request(prompt, params)
+            except ValueError as e:  # the handler checked already; the engine's own checks have the last word
+                self._abort(job, count=False)
+                job.post(APIError(400, str(e)))
+                return
+            job.live[rid] = i
+            self.jobs[rid] = job
+        with self.cond:
+            self.counts["requests"] += len(job.prompts)
+            self.counts["prompt_tokens"] += sum(len(p) for p in job.prompts)
+
+    def _abort(self, job: Job, count: bool = True) -> None:
+        for rid in list(job.live):
+            self.llm.abort(rid)
+            self.llm.release(rid)
+            del self.jobs[rid]
+            if count:
+                with self.cond:
+                    self.counts["finished:abort"] += 1
+        job.live.clear()
+
+    def _deliver(self, outputs: list[StepOutput]) -> None:
+        generated = 0
+        for out in outputs:
+            job = self.jobs[out.request_id]
+            index = job.live[out.request_id]
+            final = None
+            if out.finished:
+                final = self.llm.release(out.request_id)
+                del self.jobs[out.request_id], job.live[out.request_id]
+                with self.cond:
+                    self.counts[f"finished:{out.finish_reason}"] += 1
+            generated += len(out.new_token_ids)
+            job.post(Output(index, out, final))
+        with self.cond:
+            self.counts["generation_tokens"] += generated
+
+    def _fail_all(self, error: APIError, also: list[Job] = ()) -> None:
+        """Answer every job in flight (and `also`) with error; abort their engine requests."""
+        for job in {*self.jobs.values(), *also}:
+            if job.live or job in also:
+                self._abort(job, count=False)
+                job.post(error)
+
+    def _update_figures(self) -> None:
+        sched = self.llm.scheduler
+        with self.cond:
+            self.num_waiting = len(sched.waiting) + sum(len(j.prompts) for j in self.inbox)
+            self.num_running = len(sched.running)
+            self.cache_usage = 1 - sched.blocks.num_free / sched.blocks.num_blocks
+            self.engine_stats = dict(self.llm.stats)
+
+
+# ---- the app ----------------------------------------------------------------------------------------------------
+
+class _APIKeyMiddleware:
+    """401 for /v1/* without `Authorization: Bearer KEY`. Plain ASGI, so it runs before the body is read (a
+    stranger learns nothing from our validation) and leaves streaming and disconnects alone."""
+
+    def __init__(self, app, api_key: str, errors: Counter):
+        self.app, self.key, self.errors = app, api_key.encode(), errors
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.key):
+                self.errors[401] += 1
+                msg = ("missing API key: send the header 'Authorization: Bearer KEY'" if not auth
+                       else "incorrect API key")
+                await JSONResponse(error_body(msg, code="invalid_api_key"), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _watch_disconnect(request: Request, job: Job) -> None:
+    """The body has been read, so the next ASGI message is the client going away (or the response ending)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.events.put_nowait(_DISCONNECTED)
+            return
+
+
+def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue: int = 256) -> FastAPI:
+    """An OpenAI-compatible app serving `llm` as `model_name`. The engine loop starts and stops with the app
+    (its lifespan). api_key: required on /v1/* when given. max_queue: engine requests that may wait for a slot
+    (a request with n choices counts n); a request arriving while that many wait gets a 429."""
+    if llm.tokenizer is None:
+        raise ValueError("serving needs the model's tokenizer (tokenizer.json in the model directory)")
+    tok = llm.tokenizer
+    token_text = TokenText(tok)
+    engine = EngineLoop(llm, max_queue)
+    blocks = llm.scheduler.blocks
+    # the longest prompt + output a request may ask for: the context, and what the whole cache holds
+    context_len = min(llm.max_model_len, blocks.num_blocks * blocks.block_size - llm.scheduler.lookahead)
+    http_errors: Counter = Counter()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="dsv3", description="An OpenAI-compatible server for DeepSeek-V3 models", lifespan=lifespan)
+    app.state.engine = engine
+    if api_key:
+        app.add_middleware(_APIKeyMiddleware, api_key=api_key, errors=http_errors)
+
+    # ---- errors: always OpenAI's shape, a 4xx for anything the client did -------------------------------------
+    def error_response(e: APIError) -> JSONResponse:
+        http_errors[e.status] += 1
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        return error_response(validation_error(list(e.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        messages = {404: f"no such endpoint: {request.method} {request.url.path}",
+                    405: f"{request.method} is not allowed on {request.url.path}"}
+        return error_response(APIError(e.status_code, messages.get(e.status_code, str(e.detail))))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception):
+        log.exception("unexpected error")
+        return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+
+    # ---- helpers shared by the endpoints ------------------------------------------------------------------------
+    def check_model(body) -> None:
+        if body.model != model_name:
+            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+        if body.model_extra:
+            log.warning("ignoring unsupported request fields: %s", ", ".join(sorted(body.model_extra)))
+
+    def budget(n_prompt: int, max_tokens: int | None, what: str) -> int:
+        """The new tokens a request may generate: max_tokens if prompt + max_tokens fit the context, else a
+        400; without max_tokens, the rest of the context."""
+        if max_tokens is None:
+            if n_prompt >= context_len:
+                raise APIError(400, f"This model's maximum context length is {context_len} tokens, and the {what} "
+                                    f"has {n_prompt}: no room is left for the completion.", param=what,
+                               code="context_length_exceeded")
+            return context_len - n_prompt
+        if n_prompt + max_tokens > context_len:
+            raise APIError(400, f"This model's maximum context length is {context_len} tokens. However, you "
+                                f"requested {n_prompt + max_tokens} tokens ({n_prompt} in the {what}, {max_tokens} in "
+                                f"the completion). Please reduce the length of the {what} or the completion.",
+                           param=what, code="context_length_exceeded")
+        return max_tokens
+
+    async def events(job: Job, request: Request) -> AsyncIterator[Output]:
+        """The job's outputs until every choice has finished. If the client disconnects first, the job is
+        cancelled (its engine requests aborted, their cache blocks freed) and the iteration just ends."""
+        watcher = asyncio.create_task(_watch_disconnect(request, job))
+        remaining = len(job.prompts)
+        try:
+            while remaining:
+                item = await job.events.get()
+                if item is _DISCONNECTED:
+                    return
+                if isinstance(item, APIError):
+                    remaining = 0  # the engine has already dropped the job
+                    raise item
+                remaining -= item.final is not None
+                yield item
+        finally:
+            watcher.cancel()
+            if remaining:
+                engine.cancel(job)
+
+    def streaming(chunks: AsyncIterator[str]) -> StreamingResponse:
+        async def body():
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            except APIError as e:  # the status line is sent already: report the error as an event
+                http_errors[e.status] += 1
+                yield sse(e.body())
+            yield sse("[DONE]")
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ---- endpoints ----------------------------------------------------------------------------------------------
+    created = now()
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "dsv3",
+                "max_model_len": context_len}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        if model_id != model_name:
+            raise APIError(404, f"the model {model_id!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_model(body)
+        messages = [m.as_template_input() for m in body.messages]
+
+        def render() -> list[int]:
+            from jinja2.exceptions import TemplateError
+            try:
+                return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            except TemplateError as e:
+                raise APIError(400, f"messages: the chat template refused them: {e}", param="messages") from None
+            except ValueError as e:  # no chat template
+                raise APIError(400, f"{e}; use /v1/completions", param="messages") from None
+
+        prompt = await run_in_threadpool(render)
+        max_new = budget(len(prompt), body.max_new_tokens, "messages")
+        n = body.n or 1
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        job = engine.submit([prompt] * n, [body.sampling_params(max_new, j, logprobs=top) for j in range(n)])
+        rid, t = new_id("chatcmpl"), now()
+
+        def chunk(choices: list[dict], **extra) -> dict:
+            return {"id": rid, "object": "chat.completion.chunk", "created": t, "model": model_name,
+                    "choices": choices, **extra}
+
+        if body.stream:
+            extra = {"usage": None} if body.include_usage else {}
+
+            async def chunks():
+                yield sse(chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None} for j in range(n)], **extra))
+                completion = 0
+                async with aclosing(events(job, request)) as outs:
+                    async for o in outs:
+                        completion += len(o.step.new_token_ids)
+                        lps = {"content": chat_logprobs(token_text, o.step.logprobs)} if top is not None else None
+                        yield sse(chunk([{"index": o.index, "delta": {"content": o.step.new_text}, "logprobs": lps,
+                                          "finish_reason": o.step.finish_reason}], **extra))
+                if body.include_usage:
+                    yield sse(chunk([], usage=usage(len(prompt), completion)))
+            return streaming(chunks())
+
+        finals: dict[int, RequestOutput] = {}
+        async with aclosing(events(job, request)) as outs:
+            async for o in outs:
+                if o.final is not None:
+                    finals[o.index] = o.final
+        if len(finals) < n:  # the client went away
+            return Response(status_code=499)
+        choices = [{"index": j, "message": {"role": "assistant", "content": finals[j].text},
+                    "logprobs": {"content": chat_logprobs(token_text, finals[j].logprobs)} if top is not None else None,
+                    "finish_reason": finals[j].finish_reason} for j in range(n)]
+        return {"id": rid, "object": "chat.completion", "created": t, "model": model_name, "choices": choices,
+                "usage": usage(len(prompt), sum(len(f.token_ids) for f in finals.values()))}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body)
+
+        def encode() -> list[list[int]]:
+            """Strings through the tokenizer (BOS added as the model expects); token ids checked. The length is
+            budget()'s to check, so that it answers in OpenAI's words."""
+            out = []
+            for p in body.prompt:
+                ids = tok.encode(p) if isinstance(p, str) else p
+                bad = [i for i in ids if not 0 <= i < llm.config.vocab_size]
+                if bad:
+                    raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary "
+                                        f"[0, {llm.config.vocab_size})", param="prompt")
+                if not ids:
+                    raise APIError(400, "prompt: the prompt is empty", param="prompt")
+                out.append(ids)
+            return out
+
+        prompts = await run_in_threadpool(encode)
+        score_only = body.max_tokens == 0  # echo the prompt with its logprobs, generate nothing
+        max_new = [budget(len(p), max(body.max_tokens, 1), "prompt") for p in prompts]
+        n, echo = body.n or 1, bool(body.echo)
+        top = body.logprobs
+        params = [body.sampling_params(max_new[i], j, logprobs=top, prompt_logprobs=top if echo else None)
+                  for i in range(len(prompts)) for j in range(n)]
+        job = engine.submit([p for p in prompts for _ in range(n)], params)  # choice index = prompt * n + choice
+        # the echoed text of a string prompt is the string itself; of token ids, their text
+        prompt_texts = [p if isinstance(p, str) else tok.decode(ids) for p, ids in zip(body.prompt, prompts)]
+        rid, t = new_id("cmpl"), now()
+
+        offsets_of = {k: TextOffsets(tok) for k in range(len(params))}  # per choice, across its pieces
+
+        def piece(index: int, x: StepOutput | RequestOutput, first: bool) -> tuple[str, dict | None]:
+            """A choice's text and logprobs: the new tokens of a step, or all of a finished choice; after the
+            echoed prompt when this is the choice's first piece."""
+            if score_only:  # the one token generated is not part of the answer
+                ids, text, lps = [], "", []
+            elif isinstance(x, StepOutput):
+                ids, text, lps = x.new_token_ids, x.new_text, x.logprobs
+            else:
+                ids, text, lps = x.token_ids, x.text, x.logprobs
+            head_text, head_ids, head_lps = "", [], []
+            if first and echo:  # the prompt's logprobs come with the prefill, the choice's first output
+                head_text, head_ids, head_lps = prompt_texts[index // n], prompts[index // n], x.prompt_logprobs
+            if top is None:
+                return head_text + text, None
+            offsets, head_offsets = offsets_of[index], []
+            if head_ids:
+                head_offsets = offsets.add(head_ids)
+                offsets.offset = len(head_text)  # what follows starts after the echoed text
+            lp = completion_logprobs(token_text, head_ids + list(ids), (head_lps or []) + list(lps or []),
+                                     head_offsets + offsets.add(list(ids)))
+            return head_text + text, lp
+
+        def finish_reason(x) -> str | None:
+            return "length" if score_only and x.finish_reason else x.finish_reason
+
+        n_prompt = sum(len(p) for p in prompts)
+        if body.stream:
+            extra = {"usage": None} if body.include_usage else {}
+
+            async def chunks():
+                started, completion = set(), 0
+                async with aclosing(events(job, request)) as outs:
+                    async for o in outs:
+                        text, lp = piece(o.index, o.step, o.index not in started)
+                        started.add(o.index)
+                        completion += 0 if score_only else len(o.step.new_token_ids)
+                        yield sse({"id": rid, "object": "text_completion", "created": t, "model": model_name,
+                                   "choices": [{"index": o.index, "text": text, "logprobs": lp,
+                                                "finish_reason": finish_reason(o.step)}], **extra})
+                if body.include_usage:
+                    yield sse({"id": rid, "object": "text_completion", "created": t, "model": model_name,
+                               "choices": [], "usage": usage(n_prompt, completion)})
+            return streaming(chunks())
+
+        finals: dict[int, RequestOutput] = {}
+        async with aclosing(events(job, request)) as outs:
+            async for o in outs:
+                if o.final is not None:
+                    finals[o.index] = o.final
+        if len(finals) < len(params):  # the client went away
+            return Response(status_code=499)
+        choices = []
+        for k in range(len(params)):
+            text, lp = piece(k, finals[k], True)
+            choices.append({"index": k, "text": text, "logprobs": lp, "finish_reason": finish_reason(finals[k])})
+        completion = 0 if score_only else sum(len(f.token_ids) for f in finals.values())
+        return {"id": rid, "object": "text_completion", "created": t, "model": model_name, "choices": choices,
+                "usage": usage(n_prompt, completion)}
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            raise APIError(503, "the engine loop is not running", type="server_error")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        with engine.cond:
+            counts, stats = Counter(engine.counts), dict(engine.engine_stats)
+            waiting, running, cache_usage = engine.num_waiting, engine.num_running, engine.cache_usage
+        errors = dict(http_errors)
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help: str, samples) -> None:
+            lines.extend([f"# HELP dsv3_{name} {help}", f"# TYPE dsv3_{name} {kind}"])
+            for labels, value in (samples if isinstance(samples, list) else [("", samples)]):
+                lines.append(f"dsv3_{name}{labels} {value}")
+
+        metric("requests_total", "counter", "Engine requests admitted (one per prompt and choice).",
+               counts["requests"])
+        metric("requests_finished_total", "counter", "Engine requests finished, by reason (abort: the client left).",
+               [(f'{{reason="{r}"}}', counts[f"finished:{r}"]) for r in ("stop", "length", "abort")])
+        metric("requests_cancelled_total", "counter", "HTTP requests whose client went away before the answer.",
+               counts["cancelled"])
+        metric("requests_rejected_total", "counter", "HTTP requests refused with 429 because the queue was full.",
+               counts["rejected"])
+        metric("http_errors_total", "counter", "Error responses, by status.",
+               [(f'{{status="{s}"}}', c) for s, c in sorted(errors.items())] or [('{status="none"}', 0)])
+        metric("prompt_tokens_total", "counter", "Prompt tokens admitted.", counts["prompt_tokens"])
+        metric("generation_tokens_total", "counter", "Tokens generated.", counts["generation_tokens"])
+        metric("num_requests_waiting", "gauge", "Engine requests waiting for a slot (the queue).", waiting)
+        metric("num_requests_running", "gauge", "Engine requests in the running batch.", running)
+        metric("max_queue", "gauge", "Waiting requests beyond which new ones get 429.", max_queue)
+        metric("max_num_seqs", "gauge", "The most requests decoded together.", llm.scheduler.max_num_seqs)
+        metric("kv_cache_usage_ratio", "gauge", "Fraction of the latent cache's blocks in use.", f"{cache_usage:.6f}")
+        metric("kv_cache_tokens", "gauge", "Token positions the latent cache holds in all.",
+               blocks.num_blocks * blocks.block_size)
+        metric("engine_steps_total", "counter", "Engine steps (one prefill or one decode of the batch).",
+               stats["steps"])
+        metric("preemptions_total", "counter", "Requests preempted (and later recomputed) for lack of cache.",
+               stats["preemptions"])
+        if "drafted" in stats:
+            metric("spec_drafts_total", "counter", "MTP draft tokens proposed.", stats["drafted"])
+            metric("spec_accepted_total", "counter", "MTP draft tokens accepted.", stats["accepted"])
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    return app

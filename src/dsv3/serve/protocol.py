@@ -1,0 +1,337 @@
+"""The OpenAI API's shapes: requests (pydantic models that validate every field and say what is wrong),
+errors (`{"error": {"message", "type", "param", "code"}}`), and the responses and stream chunks of
+/v1/chat/completions and /v1/completions, built as plain dicts.
+
+Supported beyond OpenAI, as vLLM spells them: `top_k` (0 or -1: no limit) and `ignore_eos`. Known OpenAI
+parameters this server does not implement (penalties, logit_bias, tools, suffix, best_of > n) are refused
+with a 400 when set to anything but their neutral value; unknown fields are ignored, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..infer.sampling import SamplingParams, TokenLogprob
+from ..tokenizer import IncrementalDetokenizer, Tokenizer
+
+MAX_STOP = 4  # OpenAI's limit on stop strings
+MAX_N = 128  # OpenAI's limit on choices per request
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI: 20 for chat, 5 for completions; vLLM allows 20 for both)
+
+
+# ---- errors -------------------------------------------------------------------------------------------------
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape. type: invalid_request_error (4xx caused by the request),
+    rate_limit_exceeded (429), server_error (5xx)."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    """pydantic's / FastAPI's error list -> one 400 naming the first field at fault (and how many more)."""
+    e = errors[0]
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    if e.get("type") == "json_invalid":
+        detail = (e.get("ctx") or {}).get("error", e.get("msg", ""))
+        return APIError(400, f"the request body is not valid JSON: {detail}", code="invalid_json")
+    param = ".".join(loc) or None
+    msg = e.get("msg", "invalid value")
+    if msg.startswith("Value error, "):  # our own validators' ValueError text
+        msg = msg[len("Value error, "):]
+    if e.get("type") == "missing":
+        msg = "this field is required" if loc else "the request has no body: send a JSON object"
+    elif e.get("type") == "model_attributes_type" and not loc:
+        msg = "the request body must be a JSON object (sent with Content-Type: application/json)"
+    text = f"{param}: {msg}" if param else msg
+    if len(errors) > 1:
+        text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return APIError(400, text, param=param, code="invalid_value" if param else "invalid_request")
+
+
+# ---- requests -------------------------------------------------------------------------------------------------
+
+class _Strict(BaseModel):
+    # strict: "5" is not an int, 1 is not a bool (OpenAI refuses them too); extra fields are kept in
+    # model_extra so that the server can log what it ignored
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = False
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Any = None  # a string, or a list of {"type": "text", "text": ...} parts (checked below)
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, v: Any) -> str | None:
+        if v is None or isinstance(v, str):
+            return v
+        if isinstance(v, list):
+            parts = []
+            for i, part in enumerate(v):
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise ValueError(f"part {i} is {kind!r}: only text parts ({{'type': 'text', 'text': ...}}) "
+                                     "are supported")
+                parts.append(part["text"])
+            return "".join(parts)
+        raise ValueError(f"must be a string or a list of text parts, not {type(v).__name__}")
+
+    @model_validator(mode="after")
+    def _has_content(self) -> "ChatMessage":
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
+    def as_template_input(self) -> dict:
+        role = "system" if self.role == "developer" else self.role  # OpenAI's newer name for the system role
+        return {"role": role, "content": self.content or ""}
+
+
+class _Sampling(_Strict):
+    """The fields both endpoints share."""
+    model: str
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # extension: 0 or -1 keep every token
+    n: int | None = Field(1, ge=1, le=MAX_N)
+    stop: Any = None
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool | None = False  # extension: keep going past the end-of-sequence token
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: Any) -> list[str] | None:
+        if v is None:
+            return None
+        stops = [v] if isinstance(v, str) else v
+        if not (isinstance(stops, list) and all(isinstance(s, str) for s in stops)):
+            raise ValueError("must be a string or a list of strings")
+        if not 1 <= len(stops) <= MAX_STOP or not all(stops):
+            raise ValueError(f"must hold 1 to {MAX_STOP} non-empty strings")
+        return stops
+
+    @model_validator(mode="after")
+    def _supported(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                raise ValueError(f"{name} is not supported by this server (only 0)")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported by this server")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(self, max_new_tokens: int, choice: int, logprobs: int | None = None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
+        """Choice j of n gets seed + j: the choices differ, and the request stays reproducible."""
+        try:
+            return SamplingParams(
+                temperature=1.0 if self.temperature is None else float(self.temperature),
+                top_p=1.0 if self.top_p is None else float(self.top_p),
+                top_k=max(self.top_k or 0, 0), max_new_tokens=max_new_tokens, stop=self.stop,
+                seed=None if self.seed is None else (self.seed + choice) % (1 << 64),
+                ignore_eos=bool(self.ignore_eos), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        except ValueError as e:  # the fields were checked above; the engine's own checks have the last word
+            raise APIError(400, str(e)) from None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list | None = None
+    response_format: dict | None = None
+
+    @model_validator(mode="after")
+    def _chat_rules(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.tools:
+            raise ValueError("tools are not supported by this server")
+        if self.response_format and self.response_format.get("type") != "text":
+            raise ValueError("response_format other than {'type': 'text'} is not supported by this server")
+        return self
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: Any  # a string, a list of token ids, or a list of either (checked below)
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default; 0 only with echo (score the prompt)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, v: Any) -> list[str | list[int]]:
+        """-> a list of prompts, each a string or a list of token ids."""
+        def is_ids(x):
+            return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
+
+        if isinstance(v, str):
+            return [v]
+        if is_ids(v) and v:
+            return [v]
+        if isinstance(v, list) and v and all(isinstance(x, str) or (is_ids(x) and x) for x in v):
+            return v
+        raise ValueError("must be a string, a non-empty list of token ids, or a non-empty list of those")
+
+    @model_validator(mode="after")
+    def _completion_rules(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens may be 0 only with echo: true (to score the prompt)")
+        if self.suffix:
+            raise ValueError("suffix is not supported by this server")
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise ValueError("best_of other than n is not supported by this server")
+        return self
+
+
+# ---- responses ------------------------------------------------------------------------------------------------
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse(data: dict | str) -> str:
+    """One server-sent event."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: byte b is written as this printable character in BPE vocabularies."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+class TokenText:
+    """The bytes and text of single tokens, as logprobs report them: a byte-level BPE token's exact bytes, a
+    special token's own spelling. A token holding part of a UTF-8 character is written as OpenAI writes it,
+    "bytes:\\xe2\\x80", so that distinct tokens never share a name in top_logprobs."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        from tokenizers import decoders
+        self.tok = tokenizer
+        self.byte_level = isinstance(tokenizer.tok.decoder, decoders.ByteLevel)
+        self.special = {i: t.content for i, t in tokenizer.tok.get_added_tokens_decoder().items()}
+        self.cache: dict[int, bytes] = {}
+
+    def bytes(self, token_id: int) -> bytes:
+        b = self.cache.get(token_id)
+        if b is None:
+            piece = self.special.get(token_id)
+            if piece is not None:
+                b = piece.encode()
+            elif self.byte_level:
+                piece = self.tok.tok.id_to_token(token_id) or ""
+                b = bytes(_UNICODE_TO_BYTE[c] for c in piece) if all(c in _UNICODE_TO_BYTE for c in piece) \
+                    else piece.encode()
+            else:
+                b = self.tok.decode([token_id], skip_special_tokens=False).encode()
+            self.cache[token_id] = b
+        return b
+
+    def text(self, token_id: int) -> str:
+        b = self.bytes(token_id)
+        try:
+            return b.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{x:02x}" for x in b)
+
+
+def chat_logprobs(tt: TokenText, lps: list[TokenLogprob]) -> list[dict]:
+    """-> the `logprobs.content` list of a chat choice (or chunk)."""
+    def entry(t: int, lp: float) -> dict:
+        return {"token": tt.text(t), "logprob": lp, "bytes": list(tt.bytes(t))}
+
+    return [{**entry(x.token_id, x.logprob), "top_logprobs": [entry(t, lp) for t, lp in x.top]} for x in lps]
+
+
+class TextOffsets:
+    """Where each token's text starts in a completion's text, as `logprobs.text_offset` reports it: the
+    length of the text before the token, measured with the same incremental detokenisation as the engine's."""
+
+    def __init__(self, tokenizer: Tokenizer, start: int = 0):
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.offset = start
+
+    def add(self, token_ids: list[int]) -> list[int]:
+        out = []
+        for t in token_ids:
+            out.append(self.offset)
+            self.offset += len(self.detok.add([t]))
+        return out
+
+
+def completion_logprobs(tt: TokenText, token_ids: list[int], lps: list[TokenLogprob | None],
+                        offsets: list[int]) -> dict:
+    """-> a completion choice's `logprobs`. top_logprobs holds the most likely tokens and the chosen one (so
+    up to logprobs + 1 entries, as OpenAI); an echoed prompt's first token has None (nothing predicts it)."""
+    token_lps, tops = [], []
+    for t, x in zip(token_ids, lps):
+        token_lps.append(None if x is None else x.logprob)
+        if x is None:
+            tops.append(None)
+            continue
+        top = {tt.text(i): lp for i, lp in x.top}
+        top.setdefault(tt.text(t), x.logprob)
+        tops.append(top)
+    return {"tokens": [tt.text(t) for t in token_ids], "token_logprobs": token_lps, "top_logprobs": tops,
+            "text_offset": offsets}
