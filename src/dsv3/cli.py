@@ -203,6 +203,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("DSV3_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $DSV3_API_KEY, else none)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the model (default on CPU: all cores but one, which the HTTP event loop "
+                        "needs; an OpenMP thread that loses its core stalls every step)")
     p.add_argument("--served-model-name", default=None,
                    help="the model name clients send (default: the model directory's name)")
     p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
@@ -230,6 +233,8 @@ def _serve(args) -> None:
     from .serve import create_app
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads or device == "cpu":
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     llm = LLM(args.model, dtype=args.dtype, device=device, speculative=args.speculative,
               max_model_len=args.max_model_len, max_num_seqs=args.max_batch_size,
               kv_cache_tokens=args.kv_cache_tokens, seed=args.seed)
