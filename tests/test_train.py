@@ -60,6 +60,8 @@ def test_bias_update_moves_towards_balance():
     b = moes[0].gate.bias
     assert b[0] == pytest.approx(-0.01) and b[1] == pytest.approx(0.01) and b[2] == pytest.approx(0.0)
     assert balance.maxvio(loads)[0].item() == pytest.approx((10 - 5) / 5)
+    mv = balance.maxvio(torch.tensor([[4, 4, 4, 4], [0, 0, 0, 0], [8, 0, 0, 0]]))
+    assert mv[0] == 0 and mv[1].isnan() and mv[2] == 3 and mv.nanmean() == 1.5  # an idle layer is left out
 
 
 def test_sequence_wise_balance_loss_matches_the_formula():

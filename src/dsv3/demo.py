@@ -34,7 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     targs = argparse.ArgumentParser()
     add_train_args(targs)
     summary = train(targs.parse_args(["--preset", "tiny", "--out", args.out, "--steps", str(args.steps),
-                                      "--batch-size", "8", "--save-every", "50", "--eval-every", "50"]))
+                                      "--batch-size", "8", "--save-every", "50", "--eval-every", "50",
+                                      # V3's gamma of 0.001 moves the biases over ~100K steps; 150 steps need
+                                      # 10x faster updates (see `dsv3 experiment balance` in RESULTS.md)
+                                      "--gamma", "0.01"]))
     print(f"[trained in {time.perf_counter() - t0:.0f}s] final validation loss {summary['val_loss']:.3f} nats/token "
           f"vs the corpus' unigram entropy {summary['unigram_entropy']:.3f} "
           f"({summary['val_bpb']:.3f} bits per byte)\n")

@@ -58,7 +58,8 @@ def update_bias(model: nn.Module, loads: torch.Tensor, gamma: float) -> None:
 
 
 def maxvio(loads: torch.Tensor) -> torch.Tensor:
-    """(layers, experts) counts -> MaxVio per layer."""
+    """(layers, experts) counts -> MaxVio per layer; NaN for a layer that routed no tokens (the MTP
+    module's MoE during evaluation, which runs the main model only): average with nanmean."""
     loads = loads.float()
-    mean = loads.mean(dim=-1).clamp(min=1e-9)
-    return (loads.max(dim=-1).values - mean) / mean
+    mean = loads.mean(dim=-1)
+    return torch.where(mean > 0, (loads.max(dim=-1).values - mean) / mean.clamp(min=1e-9), float("nan"))

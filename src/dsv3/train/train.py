@@ -252,13 +252,13 @@ def main(args: argparse.Namespace) -> dict:
         mv = balance.maxvio(loads)
         record = {"step": step, "loss": sums["loss"], "mtp_loss": sums["mtp_loss"] if depth else None,
                   "balance_loss": sums["balance_loss"], "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": tokens_per_step / dt, "maxvio": mv.mean().item(), "maxvio_layers": mv.tolist(),
+                  "tokens_per_s": tokens_per_step / dt, "maxvio": mv.nanmean().item(), "maxvio_layers": mv.tolist(),
                   "expert_load": (loads.float() / loads.sum(-1, keepdim=True).clamp(min=1)).tolist(),
                   "moe_layers": moe_names, "mtp_lambda": lam, "skipped": not finite}
         if step % args.eval_every == 0 or step == args.steps:
             val_loss, val_loads = evaluate(model, val_data, args.eval_batches, args.micro_batch_size, device)
             record.update(val_loss=val_loss, val_bpb=val_loss / math.log(2) * val_tokens_per_byte,
-                          maxvio_global=balance.maxvio(val_loads).mean().item(),
+                          maxvio_global=balance.maxvio(val_loads).nanmean().item(),
                           unigram_entropy=data_info["unigram_entropy"])
         metrics.write(record)
         last = record
