@@ -349,6 +349,15 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
             if remaining:
                 engine.cancel(job)
 
+    async def finals(job: Job, request: Request) -> dict[int, RequestOutput] | None:
+        """Each choice's final output, by index; None if the client went away first."""
+        out: dict[int, RequestOutput] = {}
+        async with aclosing(events(job, request)) as outs:
+            async for o in outs:
+                if o.final is not None:
+                    out[o.index] = o.final
+        return out if len(out) == len(job.prompts) else None
+
     def streaming(chunks: AsyncIterator[str]) -> StreamingResponse:
         async def body():
             try:
@@ -421,18 +430,14 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
                     yield sse(chunk([], usage=usage(len(prompt), completion)))
             return streaming(chunks())
 
-        finals: dict[int, RequestOutput] = {}
-        async with aclosing(events(job, request)) as outs:
-            async for o in outs:
-                if o.final is not None:
-                    finals[o.index] = o.final
-        if len(finals) < n:  # the client went away
+        done = await finals(job, request)
+        if done is None:  # the client went away
             return Response(status_code=499)
-        choices = [{"index": j, "message": {"role": "assistant", "content": finals[j].text},
-                    "logprobs": {"content": chat_logprobs(token_text, finals[j].logprobs)} if top is not None else None,
-                    "finish_reason": finals[j].finish_reason} for j in range(n)]
+        choices = [{"index": j, "message": {"role": "assistant", "content": done[j].text},
+                    "logprobs": {"content": chat_logprobs(token_text, done[j].logprobs)} if top is not None else None,
+                    "finish_reason": done[j].finish_reason} for j in range(n)]
         return {"id": rid, "object": "chat.completion", "created": t, "model": model_name, "choices": choices,
-                "usage": usage(len(prompt), sum(len(f.token_ids) for f in finals.values()))}
+                "usage": usage(len(prompt), sum(len(f.token_ids) for f in done.values()))}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -511,18 +516,14 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
                                "choices": [], "usage": usage(n_prompt, completion)})
             return streaming(chunks())
 
-        finals: dict[int, RequestOutput] = {}
-        async with aclosing(events(job, request)) as outs:
-            async for o in outs:
-                if o.final is not None:
-                    finals[o.index] = o.final
-        if len(finals) < len(params):  # the client went away
+        done = await finals(job, request)
+        if done is None:  # the client went away
             return Response(status_code=499)
         choices = []
         for k in range(len(params)):
-            text, lp = piece(k, finals[k], True)
-            choices.append({"index": k, "text": text, "logprobs": lp, "finish_reason": finish_reason(finals[k])})
-        completion = 0 if score_only else sum(len(f.token_ids) for f in finals.values())
+            text, lp = piece(k, done[k], True)
+            choices.append({"index": k, "text": text, "logprobs": lp, "finish_reason": finish_reason(done[k])})
+        completion = 0 if score_only else sum(len(f.token_ids) for f in done.values())
         return {"id": rid, "object": "text_completion", "created": t, "model": model_name, "choices": choices,
                 "usage": usage(n_prompt, completion)}
 
