@@ -119,11 +119,6 @@ class CheckpointDir:
             sf.close()
 
 
-def _stored_param_name(ours: str) -> str:
-    """The parameter whose storage kind (FP8 or not) decides how `ours` is read."""
-    return ours.replace("_scale_inv", "") if ours.endswith("_scale_inv") else ours
-
-
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None, *, fp8: bool | None = None,
                     progress: bool | None = None) -> DeepSeekV3:
