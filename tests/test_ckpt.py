@@ -347,7 +347,8 @@ def test_fp8_checkpoint_dequantised_at_load(fp8_dir, x):
     assert kept.layers[0].attn.wo.is_fp8 and not deq.layers[0].attn.wo.is_fp8
     assert deq.layers[0].attn.wo.weight.dtype == torch.float32
     assert torch.equal(deq.layers[0].attn.wo.weight, kept.layers[0].attn.wo.dense_weight(torch.float32))
-    assert torch.equal(logits(deq, x), logits(kept, x))
+    # the same weights; only the expert GEMMs differ (grouped for plain weights, per expert for FP8)
+    assert rel_err(logits(deq, x), logits(kept, x)) <= 1e-6
 
 
 # ---- bad input -----------------------------------------------------------------------------------------

@@ -84,7 +84,8 @@ def test_bias_selects_but_never_weights():
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_grouped_moe_equals_per_expert_loop(dtype, tol, fp8):
+@pytest.mark.parametrize("grad", [False, True])  # inference: grouped_mm; autograd: the per-expert loop
+def test_grouped_moe_equals_per_expert_loop(dtype, tol, fp8, grad):
     c = tiny_config()
     model = random_model(c).to(dtype)
     moe: MoE = model.layers[1].ffn
@@ -97,7 +98,7 @@ def test_grouped_moe_equals_per_expert_loop(dtype, tol, fp8):
             getattr(moe.experts, n).data.copy_(qw)
             getattr(moe.experts, f"{n}_scale_inv").copy_(s)
     x = torch.randn(64, c.hidden_size, dtype=dtype)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         weights, experts, _ = moe.gate(x)
         assert rel_err(moe.routed(x, weights, experts), moe.routed_reference(x, weights, experts)) <= tol
 

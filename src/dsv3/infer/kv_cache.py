@@ -43,7 +43,8 @@ class LatentCache:
 
     def write(self, layer: int, slots: torch.Tensor, kv: torch.Tensor, k_rope: torch.Tensor) -> None:
         """Store tokens' latents (N, C) and roped keys (N, R) at their slots (N,)."""
-        self.data[layer].index_copy_(0, slots, torch.cat([kv, k_rope], dim=-1).to(self.data.dtype))
+        rows = torch.cat([kv, k_rope], dim=-1)
+        self.data[layer].index_copy_(0, slots, rows if rows.dtype == self.data.dtype else rows.to(self.data.dtype))
 
     def read(self, layer: int, slot_table: torch.Tensor) -> torch.Tensor:
         """Gather the rows of slot_table (B, S) -> (B, S, C + R): the latent, then the roped key."""

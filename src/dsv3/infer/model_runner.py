@@ -37,6 +37,8 @@ class StepBatch:
     slot_table: torch.Tensor  # (B, S) the slots of positions 0..S-1 of each sequence (0 past its end)
     mask: torch.Tensor  # (B, 1, T, S) bool: query may attend key (key position <= query position)
     feed_lens: list[int]  # tokens fed per sequence
+    uniform: bool = False  # every sequence feeds T tokens: the (B, T) layout is a plain view of the N
+
 
     @property
     def last_index(self) -> torch.Tensor:
@@ -75,7 +77,8 @@ def build_batch(feeds: list[list[int]], starts: list[int], block_tables: list[li
         input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
         positions=torch.tensor(positions, dtype=torch.long, device=device),
         slots=torch.cat(slots).to(device), q_index=q_index.to(device), q_valid=q_valid.to(device),
-        slot_table=slot_table.to(device), mask=mask[:, None].to(device), feed_lens=lens)
+        slot_table=slot_table.to(device), mask=mask[:, None].to(device), feed_lens=lens,
+        uniform=all(n == T for n in lens))
 
 
 def mla_naive(attn: MLA, q_nope, q_rope, ctx, mask) -> torch.Tensor:
@@ -94,8 +97,11 @@ def mla_absorbed(q_nope, q_rope, ctx, mask, w_uk, w_uv_t, scale: float) -> torch
     q_lat = torch.bmm(q_nope.reshape(B * T, H, P).transpose(0, 1), w_uk)  # (H, B*T, C)
     q = torch.cat([q_lat.transpose(0, 1), q_rope.reshape(B * T, H, -1)], dim=-1)  # (B*T, H, C+R)
     scores = torch.bmm(q.view(B, T * H, -1), ctx.transpose(1, 2))  # (B, T*H, S)
-    scores = scores.view(B, T, H, -1).float().mul_(scale).masked_fill_(~mask.view(B, T, 1, -1), float("-inf"))
-    probs = scores.softmax(dim=-1).to(ctx.dtype).view(B, T * H, -1)
+    scores = scores.view(B, T, H, -1)
+    scores = scores.float().mul_(scale) if scores.dtype != torch.float32 else scores.mul_(scale)
+    scores = torch.where(mask.view(B, T, 1, -1), scores, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    probs = (probs if probs.dtype == ctx.dtype else probs.to(ctx.dtype)).view(B, T * H, -1)
     out_lat = torch.bmm(probs, ctx[..., :C])  # (B, T*H, C): per head, a weighted mean of latents
     out = torch.bmm(out_lat.view(B * T, H, C).transpose(0, 1), w_uv_t)  # (H, B*T, V)
     return out.transpose(0, 1).reshape(B, T, H, -1)
@@ -123,12 +129,16 @@ class ModelRunner:
         kv_new, k_rope_new = attn.project_kv(x, freqs)  # (N, C), (N, R)
         self.cache.write(layer, batch.slots, kv_new, k_rope_new)
         ctx = self.cache.read(layer, batch.slot_table)  # (B, S, C+R)
-        q_nope, q_rope = q_nope[batch.q_index], q_rope[batch.q_index]  # (B, T, H, .)
+        B, T = batch.q_index.shape
+        if batch.uniform:  # decode: one token (or 1 + drafts) per sequence, already in (B, T) order
+            q_nope, q_rope = q_nope.unflatten(0, (B, T)), q_rope.unflatten(0, (B, T))
+        else:
+            q_nope, q_rope = q_nope[batch.q_index], q_rope[batch.q_index]  # (B, T, H, .)
         if q_nope.shape[1] <= self.absorb_max_queries:
             out = mla_absorbed(q_nope, q_rope, ctx, batch.mask, *self.absorbed[layer], attn.softmax_scale)
         else:
             out = mla_naive(attn, q_nope, q_rope, ctx, batch.mask)
-        out = out[batch.q_valid]  # (N, H, V), back in fed order
+        out = out.flatten(0, 1) if batch.uniform else out[batch.q_valid]  # (N, H, V), back in fed order
         return attn.wo(out.flatten(1))
 
     def block(self, block, layer: int, x: torch.Tensor, batch: StepBatch, freqs) -> torch.Tensor:
