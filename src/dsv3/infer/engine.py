@@ -229,7 +229,7 @@ class LLM:
             batch = build_batch(feeds, [s.num_cached for s in seqs], [s.block_table for s in seqs],
                                 self.cache.block_size, self.runner.device)
             h = self.runner.forward(batch)
-            logits = self.runner.logits(h[batch.last_index])
+            logits = self.runner.logits(batch.last_rows(h))
             tokens = self.sampler.sample(logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
             new_tokens = [[t] for t in tokens]
             for s, f, t in zip(seqs, feeds, tokens):

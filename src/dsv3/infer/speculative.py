@@ -15,6 +15,7 @@ next draft.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +60,7 @@ class MTPSpeculator:
         h = runner.forward(batch)
         logits = runner.logits(h)
         params = [s.params for s in seqs]
-        starts = [0] + torch.tensor(batch.feed_lens).cumsum(0).tolist()
+        starts = [0, *itertools.accumulate(batch.feed_lens)]
         new_tokens: list[list[int]] = []
         for i, seq in enumerate(seqs):
             last = starts[i + 1] - 1
@@ -93,8 +94,8 @@ class MTPSpeculator:
             mtp_h.append(h[starts[i]: starts[i] + n])
         mtp_batch = build_batch(mtp_feeds, [s.num_mtp_cached for s in seqs], [s.block_table for s in seqs],
                                 block_size, runner.device)
-        h_mtp = runner.forward_mtp(mtp_batch, torch.cat(mtp_h))
-        draft_logits = runner.mtp_logits(h_mtp[mtp_batch.last_index])
+        h_mtp = runner.forward_mtp(mtp_batch, mtp_h[0] if len(mtp_h) == 1 else torch.cat(mtp_h))
+        draft_logits = runner.mtp_logits(mtp_batch.last_rows(h_mtp))
         drafts = self.sampler.sample(draft_logits, params, generators).tolist()
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         q_all = self.sampler.probs(draft_logits[sampled], [params[i] for i in sampled]) if sampled else None
