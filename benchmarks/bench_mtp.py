@@ -74,7 +74,8 @@ def main() -> None:
     print(f"model {args.model}: {len(prompts)} prompts, batch {args.batch}, {args.new_tokens} new tokens, "
           f"temperature {args.temperature}, {torch.get_num_threads()} threads")
     best = min(times_plain) / min(times_spec) * n_spec / n_plain
-    print(f"  plain        {n_plain / t_plain:8.1f} tokens/s (median of {args.repeats}; best {n_plain / min(times_plain):.1f})")
+    print(f"  plain        {n_plain / t_plain:8.1f} tokens/s (median of {args.repeats}; "
+          f"best {n_plain / min(times_plain):.1f})")
     print(f"  MTP          {n_spec / t_spec:8.1f} tokens/s (best {n_spec / min(times_spec):.1f})   "
           f"speedup {t_plain / t_spec * n_spec / n_plain:.2f}x (medians), {best:.2f}x (best times)")
     print(f"  acceptance   {st['acceptance_rate']:.1%} of {st['drafted']} drafts (all runs); "
