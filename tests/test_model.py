@@ -84,7 +84,7 @@ def test_bias_selects_but_never_weights():
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("grad", [False, True])  # inference: grouped_mm; autograd: the per-expert loop
+@pytest.mark.parametrize("grad", [False, True])
 def test_grouped_moe_equals_per_expert_loop(dtype, tol, fp8, grad):
     c = tiny_config()
     model = random_model(c).to(dtype)
@@ -101,6 +101,30 @@ def test_grouped_moe_equals_per_expert_loop(dtype, tol, fp8, grad):
     with torch.set_grad_enabled(grad):
         weights, experts, _ = moe.gate(x)
         assert rel_err(moe.routed(x, weights, experts), moe.routed_reference(x, weights, experts)) <= tol
+
+
+def test_grouped_moe_gradients_equal_per_expert_loop():
+    c = tiny_config()
+    assert 6 * c.n_routed_experts <= 48
+    moe: MoE = random_model(c).layers[1].ffn
+    x = torch.randn(48, c.hidden_size)
+    weights, experts, _ = moe.gate(x)
+    grads = []
+    for routed in (moe.routed, moe.routed_reference):
+        moe.zero_grad()
+        xg = x.clone().requires_grad_()
+        routed(xg, weights.detach(), experts).sum().backward()  # sum: an expanded gradient reaches the experts
+        grads.append([xg.grad] + [getattr(moe.experts, n).grad.clone() for n in ("w1", "w2", "w3")])
+    for a, b in zip(*grads):
+        assert rel_err(a, b) <= 1e-5
+    # called directly, the experts get an expanded gradient from sum(), which grouped_mm's backward rejects
+    counts = torch.tensor([6] * c.n_routed_experts)
+    moe.zero_grad()
+    moe.experts(x[: 6 * c.n_routed_experts], counts).sum().backward()
+    w1_grad = moe.experts.w1.grad.clone()
+    moe.zero_grad()
+    moe.experts.forward_loop(x[: 6 * c.n_routed_experts], counts.tolist()).sum().backward()
+    assert rel_err(w1_grad, moe.experts.w1.grad) <= 1e-5
 
 
 def test_moe_with_unused_experts_and_single_token():

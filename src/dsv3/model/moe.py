@@ -105,18 +105,19 @@ class Experts(KeepDtype):
 
     def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_SD holds each expert's tokens contiguously, expert 0 first, counts_E[e] of them for expert e."""
-        if self.is_fp8 or not _GROUPED_MM or torch.is_grad_enabled():
+        if self.is_fp8 or not _GROUPED_MM:
             return self.forward_loop(x_SD, counts_E.tolist())
-        # One grouped GEMM per weight instead of a loop: the same per-expert products, but a fixed handful of
-        # ops whatever the routing (a decode step touching 11 experts issued ~250 ops through the loop).
+        # One grouped GEMM per weight instead of a loop: the same per-expert products in a fixed handful of ops
+        # whatever the routing (through the loop a decode step touching 11 experts issued ~250 ops), and
+        # autograd's backward is grouped too (a training step on bench-small: 0.93x -> 1.05-1.10x transformers).
         offs = counts_E.cumsum(0).to(torch.int32)
         h = F.silu(F.grouped_mm(x_SD, self.w1.transpose(1, 2), offs=offs))
         h = h * F.grouped_mm(x_SD, self.w3.transpose(1, 2), offs=offs)
-        return F.grouped_mm(h, self.w2.transpose(1, 2), offs=offs)
+        return _ContiguousGrad.apply(F.grouped_mm(h, self.w2.transpose(1, 2), offs=offs))
 
     def forward_loop(self, x_SD: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
-        """The reference: a loop over experts, each a dense GEMM on its own tokens (FP8 weights dequantised
-        one expert at a time; also the training path, where autograd sees plain GEMMs)."""
+        """The reference: a loop over experts, each a dense GEMM on its own tokens (and the FP8 path, its
+        weights dequantised one expert at a time)."""
         outs, start = [], 0
         for e, n in enumerate(counts_E):
             if n == 0:
@@ -128,6 +129,19 @@ class Experts(KeepDtype):
         if not outs:
             return x_SD.new_empty(0, self.dim)
         return torch.cat(outs)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: grouped_mm's CPU backward rejects an
+    expanded one (what `y.sum().backward()` passes)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
 class MoE(nn.Module):
