@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
+from ..model.layers import cast
 
 
 class LatentCache:
@@ -43,8 +44,7 @@ class LatentCache:
 
     def write(self, layer: int, slots: torch.Tensor, kv: torch.Tensor, k_rope: torch.Tensor) -> None:
         """Store tokens' latents (N, C) and roped keys (N, R) at their slots (N,)."""
-        rows = torch.cat([kv, k_rope], dim=-1)
-        self.data[layer].index_copy_(0, slots, rows if rows.dtype == self.data.dtype else rows.to(self.data.dtype))
+        self.data[layer].index_copy_(0, slots, cast(torch.cat([kv, k_rope], dim=-1), self.data.dtype))
 
     def read(self, layer: int, slot_table: torch.Tensor) -> torch.Tensor:
         """Gather the rows of slot_table (B, S) -> (B, S, C + R): the latent, then the roped key."""

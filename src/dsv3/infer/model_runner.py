@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.layers import cast
 from ..model.model import MLA, DeepSeekV3, attention
 from .kv_cache import LatentCache
 
@@ -118,10 +119,10 @@ def mla_absorbed(q_nope, q_rope, ctx, mask, w_uk, w_uv_t, scale: float) -> torch
     q = torch.cat([q_lat.transpose(0, 1), q_rope.reshape(B * T, H, -1)], dim=-1)  # (B*T, H, C+R)
     scores = torch.bmm(q.view(B, T * H, -1), ctx.transpose(1, 2))  # (B, T*H, S)
     scores = scores.view(B, T, H, -1)
-    scores = scores.float().mul_(scale) if scores.dtype != torch.float32 else scores.mul_(scale)
+    scores = cast(scores, torch.float32).mul_(scale)
     scores = torch.where(mask.view(B, T, 1, -1), scores, float("-inf"))
     probs = scores.softmax(dim=-1)
-    probs = (probs if probs.dtype == ctx.dtype else probs.to(ctx.dtype)).view(B, T * H, -1)
+    probs = cast(probs, ctx.dtype).view(B, T * H, -1)
     out_lat = torch.bmm(probs, ctx[..., :C])  # (B, T*H, C): per head, a weighted mean of latents
     out = torch.bmm(out_lat.view(B * T, H, C).transpose(0, 1), w_uv_t)  # (H, B*T, V)
     return out.transpose(0, 1).reshape(B, T, H, -1)

@@ -33,6 +33,11 @@ class KeepDtype(nn.Module):
         return self
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype, without dispatching an op when it already is (a decode step issues hundreds of casts)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 SKINNY_ROWS = 64
 
 
