@@ -11,7 +11,7 @@ import torch
 import dsv3
 from dsv3.infer import LLM, SamplingParams
 from dsv3.infer.kv_cache import LatentCache
-from dsv3.infer.model_runner import mla_absorbed, mla_naive
+from dsv3.infer.model_runner import mla_absorbed, mla_naive, score_bias
 from dsv3.tokenizer import train_bpe
 
 from conftest import random_model, rel_err, tiny_config
@@ -45,7 +45,7 @@ def test_absorbed_attention_equals_naive():
     w = attn.wkv_b.weight.view(H, -1, c.kv_lora_rank)
     ctx = torch.cat([kv, k_rope], dim=-1)
     with torch.no_grad():
-        a = mla_absorbed(q_nope, q_rope, ctx, mask, w[:, :c.qk_nope_head_dim],
+        a = mla_absorbed(q_nope, q_rope, ctx, score_bias(mask, H, ctx.dtype), w[:, :c.qk_nope_head_dim],
                          w[:, c.qk_nope_head_dim:].transpose(1, 2), attn.softmax_scale)
         b = mla_naive(attn, q_nope, q_rope, ctx, mask)
     assert rel_err(a, b) <= 1e-5

@@ -229,3 +229,55 @@ def test_bad_input_ids():
         model(torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="integer tensor of shape"):
         model(torch.zeros(1, 4))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e-5])
+def test_rmsnorm_cpu_inference_path_equals_fused(scale):
+    """Without grad on a CPU, RMSNorm takes a 5-op formulation (hypot of the norm and sqrt(D eps)); it must
+    equal F.rms_norm, also where eps dominates (small activations)."""
+    from dsv3.model.layers import RMSNorm
+    norm = RMSNorm(96, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(5, 7, 96) * scale
+    ref = F.rms_norm(x.double(), (96,), norm.weight.double(), 1e-6)
+    with torch.no_grad():
+        fast = norm(x)
+    assert rel_err(fast, ref) <= 1e-6
+    assert rel_err(norm(x), ref) <= 1e-6  # the grad-enabled path (F.rms_norm) agrees
+
+
+def test_pack_projections_keeps_values_names_and_falls_back_after_a_cast():
+    c = tiny_config()
+    model = random_model(c, std=0.1)
+    ids = torch.randint(0, c.vocab_size, (2, 9))
+    with torch.no_grad():
+        ref = model(ids)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.pack_projections()
+    attn, moe = model.layers[1].attn, model.layers[1].ffn
+    assert attn.wqkv_a is not None and attn.wkv_a.weight.data_ptr() > attn.wqkv_a.data_ptr()
+    assert moe.experts.w13.shape == (c.n_routed_experts, 2 * c.moe_intermediate_size, c.hidden_size)
+    assert model.layers[0].ffn.w13 is not None and moe.shared_experts.w13 is not None
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        assert rel_err(model(ids), ref) <= 1e-6
+        x = torch.randn(3, c.hidden_size)  # a few rows: the skinny-GEMM layout through the packed weights
+        assert rel_err(moe(x), moe.routed_reference(x, *moe.gate(x)[:2]) + moe.shared_experts.w2(
+            F.silu(moe.shared_experts.w1(x)) * moe.shared_experts.w3(x))) <= 1e-5
+    model.to(torch.float64)  # new storage: the packed path must step aside, not read stale weights
+    with torch.no_grad():
+        assert rel_err(model(ids), ref) <= 1e-5
+
+
+def test_pack_projections_leaves_fp8_weights_alone():
+    c = tiny_config()
+    model = random_model(c, std=0.1)
+    model.layers[1].ffn.experts.to_fp8()
+    model.layers[0].attn.wq_a.to_fp8()
+    model.layers[0].ffn.w1.to_fp8()
+    model.pack_projections()
+    assert model.layers[1].ffn.experts.w13 is None and model.layers[0].attn.wqkv_a is None
+    assert model.layers[0].ffn.w13 is None
+    assert model.layers[1].attn.wqkv_a is not None and model.layers[1].ffn.shared_experts.w13 is not None

@@ -18,7 +18,7 @@ Attention over the latent cache, two ways that compute the same thing:
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +40,14 @@ class StepBatch:
     mask: torch.Tensor  # (B, 1, T, S) bool: query may attend key (key position <= query position)
     feed_lens: list[int]  # tokens fed per sequence
     uniform: bool = False  # every sequence feeds T tokens: the (B, T) layout is a plain view of the N
+    _bias: torch.Tensor | None = field(default=None, repr=False)
+
+    def score_bias(self, n_heads: int, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as an additive bias (B, T*H, S) of 0 and -inf, laid out like the absorbed attention's
+        scores; built on first use and shared by every layer of the step."""
+        if self._bias is None or self._bias.dtype != dtype:
+            self._bias = score_bias(self.mask, n_heads, dtype)
+        return self._bias
 
     @property
     def last_index(self) -> torch.Tensor:
@@ -51,6 +59,14 @@ class StepBatch:
         if self.uniform and self.q_index.shape[1] == 1:  # plain decode: every row is a last one
             return x
         return x[self.last_index]
+
+
+def score_bias(mask: torch.Tensor, n_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean mask (B, 1, T, S) -> additive bias (B, T*H, S): 0 where attention is allowed, -inf elsewhere."""
+    B, _, T, S = mask.shape
+    bias = torch.zeros(B, T, 1, S, dtype=dtype, device=mask.device)
+    bias.masked_fill_(~mask.view(B, T, 1, S), float("-inf"))
+    return bias.expand(B, T, n_heads, S).reshape(B, T * n_heads, S)
 
 
 _ARANGE = torch.arange(4096)
@@ -109,20 +125,17 @@ def mla_naive(attn: MLA, q_nope, q_rope, ctx, mask) -> torch.Tensor:
     return attention(torch.cat([q_nope, q_rope], dim=-1), k, v, mask, attn.softmax_scale)
 
 
-def mla_absorbed(q_nope, q_rope, ctx, mask, w_uk, w_uv_t, scale: float) -> torch.Tensor:
+def mla_absorbed(q_nope, q_rope, ctx, bias, w_uk, w_uv_t, scale: float) -> torch.Tensor:
     """The same as `mla_naive`, with W_UK (H, P, C) absorbed into the query and W_UV (given transposed,
     (H, C, V)) applied after attention: the cache is never expanded. Scores against the latent and the
-    roped key come from one product, since a cache row holds both side by side."""
+    roped key come from one product, since a cache row holds both side by side; the scale and the mask
+    (as an additive bias (B, T*H, S), `StepBatch.score_bias`) are applied by the same op."""
     B, T, H, P = q_nope.shape
     C = w_uk.shape[-1]
     q_lat = torch.bmm(q_nope.reshape(B * T, H, P).transpose(0, 1), w_uk)  # (H, B*T, C)
     q = torch.cat([q_lat.transpose(0, 1), q_rope.reshape(B * T, H, -1)], dim=-1)  # (B*T, H, C+R)
-    scores = torch.bmm(q.view(B, T * H, -1), ctx.transpose(1, 2))  # (B, T*H, S)
-    scores = scores.view(B, T, H, -1)
-    scores = cast(scores, torch.float32).mul_(scale)
-    scores = torch.where(mask.view(B, T, 1, -1), scores, float("-inf"))
-    probs = scores.softmax(dim=-1)
-    probs = cast(probs, ctx.dtype).view(B, T * H, -1)
+    scores = torch.baddbmm(bias, q.view(B, T * H, -1), ctx.transpose(1, 2), alpha=scale)  # (B, T*H, S)
+    probs = cast(cast(scores, torch.float32).softmax(dim=-1), ctx.dtype)
     out_lat = torch.bmm(probs, ctx[..., :C])  # (B, T*H, C): per head, a weighted mean of latents
     out = torch.bmm(out_lat.view(B * T, H, C).transpose(0, 1), w_uv_t)  # (H, B*T, V)
     return out.transpose(0, 1).reshape(B, T, H, -1)
@@ -130,7 +143,7 @@ def mla_absorbed(q_nope, q_rope, ctx, mask, w_uk, w_uv_t, scale: float) -> torch
 
 class ModelRunner:
     def __init__(self, model: DeepSeekV3, cache: LatentCache, absorb_max_queries: int = 4):
-        self.model, self.cache = model, cache
+        self.model, self.cache = model.pack_projections(), cache
         self.config = model.config
         self.device = model.device
         self.absorb_max_queries = absorb_max_queries  # steps feeding at most this many tokens per sequence
@@ -146,8 +159,7 @@ class ModelRunner:
 
     def attention(self, attn: MLA, x: torch.Tensor, layer: int, batch: StepBatch, freqs) -> torch.Tensor:
         """x (N, D) -> (N, D): write the fed tokens' latents to the cache, attend over each sequence's."""
-        q_nope, q_rope = attn.project_q(x, freqs)  # (N, H, P), (N, H, R)
-        kv_new, k_rope_new = attn.project_kv(x, freqs)  # (N, C), (N, R)
+        q_nope, q_rope, kv_new, k_rope_new = attn.project(x, freqs)  # (N, H, P), (N, H, R), (N, C), (N, R)
         self.cache.write(layer, batch.slots, kv_new, k_rope_new)
         ctx = self.cache.read(layer, batch.slot_table)  # (B, S, C+R)
         B, T = batch.q_index.shape
@@ -156,7 +168,8 @@ class ModelRunner:
         else:
             q_nope, q_rope = q_nope[batch.q_index], q_rope[batch.q_index]  # (B, T, H, .)
         if q_nope.shape[1] <= self.absorb_max_queries:
-            out = mla_absorbed(q_nope, q_rope, ctx, batch.mask, *self.absorbed[layer], attn.softmax_scale)
+            out = mla_absorbed(q_nope, q_rope, ctx, batch.score_bias(attn.n_heads, ctx.dtype), *self.absorbed[layer],
+                               attn.softmax_scale)
         else:
             out = mla_naive(attn, q_nope, q_rope, ctx, batch.mask)
         out = out.flatten(0, 1) if batch.uniform else out[batch.q_valid]  # (N, H, V), back in fed order

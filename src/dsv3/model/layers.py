@@ -102,6 +102,28 @@ class Linear(KeepDtype):
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, fp8={self.is_fp8}"
 
 
+@torch.no_grad()
+def pack_weights(params: list[nn.Parameter], dim: int = 0) -> torch.Tensor:
+    """Concatenate `params` along `dim` into one new tensor and make each parameter a view of its slice.
+    Values, names and state_dict are unchanged; once the old storages are freed no memory is added. Used
+    for inference, where two projections of the same input then cost one GEMM (vLLM's packed modules)."""
+    packed = torch.cat([p.detach() for p in params], dim=dim)
+    start = 0
+    for p in params:
+        p.data = packed.narrow(dim, start, p.shape[dim])
+        start += p.shape[dim]
+    return packed
+
+
+def is_packed(packed: torch.Tensor | None, first: torch.Tensor) -> bool:
+    """Whether `first` (the first parameter given to pack_weights) still lives in `packed`: moving or
+    casting a model gives its parameters new storage, and the packed fast path then steps aside."""
+    return packed is not None and first.data_ptr() == packed.data_ptr() and first.device == packed.device
+
+
+_SQRT_D_EPS: dict[tuple, torch.Tensor] = {}
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * w, the normalisation taken in float32 whatever the activation dtype."""
 
@@ -112,9 +134,23 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
+            if x.device.type == "cpu" and not torch.is_grad_enabled():
+                return self._forward_cpu(x)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op (on GPUs)
         # lower precision: normalise in float32, round, then scale (as the reference implementations do)
         return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
+
+    def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        """The same in 5 ops: on CPUs F.rms_norm is a composite of 6 (pow, mean, add, rsqrt, mul, mul) whose
+        mean alone costs three elementwise ops, and a decode step runs 17 norms or more on a few rows.
+        sqrt(D) * rms(x) = sqrt(sum x^2 + D eps) = hypot(||x||, sqrt(D eps))."""
+        D = x.shape[-1]
+        key = (D, self.eps, x.device)
+        c = _SQRT_D_EPS.get(key)
+        if c is None:
+            c = _SQRT_D_EPS[key] = torch.tensor((D * self.eps) ** 0.5, device=x.device)
+        rms = torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), c).mul_(D ** -0.5)
+        return x / rms * self.weight
 
 
 class MLP(nn.Module):
@@ -125,6 +161,15 @@ class MLP(nn.Module):
         self.w1 = Linear(dim, inter_dim)
         self.w2 = Linear(inter_dim, dim)
         self.w3 = Linear(dim, inter_dim)
+        self.w13: torch.Tensor | None = None  # w1 and w3 stacked, after pack_projections()
+
+    def pack_projections(self) -> None:
+        """Keep w1 and w3 in one (2I, D) matrix (their weights become views of it): one GEMM, not two."""
+        if not (self.w1.is_fp8 or self.w3.is_fp8):
+            self.w13 = pack_weights([self.w1.weight, self.w3.weight])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_packed(self.w13, self.w1.weight):
+            gate, up = linear(x, self.w13).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -3,8 +3,8 @@ Latent Attention, the dense MLP, the transformer block and the model. MoE and MT
 mtp.py); the shared building blocks (an FP8-capable Linear, RMSNorm, the SwiGLU MLP) are in layers.py.
 
 The model knows nothing of caches, ranks or devices: `forward(input_ids)` computes the whole sequence.
-The inference engine drives the same modules through `MLA.project_q`, `MLA.project_kv` and its own
-attention over a latent cache.
+The inference engine drives the same modules through `MLA.project` and its own attention over a latent
+cache, after `pack_projections()` has stacked the projections that read the same input.
 
 Shapes: B batch, T query positions, S key positions, H heads, D hidden size, C kv latent (kv_lora_rank),
 R rope dims per head, P nope dims per head, V value dims per head.
@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from .layers import KeepDtype, Linear, MLP, RMSNorm, cast
+from .layers import KeepDtype, Linear, MLP, RMSNorm, cast, is_packed, linear, pack_weights
 from .moe import MoE
 from .mtp import MTPModule
 
@@ -101,19 +101,28 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
         self.wkv_b = Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim))
         self.wo = Linear(H * self.v_dim, d, bias=bias)
+        self.wqkv_a: torch.Tensor | None = None  # wq_a and wkv_a stacked, after pack_projections()
         self.softmax_scale = config.softmax_scale
 
-    def project_q(self, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (..., D) -> q_nope (..., H, P), q_rope (..., H, R) rotated; freqs (..., R/2) per position."""
-        q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
-        q = q.unflatten(-1, (self.n_heads, self.qk_dim))  # (B, T, H, P+R)
-        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        return q_nope, apply_rope(q_rope, freqs.unsqueeze(-2))  # one angle for all heads
+    def pack_projections(self) -> None:
+        """Keep wq_a and wkv_a, both applied to the block's input, in one matrix (their weights become views
+        of it): one GEMM, not two."""
+        if self.q_lora_rank is not None and not (self.wq_a.is_fp8 or self.wkv_a.is_fp8) \
+                and self.wq_a.bias is None and self.wkv_a.bias is None:
+            self.wqkv_a = pack_weights([self.wq_a.weight, self.wkv_a.weight])
 
-    def project_kv(self, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (..., D) -> kv latent (..., C) normalised, k_rope (..., R) rotated: what the cache keeps."""
-        kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        return self.kv_norm(kv), apply_rope(k_rope, freqs)
+    def project(self, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x (..., D) -> q_nope (..., H, P), q_rope (..., H, R) rotated; and what a cache keeps: the kv latent
+        (..., C) normalised and k_rope (..., R) rotated. freqs (..., R/2) per position."""
+        if self.wqkv_a is not None and is_packed(self.wqkv_a, self.wq_a.weight):
+            q_a, kv, k_rope = linear(x, self.wqkv_a).split([self.q_lora_rank, self.kv_lora_rank, self.rope_dim], -1)
+            q = self.wq_b(self.q_norm(q_a))
+        else:
+            q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+            kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        q_nope, q_rope = q.unflatten(-1, (self.n_heads, self.qk_dim)).split([self.nope_dim, self.rope_dim], dim=-1)
+        q_rope = apply_rope(q_rope, freqs.unsqueeze(-2))  # one angle for all heads
+        return q_nope, q_rope, self.kv_norm(kv), apply_rope(k_rope, freqs)
 
     def expand_kv(self, kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent (B, S, C) and rotary key (B, S, R) -> per-head keys (B, S, H, P+R) and values (B, S, H, V)."""
@@ -125,8 +134,7 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Full-sequence attention (training, scoring). mask: None for causal, else a boolean (T, S) or
         (B, 1, T, S) mask, True where attention is allowed."""
-        q_nope, q_rope = self.project_q(x, freqs)
-        kv, k_rope = self.project_kv(x, freqs)
+        q_nope, q_rope, kv, k_rope = self.project(x, freqs)
         k, v = self.expand_kv(kv, k_rope)
         q = torch.cat([q_nope, q_rope], dim=-1)
         out = attention(q, k, v, mask, self.softmax_scale)  # (B, T, H, V)
@@ -238,6 +246,16 @@ class DeepSeekV3(nn.Module):
         h = self.hidden_states(input_ids)
         mtp_h = self.mtp_hidden_states(h, input_ids)
         return self.head(h), [self.head(m.norm(hk)) for m, hk in zip(self.mtp, mtp_h)]
+
+    def pack_projections(self) -> "DeepSeekV3":
+        """For inference: stack the projections that read the same input (MLA's wq_a | wkv_a; w1 | w3 of the
+        dense MLPs, shared and routed experts) so each pair costs one GEMM. Parameters become views of the
+        stacked tensors: values and state_dict are unchanged. FP8 weights stay as they are. Call it once the
+        model has its final device and dtype; a later move or cast quietly returns to the unpacked path."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "pack_projections"):
+                module.pack_projections()
+        return self
 
     @property
     def device(self) -> torch.device:

@@ -13,9 +13,10 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..quant import fp8
-from .layers import KeepDtype, cast, linear
+from .layers import KeepDtype, cast, is_packed, linear, pack_weights
 
-_GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.8; CPU kernels for float32 and bfloat16
+_GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.8
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what grouped_mm accepts
 
 
 class Gate(KeepDtype):
@@ -81,6 +82,12 @@ class Experts(KeepDtype):
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         for name in ("w1", "w2", "w3"):
             self.register_buffer(f"{name}_scale_inv", None)
+        self.w13: torch.Tensor | None = None  # (E, 2I, D): w1 and w3 stacked per expert, after pack_projections()
+
+    def pack_projections(self) -> None:
+        """Keep each expert's w1 and w3 in one (2I, D) matrix (w1, w3 become views): one grouped GEMM, not two."""
+        if not self.is_fp8:
+            self.w13 = pack_weights([self.w1, self.w3], dim=1)
 
     @property
     def is_fp8(self) -> bool:
@@ -104,14 +111,18 @@ class Experts(KeepDtype):
 
     def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_SD holds each expert's tokens contiguously, expert 0 first, counts_E[e] of them for expert e."""
-        if self.is_fp8 or not _GROUPED_MM:
+        if self.is_fp8 or not _GROUPED_MM or x_SD.dtype not in _GROUPED_DTYPES:
             return self.forward_loop(x_SD, counts_E.tolist())
         # One grouped GEMM per weight instead of a loop: the same per-expert products in a fixed handful of ops
         # whatever the routing (through the loop a decode step touching 11 experts issued ~250 ops), and
         # autograd's backward is grouped too (a training step on bench-small: 0.93x -> 1.07-1.11x transformers).
         offs = counts_E.cumsum(0).to(torch.int32)
-        h = F.silu(F.grouped_mm(x_SD, self.w1.transpose(1, 2), offs=offs))
-        h = h * F.grouped_mm(x_SD, self.w3.transpose(1, 2), offs=offs)
+        if is_packed(self.w13, self.w1):
+            gate, up = F.grouped_mm(x_SD, self.w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.silu(F.grouped_mm(x_SD, self.w1.transpose(1, 2), offs=offs))
+            h = h * F.grouped_mm(x_SD, self.w3.transpose(1, 2), offs=offs)
         return _ContiguousGrad.apply(F.grouped_mm(h, self.w2.transpose(1, 2), offs=offs))
 
     def forward_loop(self, x_SD: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
