@@ -116,14 +116,15 @@ class Experts(KeepDtype):
         # One grouped GEMM per weight instead of a loop: the same per-expert products in a fixed handful of ops
         # whatever the routing (through the loop a decode step touching 11 experts issued ~250 ops), and
         # autograd's backward is grouped too (a training step on bench-small: 0.93x -> 1.07-1.11x transformers).
-        offs = counts_E.cumsum(0).to(torch.int32)
+        offs = counts_E.cumsum(0, dtype=torch.int32)
         if is_packed(self.w13, self.w1):
             gate, up = F.grouped_mm(x_SD, self.w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.silu(F.grouped_mm(x_SD, self.w1.transpose(1, 2), offs=offs))
             h = h * F.grouped_mm(x_SD, self.w3.transpose(1, 2), offs=offs)
-        return _ContiguousGrad.apply(F.grouped_mm(h, self.w2.transpose(1, 2), offs=offs))
+        y = F.grouped_mm(h, self.w2.transpose(1, 2), offs=offs)
+        return _ContiguousGrad.apply(y) if torch.is_grad_enabled() else y
 
     def forward_loop(self, x_SD: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
         """The reference: a loop over experts, each a dense GEMM on its own tokens (and the FP8 path, its
@@ -175,19 +176,21 @@ class MoE(nn.Module):
         shape = x.shape
         x_ND = x.reshape(-1, shape[-1])
         weights_NK, experts_NK, scores_NE = self.gate(x_ND)
-        y_ND = self.routed(x_ND, weights_NK, experts_NK)
-        if self.shared_experts is not None:
-            y_ND = y_ND + self.shared_experts(x_ND)
+        # the routed outputs are added into the shared experts' output (one op, not a zero-fill and an add)
+        y_ND = torch.zeros_like(x_ND) if self.shared_experts is None else self.shared_experts(x_ND)
+        y_ND = self.routed(x_ND, weights_NK, experts_NK, y_ND)
         if self.balance_loss is not None and self.training:
             batch = shape[0] if self.balance_loss == "sequence" and x.dim() == 3 else 1
             self.aux_loss = balance_loss(scores_NE.view(batch, -1, self.n_experts),
                                          experts_NK.view(batch, -1, self.topk), self.n_experts)
         return y_ND.view(shape)
 
-    def routed(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
+    def routed(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor,
+               out_ND: torch.Tensor | None = None) -> torch.Tensor:
+        """-> out_ND (zeros if not given) plus each token's gate-weighted routed experts' outputs."""
         x_SD, token_S, weight_S, counts_E = self.dispatch(x_ND, weights_NK, experts_NK)
         y_SD = self.experts(x_SD, counts_E)
-        return self.combine(y_SD, token_S, weight_S, x_ND)
+        return self.combine(y_SD, token_S, weight_S, torch.zeros_like(x_ND) if out_ND is None else out_ND)
 
     def dispatch(self, x_ND, weights_NK, experts_NK):
         """Sort the S = N*K (token, expert) pairs by expert: -> (x_SD, token_S, weight_S, counts_E)."""
@@ -199,10 +202,10 @@ class MoE(nn.Module):
             self.tokens_per_expert += counts
         return x_ND[token_S], token_S, weights_NK.flatten()[order_S], counts
 
-    def combine(self, y_SD, token_S, weight_S, x_ND):
-        """Weight each pair's output by its gate value and add it back into its token's row."""
+    def combine(self, y_SD, token_S, weight_S, out_ND):
+        """Weight each pair's output by its gate value and add it into its token's row of out_ND."""
         y_SD = y_SD * weight_S[:, None]
-        return torch.zeros_like(x_ND).index_add_(0, token_S, cast(y_SD, x_ND.dtype))
+        return out_ND.index_add_(0, token_S, cast(y_SD, out_ND.dtype))
 
     def routed_reference(self, x_ND, weights_NK, experts_NK) -> torch.Tensor:
         """The plain per-expert loop (as HF computes it), kept to hold `routed` to."""
