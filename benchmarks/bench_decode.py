@@ -67,20 +67,25 @@ def hf_cache_bytes_per_token(hf, prompt: torch.Tensor) -> float:
     return total / prompt.shape[1]
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
+def timed_pair(fn_a, fn_b, repeats: int) -> tuple[float, object, float, object]:
+    """Median seconds of fn_a and of fn_b, run alternately (a, b, a, b, ...) so that a change in the
+    machine's speed during the run (shared VMs drift by 10-30% over minutes) falls on both alike."""
+    times_a, times_b, out_a, out_b = [], [], None, None
     for _ in range(repeats):
         t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+        out_a = fn_a()
+        times_a.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        out_b = fn_b()
+        times_b.append(time.perf_counter() - t)
+    return statistics.median(times_a), out_a, statistics.median(times_b), out_b
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="b1,b4,long")
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each engine, alternating; medians")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -125,10 +130,8 @@ def main() -> None:
             return torch.tensor([o.token_ids for o in outs])
 
         hf_gen(2), ours_gen(2)  # warm up
-        t_hf, tok_hf = timed(lambda: hf_gen(N), args.repeats)
-        t_us, tok_us = timed(lambda: ours_gen(N), args.repeats)
-        p_hf, _ = timed(lambda: hf_gen(1), args.repeats)
-        p_us, _ = timed(lambda: ours_gen(1), args.repeats)
+        t_hf, tok_hf, t_us, tok_us = timed_pair(lambda: hf_gen(N), lambda: ours_gen(N), args.repeats)
+        p_hf, _, p_us, _ = timed_pair(lambda: hf_gen(1), lambda: ours_gen(1), args.repeats)
         dec_hf = B * (N - 1) / max(t_hf - p_hf, 1e-9)
         dec_us = B * (N - 1) / max(t_us - p_us, 1e-9)
         floor_step = step_bytes(cfg, B, T + N // 2) / bw  # seconds per decode step at the bandwidth floor

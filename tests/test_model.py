@@ -256,8 +256,8 @@ def test_pack_projections_keeps_values_names_and_falls_back_after_a_cast():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.pack_projections()
     attn, moe = model.layers[1].attn, model.layers[1].ffn
-    assert attn.wqkv_a is not None and attn.wkv_a.weight.data_ptr() > attn.wqkv_a.data_ptr()
-    assert moe.experts.w13.shape == (c.n_routed_experts, 2 * c.moe_intermediate_size, c.hidden_size)
+    assert attn.wqkv_a.intact() and attn.wkv_a.weight.data_ptr() > attn.wqkv_a.tensor.data_ptr()
+    assert moe.experts.w13.tensor.shape == (c.n_routed_experts, 2 * c.moe_intermediate_size, c.hidden_size)
     assert model.layers[0].ffn.w13 is not None and moe.shared_experts.w13 is not None
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
@@ -269,6 +269,23 @@ def test_pack_projections_keeps_values_names_and_falls_back_after_a_cast():
     model.to(torch.float64)  # new storage: the packed path must step aside, not read stale weights
     with torch.no_grad():
         assert rel_err(model(ids), ref) <= 1e-5
+    assert attn.wqkv_a is None and model.layers[0].ffn.w13 is None  # the stale packs were dropped
+
+
+def test_packed_model_still_trains_and_sees_a_replaced_weight():
+    """With grad enabled the unpacked path runs, so every packed parameter gets its gradient; replacing the
+    second of a packed pair (not only the first) takes the model off the packed path."""
+    c = tiny_config()
+    model = random_model(c, std=0.1).pack_projections()
+    model(torch.randint(0, c.vocab_size, (2, 9))).sum().backward()
+    for name in ("layers.1.attn.wkv_a.weight", "layers.0.ffn.w3.weight", "layers.1.ffn.experts.w3",
+                 "layers.1.ffn.shared_experts.w1.weight"):
+        assert model.get_parameter(name).grad is not None, name
+    mlp = model.layers[0].ffn
+    x = torch.randn(2, c.hidden_size)
+    with torch.no_grad():
+        mlp.w3.weight.data = torch.zeros_like(mlp.w3.weight)
+        assert torch.equal(mlp(x), torch.zeros(2, c.hidden_size)) and mlp.w13 is None
 
 
 def test_pack_projections_leaves_fp8_weights_alone():

@@ -101,6 +101,7 @@ class LLM:
         if not 1 <= self.max_model_len <= config.max_position_embeddings:
             raise ValueError(f"max_model_len={self.max_model_len} must be in [1, max_position_embeddings="
                              f"{config.max_position_embeddings}]")
+        self.model.pack_projections()  # before the cache is sized: packing briefly holds two copies of a layer
         n_mtp = 1 if speculative else 0
         dev, dtype = self.model.device, self.model.dtype
         per_token = LatentCache.bytes_per_token(config, dtype, config.num_hidden_layers + n_mtp)

@@ -102,23 +102,38 @@ class Linear(KeepDtype):
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, fp8={self.is_fp8}"
 
 
-@torch.no_grad()
-def pack_weights(params: list[nn.Parameter], dim: int = 0) -> torch.Tensor:
-    """Concatenate `params` along `dim` into one new tensor and make each parameter a view of its slice.
-    Values, names and state_dict are unchanged; once the old storages are freed no memory is added. Used
-    for inference, where two projections of the same input then cost one GEMM (vLLM's packed modules)."""
-    packed = torch.cat([p.detach() for p in params], dim=dim)
-    start = 0
-    for p in params:
-        p.data = packed.narrow(dim, start, p.shape[dim])
-        start += p.shape[dim]
-    return packed
+class PackedWeights:
+    """Parameters concatenated along `dim` into one tensor, each parameter re-pointed to a view of its slice.
+    Values, names and state_dict are unchanged, and once the old storages are freed no memory is added.
+    Used for inference, where two projections of the same input then cost one GEMM (vLLM's packed
+    modules); `usable()` says when that shortcut is valid."""
+
+    @torch.no_grad()
+    def __init__(self, params: list[nn.Parameter], dim: int = 0):
+        self.tensor = torch.cat([p.detach() for p in params], dim=dim)
+        start = 0
+        for p in params:
+            p.data = self.tensor.narrow(dim, start, p.shape[dim])
+            start += p.shape[dim]
+        self.params = params
+        self.ptrs = [p.data_ptr() for p in params]
+
+    def intact(self) -> bool:
+        """Every parameter still a view of the packed tensor (moving, casting or replacing any of them gives
+        it new storage)."""
+        return all(p.data_ptr() == ptr for p, ptr in zip(self.params, self.ptrs))
 
 
-def is_packed(packed: torch.Tensor | None, first: torch.Tensor) -> bool:
-    """Whether `first` (the first parameter given to pack_weights) still lives in `packed`: moving or
-    casting a model gives its parameters new storage, and the packed fast path then steps aside."""
-    return packed is not None and first.data_ptr() == packed.data_ptr() and first.device == packed.device
+def packed(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The packed tensor `module.<name>` if the packed path may be taken: no gradient wanted (the packed copy
+    is outside autograd) and the parameters still live in it. A stale pack is dropped, freeing its memory."""
+    pack = getattr(module, name)
+    if pack is None or torch.is_grad_enabled():
+        return None
+    if not pack.intact():
+        setattr(module, name, None)
+        return None
+    return pack.tensor
 
 
 _SQRT_D_EPS: dict[tuple, torch.Tensor] = {}
@@ -161,15 +176,16 @@ class MLP(nn.Module):
         self.w1 = Linear(dim, inter_dim)
         self.w2 = Linear(inter_dim, dim)
         self.w3 = Linear(dim, inter_dim)
-        self.w13: torch.Tensor | None = None  # w1 and w3 stacked, after pack_projections()
+        self.w13: PackedWeights | None = None  # w1 and w3 stacked, after pack_projections()
 
     def pack_projections(self) -> None:
         """Keep w1 and w3 in one (2I, D) matrix (their weights become views of it): one GEMM, not two."""
-        if not (self.w1.is_fp8 or self.w3.is_fp8):
-            self.w13 = pack_weights([self.w1.weight, self.w3.weight])
+        if not (self.w1.is_fp8 or self.w3.is_fp8) and not (self.w13 and self.w13.intact()):
+            self.w13 = PackedWeights([self.w1.weight, self.w3.weight])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if is_packed(self.w13, self.w1.weight):
-            gate, up = linear(x, self.w13).chunk(2, dim=-1)
+        w13 = packed(self, "w13")
+        if w13 is not None:
+            gate, up = linear(x, w13).chunk(2, dim=-1)
             return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

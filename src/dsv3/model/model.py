@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from .layers import KeepDtype, Linear, MLP, RMSNorm, cast, is_packed, linear, pack_weights
+from .layers import KeepDtype, Linear, MLP, PackedWeights, RMSNorm, cast, linear, packed
 from .moe import MoE
 from .mtp import MTPModule
 
@@ -101,21 +101,23 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
         self.wkv_b = Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim))
         self.wo = Linear(H * self.v_dim, d, bias=bias)
-        self.wqkv_a: torch.Tensor | None = None  # wq_a and wkv_a stacked, after pack_projections()
+        self.wqkv_a: PackedWeights | None = None  # wq_a and wkv_a stacked, after pack_projections()
         self.softmax_scale = config.softmax_scale
 
     def pack_projections(self) -> None:
         """Keep wq_a and wkv_a, both applied to the block's input, in one matrix (their weights become views
         of it): one GEMM, not two."""
-        if self.q_lora_rank is not None and not (self.wq_a.is_fp8 or self.wkv_a.is_fp8) \
-                and self.wq_a.bias is None and self.wkv_a.bias is None:
-            self.wqkv_a = pack_weights([self.wq_a.weight, self.wkv_a.weight])
+        if self.q_lora_rank is None or self.wq_a.is_fp8 or self.wkv_a.is_fp8:
+            return
+        if self.wq_a.bias is None and self.wkv_a.bias is None and not (self.wqkv_a and self.wqkv_a.intact()):
+            self.wqkv_a = PackedWeights([self.wq_a.weight, self.wkv_a.weight])
 
     def project(self, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x (..., D) -> q_nope (..., H, P), q_rope (..., H, R) rotated; and what a cache keeps: the kv latent
         (..., C) normalised and k_rope (..., R) rotated. freqs (..., R/2) per position."""
-        if self.wqkv_a is not None and is_packed(self.wqkv_a, self.wq_a.weight):
-            q_a, kv, k_rope = linear(x, self.wqkv_a).split([self.q_lora_rank, self.kv_lora_rank, self.rope_dim], -1)
+        wqkv_a = packed(self, "wqkv_a")
+        if wqkv_a is not None:
+            q_a, kv, k_rope = linear(x, wqkv_a).split([self.q_lora_rank, self.kv_lora_rank, self.rope_dim], -1)
             q = self.wq_b(self.q_norm(q_a))
         else:
             q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..quant import fp8
-from .layers import KeepDtype, cast, is_packed, linear, pack_weights
+from .layers import KeepDtype, PackedWeights, cast, linear, packed
 
 _GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.8
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what grouped_mm accepts
@@ -82,12 +82,12 @@ class Experts(KeepDtype):
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         for name in ("w1", "w2", "w3"):
             self.register_buffer(f"{name}_scale_inv", None)
-        self.w13: torch.Tensor | None = None  # (E, 2I, D): w1 and w3 stacked per expert, after pack_projections()
+        self.w13: PackedWeights | None = None  # (E, 2I, D): w1 and w3 stacked per expert, after pack_projections()
 
     def pack_projections(self) -> None:
         """Keep each expert's w1 and w3 in one (2I, D) matrix (w1, w3 become views): one grouped GEMM, not two."""
-        if not self.is_fp8:
-            self.w13 = pack_weights([self.w1, self.w3], dim=1)
+        if not self.is_fp8 and not (self.w13 and self.w13.intact()):
+            self.w13 = PackedWeights([self.w1, self.w3], dim=1)
 
     @property
     def is_fp8(self) -> bool:
@@ -117,8 +117,9 @@ class Experts(KeepDtype):
         # whatever the routing (through the loop a decode step touching 11 experts issued ~250 ops), and
         # autograd's backward is grouped too (a training step on bench-small: 0.93x -> 1.07-1.11x transformers).
         offs = counts_E.cumsum(0, dtype=torch.int32)
-        if is_packed(self.w13, self.w1):
-            gate, up = F.grouped_mm(x_SD, self.w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        w13 = packed(self, "w13")
+        if w13 is not None:
+            gate, up = F.grouped_mm(x_SD, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.silu(F.grouped_mm(x_SD, self.w1.transpose(1, 2), offs=offs))
@@ -177,7 +178,7 @@ class MoE(nn.Module):
         x_ND = x.reshape(-1, shape[-1])
         weights_NK, experts_NK, scores_NE = self.gate(x_ND)
         # the routed outputs are added into the shared experts' output (one op, not a zero-fill and an add)
-        y_ND = torch.zeros_like(x_ND) if self.shared_experts is None else self.shared_experts(x_ND)
+        y_ND = torch.zeros_like(x_ND) if self.shared_experts is None else cast(self.shared_experts(x_ND), x_ND.dtype)
         y_ND = self.routed(x_ND, weights_NK, experts_NK, y_ND)
         if self.balance_loss is not None and self.training:
             batch = shape[0] if self.balance_loss == "sequence" and x.dim() == 3 else 1
