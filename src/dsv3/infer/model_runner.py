@@ -58,7 +58,7 @@ class StepBatch:
         """x (N, ...) -> the rows of each sequence's last fed token (B, ...)."""
         if self.uniform and self.q_index.shape[1] == 1:  # plain decode: every row is a last one
             return x
-        return x[self.last_index]
+        return x.index_select(0, self.last_index)
 
 
 def score_bias(mask: torch.Tensor, n_heads: int, dtype: torch.dtype) -> torch.Tensor:

@@ -201,7 +201,7 @@ class MoE(nn.Module):
         counts = torch.bincount(expert_S, minlength=self.n_experts)
         if self.record_loads:
             self.tokens_per_expert += counts
-        return x_ND[token_S], token_S, weights_NK.flatten()[order_S], counts
+        return x_ND.index_select(0, token_S), token_S, weights_NK.flatten().index_select(0, order_S), counts
 
     def combine(self, y_SD, token_S, weight_S, out_ND):
         """Weight each pair's output by its gate value and add it into its token's row of out_ND."""
