@@ -298,3 +298,15 @@ def test_pack_projections_leaves_fp8_weights_alone():
     assert model.layers[1].ffn.experts.w13 is None and model.layers[0].attn.wqkv_a is None
     assert model.layers[0].ffn.w13 is None
     assert model.layers[1].attn.wqkv_a is not None and model.layers[1].ffn.shared_experts.w13 is not None
+
+
+def test_rmsnorm_cpu_path_follows_weight_updates():
+    """The CPU inference path caches sqrt(D) * weight; an in-place update or a new tensor must show."""
+    from dsv3.model.layers import RMSNorm
+    norm, x = RMSNorm(16), torch.randn(3, 16)
+    with torch.no_grad():
+        first = norm(x)
+        norm.weight.mul_(2.0)  # in place, as an optimiser step or load_state_dict does
+        assert torch.allclose(norm(x), 2 * first, rtol=1e-6)
+        norm.weight.data = torch.full((16,), 3.0)
+        assert torch.allclose(norm(x), 3 * first, rtol=1e-6)

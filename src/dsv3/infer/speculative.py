@@ -16,7 +16,7 @@ next draft.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -92,9 +92,17 @@ class MTPSpeculator:
             assert seq.num_mtp_cached == start, (seq.num_mtp_cached, start)
             mtp_feeds.append(seq.token_ids[seq.num_mtp_cached + 1: seq.num_cached + 1])
             mtp_h.append(h[starts[i]: starts[i] + n])
-        mtp_batch = build_batch(mtp_feeds, [s.num_mtp_cached for s in seqs], [s.block_table for s in seqs],
-                                block_size, runner.device)
-        h_mtp = runner.forward_mtp(mtp_batch, mtp_h[0] if len(mtp_h) == 1 else torch.cat(mtp_h))
+        if [len(f) for f in mtp_feeds] == batch.feed_lens:
+            # every fed position was confirmed (a prefill, or all drafts kept): MTP runs at exactly the main
+            # step's positions, so its batch is the main one with the next tokens fed
+            mtp_batch = replace(batch, input_ids=torch.tensor(
+                list(itertools.chain.from_iterable(mtp_feeds)), device=batch.input_ids.device))
+            h_prev = h
+        else:
+            mtp_batch = build_batch(mtp_feeds, [s.num_mtp_cached for s in seqs], [s.block_table for s in seqs],
+                                    block_size, runner.device)
+            h_prev = mtp_h[0] if len(mtp_h) == 1 else torch.cat(mtp_h)
+        h_mtp = runner.forward_mtp(mtp_batch, h_prev)
         draft_logits = runner.mtp_logits(mtp_batch.last_rows(h_mtp))
         drafts = self.sampler.sample(draft_logits, params, generators).tolist()
         sampled = [i for i, p in enumerate(params) if not p.greedy]

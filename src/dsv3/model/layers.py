@@ -146,6 +146,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self._scaled_weight, self._scaled_version = None, None  # sqrt(D) * weight, for the CPU inference path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
@@ -156,16 +157,22 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
     def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
-        """The same in 5 ops: on CPUs F.rms_norm is a composite of 6 (pow, mean, add, rsqrt, mul, mul) whose
+        """The same in 4 ops: on CPUs F.rms_norm is a composite of 6 (pow, mean, add, rsqrt, mul, mul) whose
         mean alone costs three elementwise ops, and a decode step runs 17 norms or more on a few rows.
-        sqrt(D) * rms(x) = sqrt(sum x^2 + D eps) = hypot(||x||, sqrt(D eps))."""
-        D = x.shape[-1]
+        x / rms(x) * w = x / hypot(||x||, sqrt(D eps)) * (sqrt(D) w), the last factor cached per weight
+        version (a Python scalar in an op costs as much as the op)."""
+        D, w = x.shape[-1], self.weight
         key = (D, self.eps, x.device)
         c = _SQRT_D_EPS.get(key)
         if c is None:
             c = _SQRT_D_EPS[key] = torch.tensor((D * self.eps) ** 0.5, device=x.device)
-        rms = torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), c).mul_(D ** -0.5)
-        return x / rms * self.weight
+        try:
+            version = (w.data_ptr(), w._version)
+        except RuntimeError:  # an inference tensor keeps no version counter: do not cache
+            version = None
+        if version is None or version != self._scaled_version:
+            self._scaled_weight, self._scaled_version = w.detach() * D ** 0.5, version
+        return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), c) * self._scaled_weight
 
 
 class MLP(nn.Module):
