@@ -123,8 +123,9 @@ class MLA(nn.Module):
             q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
             kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         q_nope, q_rope = q.unflatten(-1, (self.n_heads, self.qk_dim)).split([self.nope_dim, self.rope_dim], dim=-1)
-        q_rope = apply_rope(q_rope, freqs.unsqueeze(-2))  # one angle for all heads
-        return q_nope, q_rope, self.kv_norm(kv), apply_rope(k_rope, freqs)
+        # the queries' rope dims and the shared key's rotate as H + 1 heads in one product (one angle for all)
+        rope = apply_rope(torch.cat([q_rope, k_rope.unsqueeze(-2)], dim=-2), freqs.unsqueeze(-2))
+        return q_nope, rope[..., :-1, :], self.kv_norm(kv), rope[..., -1, :]
 
     def expand_kv(self, kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent (B, S, C) and rotary key (B, S, R) -> per-head keys (B, S, H, P+R) and values (B, S, H, V)."""
