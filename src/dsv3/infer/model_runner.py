@@ -143,7 +143,7 @@ def mla_absorbed(q_nope, q_rope, ctx, bias, w_uk, w_uv_t, scale: float) -> torch
 
 class ModelRunner:
     def __init__(self, model: DeepSeekV3, cache: LatentCache, absorb_max_queries: int = 4):
-        self.model, self.cache = model.pack_projections(), cache
+        self.model, self.cache = model, cache  # the model arrives packed (LLM.__init__)
         self.config = model.config
         self.device = model.device
         self.absorb_max_queries = absorb_max_queries  # steps feeding at most this many tokens per sequence

@@ -106,7 +106,7 @@ class PackedWeights:
     """Parameters concatenated along `dim` into one tensor, each parameter re-pointed to a view of its slice.
     Values, names and state_dict are unchanged, and once the old storages are freed no memory is added.
     Used for inference, where two projections of the same input then cost one GEMM (vLLM's packed
-    modules); `usable()` says when that shortcut is valid."""
+    modules); `packed()` says when that shortcut may be taken."""
 
     @torch.no_grad()
     def __init__(self, params: list[nn.Parameter], dim: int = 0):
@@ -124,6 +124,13 @@ class PackedWeights:
         return all(p.data_ptr() == ptr for p, ptr in zip(self.params, self.ptrs))
 
 
+def pack(module: nn.Module, name: str, params: list[nn.Parameter], dim: int = 0) -> None:
+    """Set `module.<name>` to the PackedWeights of `params`, unless it already holds an intact one."""
+    current = getattr(module, name)
+    if current is None or not current.intact():
+        setattr(module, name, PackedWeights(params, dim))
+
+
 def packed(module: nn.Module, name: str) -> torch.Tensor | None:
     """The packed tensor `module.<name>` if the packed path may be taken: no gradient wanted (the packed copy
     is outside autograd) and the parameters still live in it. A stale pack is dropped, freeing its memory."""
@@ -136,9 +143,6 @@ def packed(module: nn.Module, name: str) -> torch.Tensor | None:
     return pack.tensor
 
 
-_SQRT_D_EPS: dict[tuple, torch.Tensor] = {}
-
-
 class RMSNorm(nn.Module):
     """x / rms(x) * w, the normalisation taken in float32 whatever the activation dtype."""
 
@@ -146,7 +150,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self._scaled_weight, self._scaled_version = None, None  # sqrt(D) * weight, for the CPU inference path
+        self._cpu_consts, self._cpu_consts_key = None, None  # (sqrt(D) * weight, sqrt(D eps)), CPU inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
@@ -161,18 +165,17 @@ class RMSNorm(nn.Module):
         mean alone costs three elementwise ops, and a decode step runs 17 norms or more on a few rows.
         x / rms(x) * w = x / hypot(||x||, sqrt(D eps)) * (sqrt(D) w), the last factor cached per weight
         version (a Python scalar in an op costs as much as the op)."""
-        D, w = x.shape[-1], self.weight
-        key = (D, self.eps, x.device)
-        c = _SQRT_D_EPS.get(key)
-        if c is None:
-            c = _SQRT_D_EPS[key] = torch.tensor((D * self.eps) ** 0.5, device=x.device)
+        w = self.weight
         try:
-            version = (w.data_ptr(), w._version)
+            key = (w.data_ptr(), w._version)
         except RuntimeError:  # an inference tensor keeps no version counter: do not cache
-            version = None
-        if version is None or version != self._scaled_version:
-            self._scaled_weight, self._scaled_version = w.detach() * D ** 0.5, version
-        return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), c) * self._scaled_weight
+            key = None
+        if key is None or key != self._cpu_consts_key:
+            D = w.shape[0]
+            self._cpu_consts = (w.detach() * D ** 0.5, torch.tensor((D * self.eps) ** 0.5, device=w.device))
+            self._cpu_consts_key = key
+        scaled_weight, sqrt_d_eps = self._cpu_consts
+        return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), sqrt_d_eps) * scaled_weight
 
 
 class MLP(nn.Module):
@@ -187,8 +190,8 @@ class MLP(nn.Module):
 
     def pack_projections(self) -> None:
         """Keep w1 and w3 in one (2I, D) matrix (their weights become views of it): one GEMM, not two."""
-        if not (self.w1.is_fp8 or self.w3.is_fp8) and not (self.w13 and self.w13.intact()):
-            self.w13 = PackedWeights([self.w1.weight, self.w3.weight])
+        if not (self.w1.is_fp8 or self.w3.is_fp8):
+            pack(self, "w13", [self.w1.weight, self.w3.weight])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w13 = packed(self, "w13")

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from .layers import KeepDtype, Linear, MLP, PackedWeights, RMSNorm, cast, linear, packed
+from .layers import KeepDtype, Linear, MLP, PackedWeights, RMSNorm, cast, linear, pack, packed
 from .moe import MoE
 from .mtp import MTPModule
 
@@ -107,10 +107,9 @@ class MLA(nn.Module):
     def pack_projections(self) -> None:
         """Keep wq_a and wkv_a, both applied to the block's input, in one matrix (their weights become views
         of it): one GEMM, not two."""
-        if self.q_lora_rank is None or self.wq_a.is_fp8 or self.wkv_a.is_fp8:
-            return
-        if self.wq_a.bias is None and self.wkv_a.bias is None and not (self.wqkv_a and self.wqkv_a.intact()):
-            self.wqkv_a = PackedWeights([self.wq_a.weight, self.wkv_a.weight])
+        if self.q_lora_rank is not None and not (self.wq_a.is_fp8 or self.wkv_a.is_fp8) \
+                and self.wq_a.bias is None and self.wkv_a.bias is None:
+            pack(self, "wqkv_a", [self.wq_a.weight, self.wkv_a.weight])
 
     def project(self, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x (..., D) -> q_nope (..., H, P), q_rope (..., H, R) rotated; and what a cache keeps: the kv latent

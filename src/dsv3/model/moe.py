@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..quant import fp8
-from .layers import KeepDtype, PackedWeights, cast, linear, packed
+from .layers import KeepDtype, PackedWeights, cast, linear, pack, packed
 
 _GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.8
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what grouped_mm accepts
@@ -86,8 +86,8 @@ class Experts(KeepDtype):
 
     def pack_projections(self) -> None:
         """Keep each expert's w1 and w3 in one (2I, D) matrix (w1, w3 become views): one grouped GEMM, not two."""
-        if not self.is_fp8 and not (self.w13 and self.w13.intact()):
-            self.w13 = PackedWeights([self.w1, self.w3], dim=1)
+        if not self.is_fp8:
+            pack(self, "w13", [self.w1, self.w3], dim=1)
 
     @property
     def is_fp8(self) -> bool:
