@@ -39,6 +39,7 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 SKINNY_ROWS = 64
+SKINNY_MIN_WEIGHT = 1 << 16  # below this many elements the plain layout is as fast (and its output contiguous)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
@@ -48,12 +49,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     FP8 reference path: dequantise to the activation dtype, then a normal GEMM (weight-only FP8: the numbers
     of the model `fp8-cast-bf16` makes). On CPUs, for 2..SKINNY_ROWS rows (decode), the product is taken as
     (W x^T)^T: MKL streams W 1.5-4x faster in that layout when x has few rows. For many rows (training,
-    prefill) the plain layout wins once the transposed output's later copies are counted; one row is a GEMV.
+    prefill), and for small weights, the plain layout wins once the transposed output's later copies are
+    counted (measured: break-even near 64K elements at 2-4 rows); one row is a GEMV.
     """
     if scale is not None:
         weight = fp8.weight_dequant(weight, scale, x.dtype)
     rows = x.numel() // max(x.shape[-1], 1)
-    if x.device.type == "cpu" and x.dim() >= 2 and 1 < rows <= SKINNY_ROWS:
+    if x.device.type == "cpu" and x.dim() >= 2 and 1 < rows <= SKINNY_ROWS and weight.numel() >= SKINNY_MIN_WEIGHT:
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():  # x2.t() must be a transposed view: MKL is 2-3x slower on a contiguous one
             x2 = x2.contiguous()
