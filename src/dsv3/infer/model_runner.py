@@ -41,6 +41,14 @@ class StepBatch:
     feed_lens: list[int]  # tokens fed per sequence
     uniform: bool = False  # every sequence feeds T tokens: the (B, T) layout is a plain view of the N
     _bias: torch.Tensor | None = field(default=None, repr=False)
+    _freqs: torch.Tensor | None = field(default=None, repr=False)
+
+    def rope(self, rotary) -> torch.Tensor:
+        """The rotary factors of the fed positions (N, R/2), computed once per step (the MTP module reuses
+        them when it runs at the same positions)."""
+        if self._freqs is None:
+            self._freqs = rotary(self.positions)
+        return self._freqs
 
     def score_bias(self, n_heads: int, dtype: torch.dtype) -> torch.Tensor:
         """The mask as an additive bias (B, T*H, S) of 0 and -inf, laid out like the absorbed attention's
@@ -52,7 +60,7 @@ class StepBatch:
     @property
     def last_index(self) -> torch.Tensor:
         """(B,) index of each sequence's last fed token in the N."""
-        return torch.tensor(list(itertools.accumulate(self.feed_lens)), device=self.input_ids.device) - 1
+        return torch.tensor([n - 1 for n in itertools.accumulate(self.feed_lens)], device=self.input_ids.device)
 
     def last_rows(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, ...) -> the rows of each sequence's last fed token (B, ...)."""
@@ -182,7 +190,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """The main model on the fed tokens -> final-normed hidden states (N, D)."""
-        freqs = self.model.rope(batch.positions)
+        freqs = batch.rope(self.model.rope)
         x = self.model.embed(batch.input_ids)
         for i, block in enumerate(self.model.layers):
             x = self.block(block, i, x, batch, freqs)
@@ -194,7 +202,7 @@ class ModelRunner:
         model's hidden states at p -> the module's hidden states (N, D), before its shared_head.norm."""
         module = self.model.mtp[0]
         x = module.combine(h_prev, self.model.embed(batch.input_ids))
-        return self.block(module.block, self.config.num_hidden_layers, x, batch, self.model.rope(batch.positions))
+        return self.block(module.block, self.config.num_hidden_layers, x, batch, batch.rope(self.model.rope))
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
