@@ -4,8 +4,8 @@ draft acceptance rate, tokens per main-model forward, and whether the greedy out
     python benchmarks/bench_mtp.py --model runs/tiny [--prompts FILE] [--batch 1] [--new-tokens 128] [--repeats 5]
 
 The two engines run alternately, --repeats times each, on the same prompts; the speedup is the ratio of the
-median times (and of the best ones, printed beside it: this VM has slow spells that a single pair of runs can
-straddle).
+median times, printed beside the ratio of the best times and the median of the per-pair ratios (each plain run
+against the MTP run right after it): this VM has slow spells that a single pair of runs can straddle.
 
 Prompts: one per line from --prompts, else code-like openings (the built-in corpus is Python source).
 A random model's MTP module guesses at chance, so run this on a trained one (`dsv3 train` writes one).
@@ -74,10 +74,13 @@ def main() -> None:
     print(f"model {args.model}: {len(prompts)} prompts, batch {args.batch}, {args.new_tokens} new tokens, "
           f"temperature {args.temperature}, {torch.get_num_threads()} threads")
     best = min(times_plain) / min(times_spec) * n_spec / n_plain
+    # each plain run and the MTP run right after it share the machine's state of the moment
+    paired = statistics.median(p / s for p, s in zip(times_plain, times_spec)) * n_spec / n_plain
     print(f"  plain        {n_plain / t_plain:8.1f} tokens/s (median of {args.repeats}; "
           f"best {n_plain / min(times_plain):.1f})")
     print(f"  MTP          {n_spec / t_spec:8.1f} tokens/s (best {n_spec / min(times_spec):.1f})   "
-          f"speedup {t_plain / t_spec * n_spec / n_plain:.2f}x (medians), {best:.2f}x (best times)")
+          f"speedup {t_plain / t_spec * n_spec / n_plain:.2f}x (medians), {best:.2f}x (best times), "
+          f"{paired:.2f}x (median of the {args.repeats} back-to-back pairs)")
     print(f"  acceptance   {st['acceptance_rate']:.1%} of {st['drafted']} drafts (all runs); "
           f"{st['tokens_per_forward']:.2f} tokens per main-model forward")
     if args.temperature == 0:
