@@ -310,3 +310,31 @@ def test_rmsnorm_cpu_path_follows_weight_updates():
         assert torch.allclose(norm(x), 2 * first, rtol=1e-6)
         norm.weight.data = torch.full((16,), 3.0)
         assert torch.allclose(norm(x), 3 * first, rtol=1e-6)
+
+
+def test_moe_with_shared_experts_gradients_equal_reference():
+    """MoE.forward adds the routed outputs into the shared experts' output in place; values and gradients
+    (input and every weight) must equal routed_reference + shared computed separately."""
+    c = tiny_config()
+    moe = random_model(c, std=0.1).layers[1].ffn
+    x = torch.randn(2, 5, c.hidden_size, requires_grad=True)
+    r = torch.randn(2, 5, c.hidden_size)
+
+    def grads(fn):
+        moe.zero_grad()
+        x.grad = None
+        out = fn()
+        (out * r).sum().backward()
+        return out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in moe.named_parameters()}
+
+    def reference():
+        x2 = x.reshape(-1, c.hidden_size)
+        w, e, _ = moe.gate(x2)
+        sh = moe.shared_experts
+        return (moe.routed_reference(x2, w, e) + sh.w2(F.silu(sh.w1(x2)) * sh.w3(x2))).view(x.shape)
+
+    out, gx, gp = grads(lambda: moe(x))
+    out_ref, gx_ref, gp_ref = grads(reference)
+    assert rel_err(out, out_ref) <= 1e-6 and rel_err(gx, gx_ref) <= 1e-5
+    for name in gp:
+        assert rel_err(gp[name], gp_ref[name]) <= 1e-5, name
