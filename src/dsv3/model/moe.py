@@ -178,8 +178,8 @@ class MoE(nn.Module):
         x_ND = x.reshape(-1, shape[-1])
         weights_NK, experts_NK, scores_NE = self.gate(x_ND)
         # the routed outputs are added into the shared experts' output (one op, not a zero-fill and an add)
-        y_ND = torch.zeros_like(x_ND) if self.shared_experts is None else cast(self.shared_experts(x_ND), x_ND.dtype)
-        y_ND = self.routed(x_ND, weights_NK, experts_NK, y_ND)
+        shared_ND = None if self.shared_experts is None else cast(self.shared_experts(x_ND), x_ND.dtype)
+        y_ND = self.routed(x_ND, weights_NK, experts_NK, shared_ND)
         if self.balance_loss is not None and self.training:
             batch = shape[0] if self.balance_loss == "sequence" and x.dim() == 3 else 1
             self.aux_loss = balance_loss(scores_NE.view(batch, -1, self.n_experts),
