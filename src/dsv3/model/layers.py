@@ -136,13 +136,13 @@ def pack(module: nn.Module, name: str, params: list[nn.Parameter], dim: int = 0)
 def packed(module: nn.Module, name: str) -> torch.Tensor | None:
     """The packed tensor `module.<name>` if the packed path may be taken: no gradient wanted (the packed copy
     is outside autograd) and the parameters still live in it. A stale pack is dropped, freeing its memory."""
-    pack = getattr(module, name)
-    if pack is None or torch.is_grad_enabled():
+    current = getattr(module, name)
+    if current is None or torch.is_grad_enabled():
         return None
-    if not pack.intact():
+    if not current.intact():
         setattr(module, name, None)
         return None
-    return pack.tensor
+    return current.tensor
 
 
 class RMSNorm(nn.Module):
