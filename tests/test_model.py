@@ -103,6 +103,32 @@ def test_grouped_moe_equals_per_expert_loop(dtype, tol, fp8, grad):
         assert rel_err(moe.routed(x, weights, experts), moe.routed_reference(x, weights, experts)) <= tol
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("pack", [False, True])
+def test_dense_decode_moe_equals_per_expert_loop(dtype, tol, pack):
+    """CPU decode runs every expert on every token and weights the outputs by a dense gate matrix; it must
+    give what the per-expert loop gives, with and without the packed w1|w3, added into a given output."""
+    c = tiny_config()
+    model = random_model(c).to(dtype)
+    if pack:
+        model.pack_projections()
+    moe: MoE = model.layers[1].ffn
+    with torch.no_grad():
+        for n in (1, 2, 5, 16):
+            x = torch.randn(n, c.hidden_size, dtype=dtype)
+            weights, experts, _ = moe.gate(x)
+            assert moe.experts.dense_is_faster(x)  # tiny experts: the dense path is the one routed() takes
+            ref = moe.routed_reference(x, weights, experts)
+            assert rel_err(moe.experts.forward_dense(x, weights, experts), ref) <= tol
+            base = torch.randn(n, c.hidden_size, dtype=dtype)
+            assert rel_err(moe.routed(x, weights, experts, base.clone()), ref + base) <= tol
+        assert not moe.experts.dense_is_faster(torch.randn(17, c.hidden_size, dtype=dtype))  # prefill-sized
+    assert not moe.experts.dense_is_faster(x)  # with grad: never (training takes the grouped GEMMs)
+    big = MoE(tiny_config(n_routed_experts=64, moe_intermediate_size=1024, n_group=8), None)
+    with torch.no_grad():  # one token hits at most 3 of 64 larger experts: reading the other 61 costs more
+        assert not big.experts.dense_is_faster(torch.randn(1, c.hidden_size))
+
+
 def test_grouped_moe_gradients_equal_per_expert_loop():
     c = tiny_config()
     assert 6 * c.n_routed_experts <= 48

@@ -17,6 +17,12 @@ from .layers import KeepDtype, PackedWeights, cast, linear, pack, packed
 
 _GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.8
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what grouped_mm accepts
+# CPU decode: running *every* expert on every token (`Experts.forward_dense`) beats dispatching to the hit
+# ones while the experts that could not be hit (E - N*K of them at most) weigh less than this. Batched GEMMs
+# of the form bmm(W, X) stream each expert's weights at about twice the bandwidth of per-expert GEMMs, in a
+# third of the ops; measured on bench-small and tiny, see benchmarks/RESULTS.md (session 4).
+DENSE_DECODE_EXTRA_BYTES = 4 * 2**20
+DENSE_DECODE_MAX_TOKENS = 16
 
 
 class Gate(KeepDtype):
@@ -74,9 +80,10 @@ class Experts(KeepDtype):
     """The routed experts' SwiGLU weights, stacked: w1 (gate_proj) and w3 (up_proj) of shape (E, I, D), w2
     (down_proj) of shape (E, D, I). Optionally FP8 with (E, ceil(.. / 128), ceil(.. / 128)) block scales."""
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, topk: int):
         super().__init__()
         self.n_experts, self.dim, self.inter_dim = n_experts, dim, inter_dim
+        self.topk = topk
         self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
@@ -127,6 +134,36 @@ class Experts(KeepDtype):
         y = F.grouped_mm(h, self.w2.transpose(1, 2), offs=offs)
         return _ContiguousGrad.apply(y) if torch.is_grad_enabled() else y
 
+    def dense_is_faster(self, x_ND: torch.Tensor) -> bool:
+        """Whether `forward_dense` is the faster way to run these tokens (CPU inference, few tokens)."""
+        N = x_ND.shape[0]
+        if self.is_fp8 or x_ND.device.type != "cpu" or torch.is_grad_enabled() or N > DENSE_DECODE_MAX_TOKENS:
+            return False
+        expert_bytes = 3 * self.dim * self.inter_dim * self.w2.element_size()
+        return max(self.n_experts - N * self.topk, 0) * expert_bytes <= DENSE_DECODE_EXTRA_BYTES
+
+    def forward_dense(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor,
+                      out_ND: torch.Tensor | None = None) -> torch.Tensor:
+        """Every expert on every token, then each token's outputs summed with its gate weights (zero for the
+        experts it did not pick): out_ND + sum_k w_k expert_k(x). No dispatch, a handful of ops, and each
+        expert's weights read once by a batched GEMM whose right operand is column-major per expert (MKL's
+        fast form, ~2x the bandwidth of x @ W^T). Wasteful unless few tokens hit most experts (decode with a
+        small expert count: `dense_is_faster`). Inference only."""
+        E, N, I = self.n_experts, x_ND.shape[0], self.inter_dim
+        x_EDN = x_ND.t().expand(E, -1, N)
+        w13 = packed(self, "w13")
+        if w13 is not None:
+            gate_EIN, up_EIN = torch.bmm(w13, x_EDN).split(I, dim=1)
+        else:
+            gate_EIN, up_EIN = torch.bmm(self.w1, x_EDN), torch.bmm(self.w3, x_EDN)
+        h_EIN = x_ND.new_empty(E, N, I).transpose(1, 2)  # column-major again, for the next bmm
+        torch.mul(F.silu(gate_EIN), up_EIN, out=h_EIN)
+        y_NDE = torch.bmm(self.w2, h_EIN).permute(2, 1, 0)
+        g_NE1 = weights_NK.new_zeros(N, E).scatter_(1, experts_NK, weights_NK).unsqueeze(-1)
+        if out_ND is None:
+            return torch.bmm(y_NDE, cast(g_NE1, y_NDE.dtype)).squeeze(-1)
+        return torch.baddbmm(out_ND.unsqueeze(-1), y_NDE, cast(g_NE1, y_NDE.dtype)).squeeze(-1)
+
     def forward_loop(self, x_SD: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
         """The reference: a loop over experts, each a dense GEMM on its own tokens (and the FP8 path, its
         weights dequantised one expert at a time)."""
@@ -165,7 +202,8 @@ class MoE(nn.Module):
         super().__init__()
         self.n_experts, self.topk = config.n_routed_experts, config.num_experts_per_tok
         self.gate = Gate(config)
-        self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size,
+                               config.num_experts_per_tok)
         self.shared_experts = shared_experts
         # Instrumentation for training, switched on by the trainer (inference leaves both off):
         self.record_loads = False  # count the tokens routed to each expert into tokens_per_expert
@@ -189,6 +227,8 @@ class MoE(nn.Module):
     def routed(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor,
                out_ND: torch.Tensor | None = None) -> torch.Tensor:
         """-> out_ND (zeros if not given) plus each token's gate-weighted routed experts' outputs."""
+        if not self.record_loads and self.experts.dense_is_faster(x_ND):
+            return self.experts.forward_dense(x_ND, weights_NK, experts_NK, out_ND)
         x_SD, token_S, weight_S, counts_E = self.dispatch(x_ND, weights_NK, experts_NK)
         y_SD = self.experts(x_SD, counts_E)
         return self.combine(y_SD, token_S, weight_S, torch.zeros_like(x_ND) if out_ND is None else out_ND)
