@@ -156,13 +156,13 @@ class Experts(KeepDtype):
             gate_EIN, up_EIN = torch.bmm(w13, x_EDN).split(I, dim=1)
         else:
             gate_EIN, up_EIN = torch.bmm(self.w1, x_EDN), torch.bmm(self.w3, x_EDN)
+        # each token's gate weight (zero for an expert it did not pick) scales the expert's hidden state: the
+        # gated sum over experts is then a plain sum of the down projections
+        g_E1N = weights_NK.new_zeros(N, E).scatter_(1, experts_NK, weights_NK).t().unsqueeze(1)
         h_EIN = x_ND.new_empty(E, N, I).transpose(1, 2)  # column-major again, for the next bmm
-        torch.mul(F.silu(gate_EIN), up_EIN, out=h_EIN)
-        y_NDE = torch.bmm(self.w2, h_EIN).permute(2, 1, 0)
-        g_NE1 = weights_NK.new_zeros(N, E).scatter_(1, experts_NK, weights_NK).unsqueeze(-1)
-        if out_ND is None:
-            return torch.bmm(y_NDE, cast(g_NE1, y_NDE.dtype)).squeeze(-1)
-        return torch.baddbmm(out_ND.unsqueeze(-1), y_NDE, cast(g_NE1, y_NDE.dtype)).squeeze(-1)
+        torch.mul(F.silu(gate_EIN) * cast(g_E1N, gate_EIN.dtype), up_EIN, out=h_EIN)
+        y_DN = torch.bmm(self.w2, h_EIN).sum(dim=0)
+        return y_DN.t() if out_ND is None else out_ND.add_(y_DN.t())
 
     def forward_loop(self, x_SD: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
         """The reference: a loop over experts, each a dense GEMM on its own tokens (and the FP8 path, its
