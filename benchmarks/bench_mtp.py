@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--topk", type=int, default=2,
+                    help="MTP guesses a greedy step verifies at once (LLM's speculative_topk, default 2)")
     ap.add_argument("--repeats", type=int, default=5, help="alternating runs of each engine (default 5)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
@@ -57,7 +59,8 @@ def main() -> None:
     prompts = (prompts * args.num_prompts)[: args.num_prompts]
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.new_tokens, ignore_eos=True, seed=0)
     plain = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.batch)
-    spec = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.batch, speculative="mtp")
+    spec = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.batch, speculative="mtp",
+               speculative_topk=args.topk)
     if args.threads:
         torch.set_num_threads(args.threads)
     times_plain, times_spec = [], []
@@ -81,7 +84,8 @@ def main() -> None:
     print(f"  MTP          {n_spec / t_spec:8.1f} tokens/s (best {n_spec / min(times_spec):.1f})   "
           f"speedup {t_plain / t_spec * n_spec / n_plain:.2f}x (medians), {best:.2f}x (best times), "
           f"{paired:.2f}x (median of the {args.repeats} back-to-back pairs)")
-    print(f"  acceptance   {st['acceptance_rate']:.1%} of {st['drafted']} drafts (all runs); "
+    ranks = ", ".join(f"{n / max(st['drafted'], 1):.1%} at rank {r + 1}" for r, n in enumerate(st["accepted_by_rank"]))
+    print(f"  acceptance   {st['acceptance_rate']:.1%} of {st['drafted']} verified positions (all runs; {ranks}); "
           f"{st['tokens_per_forward']:.2f} tokens per main-model forward")
     if args.temperature == 0:
         print(f"  greedy outputs identical: {same}")

@@ -94,21 +94,55 @@ def test_preemption_recomputes_and_changes_nothing():
     assert [o.token_ids for o in outs] == want
 
 
-@pytest.mark.parametrize("vocab", [8, 300])
-def test_speculative_greedy_is_identical_to_plain_greedy(vocab):
-    """A small vocabulary makes the random MTP module right often enough to exercise both branches."""
+@pytest.mark.parametrize("vocab, topk", [(8, 1), (8, 2), (8, 3), (300, 1), (300, 2)])
+def test_speculative_greedy_is_identical_to_plain_greedy(vocab, topk):
+    """A small vocabulary makes the random MTP module right often enough to exercise every branch: a draft
+    rejected, kept at rank 1, and kept at rank 2 or 3 (its latents moved into place; with block_size 4 the
+    alternatives often straddle a block boundary)."""
     c = tiny_config(vocab_size=vocab)
     model = random_model(c, std=0.2, seed=5)
     ps = prompts(vocab, [5, 9, 2, 14], seed=3)
     params = SamplingParams(temperature=0, max_new_tokens=25, ignore_eos=True)
     plain = LLM(model, block_size=4, kv_cache_tokens=512).generate(ps, params)
-    spec_llm = LLM(model, speculative="mtp", block_size=4, kv_cache_tokens=512)
+    spec_llm = LLM(model, speculative="mtp", speculative_topk=topk, block_size=4, kv_cache_tokens=512)
     spec = spec_llm.generate(ps, params)
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
     st = spec_llm.stats
     assert st["drafted"] > 0 and st["tokens_per_forward"] == pytest.approx(1 + st["acceptance_rate"])
+    assert len(st["accepted_by_rank"]) == topk and sum(st["accepted_by_rank"]) == st["accepted"]
     if vocab == 8:
         assert 0 < st["accepted"] < st["drafted"]
+        if topk > 1:
+            assert sum(st["accepted_by_rank"][1:]) > 0
+
+
+def test_draft_alternatives_share_a_position_and_see_only_the_prefix():
+    """build_batch's one-level draft tree: the alternatives take the same rotary position, are stored at
+    consecutive slots, and attend to the sequence and to themselves, not to each other."""
+    from dsv3.infer.model_runner import build_batch
+    b = build_batch([[7, 1, 2, 3], [9]], [5, 2], [[0, 1, 2], [3]], 4, "cpu", alternatives=[3, 0])
+    assert b.positions.tolist() == [5, 6, 6, 6, 2]
+    assert b.slots.tolist() == [5, 6, 7, 8, 14]
+    allowed = b.mask[0, 0]  # (T, S) for the first sequence: key positions 0..8
+    assert allowed[0].tolist() == [True] * 6 + [False] * 3  # the last real token: causal
+    for j in range(3):  # alternative j: the prefix 0..5 and its own slot 6 + j
+        assert allowed[1 + j].nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 5, 6 + j]
+    assert b.mask[1, 0, 0, :3].tolist() == [True] * 3 and not b.mask[1, 0, 0, 3:].any()
+
+
+def test_speculative_topk_one_guess_per_sampled_request():
+    """Sampled requests verify a single draft (the exact accept/reject rule), whatever speculative_topk."""
+    c = tiny_config(vocab_size=8)
+    model = random_model(c, std=0.2, seed=5)
+    llm = LLM(model, speculative="mtp", speculative_topk=3, block_size=4, kv_cache_tokens=512)
+    ps = prompts(8, [4, 6], seed=4)
+    params = [SamplingParams(temperature=0.8, max_new_tokens=20, ignore_eos=True, seed=1),
+              SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)]
+    outs = llm.generate(ps, params)
+    assert outs[1].token_ids == LLM(model, block_size=4, kv_cache_tokens=512).generate([ps[1]], params[1])[0].token_ids
+    assert all(len(o.token_ids) == 20 for o in outs)
+    with pytest.raises(ValueError, match="speculative_topk"):
+        LLM(model, speculative="mtp", speculative_topk=0)
 
 
 def test_speculative_sampling_is_reproducible_and_plausible():
@@ -194,7 +228,7 @@ def test_logprobs_are_the_raw_model_distribution(speculative):
     c = tiny_config(vocab_size=8 if speculative else 300)  # a small vocabulary: MTP drafts get accepted
     model = random_model(c, std=0.2, seed=5)
     ps = prompts(c.vocab_size, [6, 3, 9], seed=6)
-    llm = LLM(model, speculative=speculative, block_size=4, kv_cache_tokens=256)
+    llm = LLM(model, speculative=speculative, speculative_topk=3, block_size=4, kv_cache_tokens=256)
     params = [SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True, logprobs=3, prompt_logprobs=2),
               SamplingParams(temperature=0.7, top_k=4, max_new_tokens=12, ignore_eos=True, logprobs=0, seed=1),
               SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)]
@@ -217,5 +251,5 @@ def test_logprobs_are_the_raw_model_distribution(speculative):
         for k, lp in enumerate(out.prompt_logprobs[1:], start=1):
             assert lp.token_id == p[k] and lp.logprob == pytest.approx(ref[k - 1, p[k]].item(), abs=1e-4)
             assert len(lp.top) == 2
-    if speculative:
-        assert llm.stats["accepted"] > 0  # drafts were kept, so the two-token rows were exercised
+    if speculative:  # drafts were kept, some at rank 2 or 3: a new token's row was not simply the next one
+        assert llm.stats["accepted"] > 0 and sum(llm.stats["accepted_by_rank"][1:]) > 0

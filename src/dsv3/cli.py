@@ -100,6 +100,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
     p.add_argument("--speculative", choices=["mtp"], default=None,
                    help="draft with the model's MTP module and verify (identical output, faster)")
+    p.add_argument("--speculative-topk", type=int, default=2, metavar="K",
+                   help="with --speculative mtp: greedy requests verify the MTP module's K likeliest next tokens "
+                        "at once (default 2; 1 when its first guess is nearly always right)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + reply (default: the config's)")
@@ -116,7 +119,8 @@ def _generate(args) -> None:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     llm = LLM(args.model, dtype=args.dtype, device=device, speculative=args.speculative,
-              max_model_len=args.max_model_len, max_num_seqs=args.max_batch_size, seed=args.seed)
+              speculative_topk=args.speculative_topk, max_model_len=args.max_model_len,
+              max_num_seqs=args.max_batch_size, seed=args.seed)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens, seed=args.seed)
     tok = llm.tokenizer
@@ -217,6 +221,9 @@ def _add_serve(sub) -> None:
                         "memory; CPU max-batch-size full contexts, capped at 4 GiB)")
     p.add_argument("--speculative", choices=["mtp"], default=None,
                    help="draft with the model's MTP module and verify (identical greedy output, faster)")
+    p.add_argument("--speculative-topk", type=int, default=2, metavar="K",
+                   help="with --speculative mtp: greedy requests verify the MTP module's K likeliest next tokens "
+                        "at once (default 2; 1 when its first guess is nearly always right)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=None, help="seed of requests that bring none")
@@ -236,8 +243,8 @@ def _serve(args) -> None:
     if args.threads or device == "cpu":
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     llm = LLM(args.model, dtype=args.dtype, device=device, speculative=args.speculative,
-              max_model_len=args.max_model_len, max_num_seqs=args.max_batch_size,
-              kv_cache_tokens=args.kv_cache_tokens, seed=args.seed)
+              speculative_topk=args.speculative_topk, max_model_len=args.max_model_len,
+              max_num_seqs=args.max_batch_size, kv_cache_tokens=args.kv_cache_tokens, seed=args.seed)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     app = create_app(llm, name, api_key=args.api_key, max_queue=args.max_queue)
     cache = llm.cache.capacity

@@ -67,7 +67,8 @@ class LLM:
     """A DeepSeek-V3/V2 model served from its latent cache, optionally with MTP speculative decoding.
 
     model: a model directory (or an already built DeepSeekV3). dtype/device: as `load_pretrained`.
-    speculative: None or "mtp". max_model_len: the longest sequence (prompt + output; default the
+    speculative: None or "mtp". speculative_topk: with "mtp", how many of the MTP module's most likely next
+    tokens a greedy request verifies at once (default 2; sampled requests verify one draft). max_model_len: the longest sequence (prompt + output; default the
     config's max_position_embeddings). max_num_seqs: sequences decoded together. kv_cache_tokens: cache
     positions over all sequences (default: 90% of free GPU memory; on CPU enough for max_num_seqs full
     sequences, capped at 4 GiB).
@@ -77,7 +78,7 @@ class LLM:
                  device: torch.device | str | None = None, speculative: str | None = None, *,
                  tokenizer: Tokenizer | None = None, max_model_len: int | None = None, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 16384, block_size: int = 64, kv_cache_tokens: int | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, speculative_topk: int = 2):
         path = None
         if isinstance(model, DeepSeekV3):
             self.model = model.eval()
@@ -114,9 +115,9 @@ class LLM:
         self.cache = LatentCache(config, num_blocks, block_size, dtype, dev, num_mtp_layers=n_mtp)
         self.runner = ModelRunner(self.model, self.cache)
         self.sampler = Sampler(dev, seed)
-        self.scheduler = Scheduler(num_blocks, block_size, max_num_seqs, max_num_batched_tokens,
-                                   self.max_model_len, lookahead=2 if speculative else 1)
-        self.speculator = MTPSpeculator(self.runner, self.sampler) if speculative else None
+        self.speculator = MTPSpeculator(self.runner, self.sampler, speculative_topk) if speculative else None
+        self.scheduler = Scheduler(num_blocks, block_size, max_num_seqs, max_num_batched_tokens, self.max_model_len,
+                                   lookahead=self.speculator.lookahead if self.speculator else 1)
         self.requests: dict[int, _Request] = {}
         self._ids = itertools.count()
         self.num_steps = self.num_prefill_tokens = self.num_decode_tokens = 0
@@ -154,7 +155,7 @@ class LLM:
         if self.speculator is not None:
             sp = self.speculator.stats
             s.update(drafted=sp.drafted, accepted=sp.accepted, acceptance_rate=sp.acceptance_rate,
-                     tokens_per_forward=sp.tokens_per_forward)
+                     tokens_per_forward=sp.tokens_per_forward, accepted_by_rank=list(sp.accepted_by_rank))
         return s
 
     # ---- requests --------------------------------------------------------------------------------------
@@ -218,10 +219,10 @@ class LLM:
             return []
         reqs = [self.requests[s.seq_id] for s in seqs]
         fed = sum(s.num_tokens - s.num_cached for s in seqs)
-        starts, had_draft = [s.num_cached for s in seqs], [len(s.draft) for s in seqs]
+        starts = [s.num_cached for s in seqs]
         if self.speculator is not None:
-            new_tokens, all_logits, batch = self.speculator.step(seqs, [r.generator for r in reqs],
-                                                                 self.cache.block_size)
+            new_tokens, token_rows, all_logits, batch = self.speculator.step(seqs, [r.generator for r in reqs],
+                                                                             self.cache.block_size)
 
             def row_logits(rows):  # the speculator computed the logits of every fed token
                 return all_logits[rows]
@@ -233,6 +234,7 @@ class LLM:
             logits = self.runner.logits(batch.last_rows(h))
             tokens = self.sampler.sample(logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
             new_tokens = [[t] for t in tokens]
+            token_rows = [[end - 1] for end in itertools.accumulate(batch.feed_lens)]
             for s, f, t in zip(seqs, feeds, tokens):
                 s.num_cached += len(f)
                 s.token_ids.append(t)
@@ -244,16 +246,15 @@ class LLM:
             self.num_prefill_tokens += fed
         else:
             self.num_decode_tokens += sum(len(t) for t in new_tokens)
-        lps, prompt_lps = self._logprobs(reqs, new_tokens, starts, had_draft, batch.feed_lens, row_logits)
+        lps, prompt_lps = self._logprobs(reqs, new_tokens, token_rows, starts, batch.feed_lens, row_logits)
         return [self._postprocess(r, toks, lp, plp) for r, toks, lp, plp in zip(reqs, new_tokens, lps, prompt_lps)]
 
-    def _logprobs(self, reqs: list[_Request], new_tokens: list[list[int]], starts: list[int],
-                  had_draft: list[int], feed_lens: list[int], row_logits
+    def _logprobs(self, reqs: list[_Request], new_tokens: list[list[int]], token_rows: list[list[int]],
+                  starts: list[int], feed_lens: list[int], row_logits
                   ) -> tuple[list[list[TokenLogprob] | None], list[list[TokenLogprob | None] | None]]:
         """Log-probabilities of the new tokens (and, at a request's first prefill, of its prompt's tokens) for
         the requests that ask. row_logits(rows) gives the main model's logits at those fed rows (the N tokens
-        of the step, sequence after sequence). New token j of sequence i came from the row of its last fed
-        token, or with a verified draft (fed: last token, draft) from the row before it, j rows on."""
+        of the step, sequence after sequence); new token j of sequence i came from fed row token_rows[i][j]."""
         lps: list = [None] * len(reqs)
         prompt_lps: list = [None] * len(reqs)
         end = 0
@@ -261,8 +262,7 @@ class LLM:
             begin, end = end, end + feed_lens[i]
             p = req.params
             if p.logprobs is not None:
-                first = end - 1 - had_draft[i]
-                lps[i] = token_logprobs(row_logits(list(range(first, first + len(toks)))), toks, p.logprobs)
+                lps[i] = token_logprobs(row_logits(token_rows[i]), toks, p.logprobs)
             if p.prompt_logprobs is not None and req.prompt_logprobs is None:
                 # the first prefill feeds the whole prompt from position 0: fed row r predicts prompt token r + 1
                 assert starts[i] == 0, f"prompt logprobs need the prefill from position 0, not {starts[i]}"

@@ -46,6 +46,13 @@ class LatentCache:
         """Store tokens' latents (N, C) and roped keys (N, R) at their slots (N,)."""
         self.data[layer].index_copy_(0, slots, cast(torch.cat([kv, k_rope], dim=-1), self.data.dtype))
 
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """Copy the main model's rows at slots src to slots dst, every layer in one op (the speculator keeps
+        a draft verified at a slot further on by moving it to its position's slot)."""
+        rows = self.data[: self.num_main_layers]
+        device = self.data.device
+        rows.index_copy_(1, torch.tensor(dst, device=device), rows.index_select(1, torch.tensor(src, device=device)))
+
     def read(self, layer: int, slot_table: torch.Tensor) -> torch.Tensor:
         """Gather the rows of slot_table (B, S) -> (B, S, C + R): the latent, then the roped key.
         (index_select, not advanced indexing: the same rows at a third of the cost on CPUs.)"""

@@ -89,33 +89,47 @@ def _arange(n: int) -> torch.Tensor:
 
 
 def build_batch(feeds: list[list[int]], starts: list[int], block_tables: list[list[int]], block_size: int,
-                device: torch.device) -> StepBatch:
+                device: torch.device, alternatives: list[int] | None = None) -> StepBatch:
     """feeds[b]: the tokens sequence b feeds, at positions starts[b], starts[b] + 1, ...
+
+    alternatives[b] = c > 1 makes the last c tokens of feeds[b] alternatives for one position (a draft tree
+    one level deep: several guesses for the next token verified in one forward). They share that position's
+    rotary angle, each attends to the tokens before them and to itself only, and they are stored at
+    consecutive cache slots from that position on (the speculator moves the kept one into place).
 
     Built from Python lists with a dozen tensor ops: at batch 1 a decode step of a small model takes a few
     milliseconds, and on a CPU each op here costs 5-20 us."""
     B = len(feeds)
     lens = [len(f) for f in feeds]
+    alternatives = alternatives or [0] * B
     T, S = max(lens), max(s + n for s, n in zip(starts, lens))
     n_blocks = -(-S // block_size)
     tables = torch.tensor([t[:n_blocks] + [0] * (n_blocks - len(t[:n_blocks])) for t in block_tables])
     slot_table = (tables[:, :, None] * block_size + _arange(block_size)).flatten(1)[:, :S]  # (B, S)
     input_ids, positions, slots, q_index, q_pos = [], [], [], [], []
+    siblings = []  # (b, t, first, last): query t of sequence b must not see the keys at first..last-1
     n = 0
-    for feed, start, table in zip(feeds, starts, block_tables):
+    for b, (feed, start, table, alt) in enumerate(zip(feeds, starts, block_tables, alternatives)):
         pad = T - len(feed)
-        pos = range(start, start + len(feed))
+        stored = range(start, start + len(feed))  # where each fed token's latent is written
         input_ids += feed
-        positions += pos
-        slots += [table[p // block_size] * block_size + p % block_size for p in pos]
+        slots += [table[p // block_size] * block_size + p % block_size for p in stored]
         q_index.append(list(range(n, n + len(feed))) + [0] * pad)
-        q_pos.append(list(pos) + [-1] * pad)
+        q_pos.append(list(stored) + [-1] * pad)
+        if alt > 1:
+            first = len(feed) - alt
+            positions += [*stored[:first], *[start + first] * alt]
+            siblings += [(b, first + j, start + first, start + first + j) for j in range(1, alt)]
+        else:
+            positions += stored
         n += len(feed)
     uniform = all(len(f) == T for f in feeds)
     input_ids_N, positions_N, slots_N = torch.tensor([input_ids, positions, slots])
     q_index_BT, q_pos_BT = torch.tensor([q_index, q_pos])
     q_valid = q_pos_BT >= 0
     mask = _arange(S) <= q_pos_BT[:, None, :, None]  # (B, 1, T, S): causal by position; past-the-end keys excluded
+    for b, t, lo, hi in siblings:
+        mask[b, 0, t, lo:hi] = False
     if not uniform:
         mask[:, 0, :, 0] |= ~q_valid  # padded query rows attend something, so softmax stays finite (discarded)
     batch = StepBatch(input_ids=input_ids_N, positions=positions_N, slots=slots_N, q_index=q_index_BT,

@@ -1,22 +1,27 @@
 """MTP speculative decoding, on top of the model runner (DeepSeek-V3 report §2.2 and §5.4.3).
 
-Each decode step feeds, per sequence, its last token t_n and one draft d for t_{n+1} proposed by MTP
-module 1. The main model scores both positions in one forward:
-- greedy: d is kept if it is the argmax at position n; then position n+1's argmax comes for free.
-- sampling (Leviathan et al. 2023; Chen et al. 2023): d, drawn from the draft distribution q, is kept with
-  probability min(1, p(d) / q(d)); if not, the token is drawn from max(0, p - q), renormalised. Either way
-  the output is distributed exactly as plain sampling from p.
-A rejected draft's cache row is simply left behind: the next step overwrites it.
+Each decode step feeds, per sequence, its last token t_n and drafts for t_{n+1} proposed by MTP module 1.
+The main model scores them in the same forward:
+- greedy: the module's `topk` most likely tokens are all verified at once, as alternatives for position
+  n+1 (a draft tree one level deep: each attends to the sequence and to itself). The one equal to the
+  argmax at position n is kept, if any, and the argmax at its own row comes for free. Verifying a second
+  guess costs one more row in the same forward, and a module that is often second-best (a briefly trained
+  one) is then mostly right.
+- sampling (Leviathan et al. 2023; Chen et al. 2023): one draft d, drawn from the draft distribution q, is
+  kept with probability min(1, p(d) / q(d)); if not, the token is drawn from max(0, p - q), renormalised.
+  Either way the output is distributed exactly as plain sampling from p.
+Drafts are written to the cache slots from position n+1 on; the kept one is moved to position n+1's slot,
+and the slots past the last kept position are simply overwritten by the next step.
 
 Then MTP module 1 runs over the positions the main model has just confirmed, p, with the main model's h_p
-and the token t_{p+1}, extending its own latent cache, and its prediction at the last of them is the
-next draft.
+and the token t_{p+1}, extending its own latent cache, and its prediction at the last of them gives the
+next drafts.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -27,10 +32,11 @@ from .scheduler import Sequence
 
 @dataclass
 class SpecStats:
-    drafted: int = 0
-    accepted: int = 0
+    drafted: int = 0  # verified positions: one per sequence per decode step, however many alternatives
+    accepted: int = 0  # of those, the ones where a draft was kept
     decode_forwards: int = 0  # per sequence: main-model positions verified, one per sequence per step
     decode_tokens: int = 0  # tokens those forwards produced
+    accepted_by_rank: list[int] = field(default_factory=list)  # kept drafts by their rank in the module's top-k
 
     @property
     def acceptance_rate(self) -> float:
@@ -42,58 +48,81 @@ class SpecStats:
 
 
 class MTPSpeculator:
-    def __init__(self, runner: ModelRunner, sampler: Sampler):
+    def __init__(self, runner: ModelRunner, sampler: Sampler, topk: int = 2):
         if not runner.model.mtp:
             raise ValueError("speculative='mtp' needs a model with an MTP module (num_nextn_predict_layers >= 1)")
+        if topk < 1:
+            raise ValueError(f"speculative_topk must be at least 1, not {topk}")
         self.runner, self.sampler = runner, sampler
+        self.topk = min(topk, runner.config.vocab_size)  # alternatives verified per greedy step
         self.draft_probs: dict[int, torch.Tensor] = {}  # seq_id -> q, the distribution its draft was drawn from
-        self.stats = SpecStats()
+        self.stats = SpecStats(accepted_by_rank=[0] * self.topk)
+
+    @property
+    def lookahead(self) -> int:
+        """Cache positions a decode step may write past a sequence's last token: the drafts, and itself."""
+        return 1 + self.topk
 
     def step(self, seqs: list[Sequence], generators: list[torch.Generator | None], block_size: int
-             ) -> tuple[list[list[int]], torch.Tensor, StepBatch]:
-        """One main forward (+ one MTP forward) for `seqs` -> (new tokens per sequence, main logits of every
-        fed token (N, V), the batch). Updates each sequence's cache counts and draft."""
+             ) -> tuple[list[list[int]], list[list[int]], torch.Tensor, StepBatch]:
+        """One main forward (+ one MTP forward) for `seqs` -> (new tokens per sequence, for each the fed row
+        whose logits gave it, main logits of every fed token (N, V), the batch). Updates each sequence's
+        cache counts and drafts."""
         runner = self.runner
         feeds = [s.token_ids[s.num_cached:] + s.draft for s in seqs]
+        alternatives = [len(s.draft) for s in seqs]
         batch = build_batch(feeds, [s.num_cached for s in seqs], [s.block_table for s in seqs], block_size,
-                            runner.device)
+                            runner.device, alternatives if max(alternatives) > 1 else None)
         h = runner.forward(batch)
         logits = runner.logits(h)
         params = [s.params for s in seqs]
-        starts = [0, *itertools.accumulate(batch.feed_lens)]
-        new_tokens: list[list[int]] = []
+        ends = list(itertools.accumulate(batch.feed_lens))
+        new_tokens, token_rows, kept_rows, moves = [], [], [], ([], [])
         for i, seq in enumerate(seqs):
-            last = starts[i + 1] - 1
+            last = ends[i] - 1 - len(seq.draft)  # the row of the sequence's last token (before its drafts)
+            prefix = list(range(ends[i] - len(feeds[i]), last + 1))  # rows fed before the drafts: all kept
             if not seq.draft:  # prefill: sample from the last position, as plain decoding
-                tok = self.sampler.sample(logits[last:last + 1], [params[i]], [generators[i]])
-                new_tokens.append([int(tok)])
-                continue
-            if params[i].greedy:  # argmaxes only: no distributions needed
-                best = logits[last - 1:last + 1].argmax(dim=-1).tolist()  # positions n, n+1
-                toks = [seq.draft[0], best[1]] if best[0] == seq.draft[0] else [best[0]]
+                toks = [int(self.sampler.sample(logits[last:last + 1], [params[i]], [generators[i]]))]
+            elif params[i].greedy:  # argmaxes only: no distributions needed
+                best = logits[last:ends[i]].argmax(dim=-1).tolist()  # position n, then each alternative's row
+                toks = [best[0]]
+                if best[0] in seq.draft:
+                    j = seq.draft.index(best[0])
+                    toks.append(best[1 + j])
+                    self.stats.accepted_by_rank[j] += 1
+                    if j:  # stored j slots on: move its latents to the slot of its position
+                        pos = seq.num_cached + len(prefix)
+                        moves[0].append(_slot(seq.block_table, pos + j, block_size))
+                        moves[1].append(_slot(seq.block_table, pos, block_size))
             else:
-                p = self.sampler.probs(logits[last - 1:last + 1], [params[i]] * 2)
+                p = self.sampler.probs(logits[last:last + 2], [params[i]] * 2)
                 q = self.draft_probs.pop(seq.seq_id)
                 toks = verify_draft(p[0], p[1], q, seq.draft[0], False, generators[i] or self.sampler.default)
+                if len(toks) == 2:
+                    self.stats.accepted_by_rank[0] += 1
+            rows = [last] if len(toks) == 1 else [last, last + 1 + seq.draft.index(toks[0])]
             new_tokens.append(toks)
-            self.stats.drafted += 1
-            self.stats.accepted += len(toks) - 1
-            self.stats.decode_forwards += 1
-            self.stats.decode_tokens += len(new_tokens[-1])
+            token_rows.append(rows)
+            kept_rows.append(prefix + rows[1:])
+            if seq.draft:
+                self.stats.drafted += 1
+                self.stats.accepted += len(toks) - 1
+                self.stats.decode_forwards += 1
+                self.stats.decode_tokens += len(toks)
+        if moves[0]:
+            runner.cache.move(*moves)
 
-        # the main model's cache now holds confirmed positions up to the last accepted one
-        mtp_feeds, mtp_h = [], []
-        for i, (seq, toks) in enumerate(zip(seqs, new_tokens)):
+        # the main model's cache now holds the kept positions; MTP runs at each, p, with h_p and token p+1
+        mtp_feeds = []
+        for seq, toks, kept in zip(seqs, new_tokens, kept_rows):
+            assert seq.num_mtp_cached == seq.num_cached, (seq.num_mtp_cached, seq.num_cached)
             start = seq.num_cached
-            seq.num_cached = start + (len(feeds[i]) if not seq.draft else len(toks))
+            seq.num_cached = start + len(kept)
             seq.token_ids.extend(toks)
-            # MTP at positions [num_mtp_cached, num_cached): main hidden state at p, token p+1
-            n = seq.num_cached - seq.num_mtp_cached
-            assert seq.num_mtp_cached == start, (seq.num_mtp_cached, start)
-            mtp_feeds.append(seq.token_ids[seq.num_mtp_cached + 1: seq.num_cached + 1])
-            mtp_h.append(h[starts[i]: starts[i] + n])
-        if [len(f) for f in mtp_feeds] == batch.feed_lens:
-            # every fed position was confirmed (a prefill, or all drafts kept): MTP runs at exactly the main
+            mtp_feeds.append(seq.token_ids[start + 1: seq.num_cached + 1])
+        rows = list(itertools.chain.from_iterable(kept_rows))
+        if rows == list(range(ends[-1])):
+            # every fed token was kept (a prefill, or single drafts all accepted): MTP runs at exactly the main
             # step's positions, so its batch is the main one with the next tokens fed
             mtp_batch = replace(batch, input_ids=torch.tensor(
                 list(itertools.chain.from_iterable(mtp_feeds)), device=batch.input_ids.device))
@@ -101,22 +130,40 @@ class MTPSpeculator:
         else:
             mtp_batch = build_batch(mtp_feeds, [s.num_mtp_cached for s in seqs], [s.block_table for s in seqs],
                                     block_size, runner.device)
-            h_prev = mtp_h[0] if len(mtp_h) == 1 else torch.cat(mtp_h)
+            h_prev = h.index_select(0, torch.tensor(rows, device=h.device))
         h_mtp = runner.forward_mtp(mtp_batch, h_prev)
         draft_logits = runner.mtp_logits(mtp_batch.last_rows(h_mtp))
-        drafts = self.sampler.sample(draft_logits, params, generators).tolist()
-        sampled = [i for i, p in enumerate(params) if not p.greedy]
-        q_all = self.sampler.probs(draft_logits[sampled], [params[i] for i in sampled]) if sampled else None
-        for i, seq in enumerate(seqs):
+        for seq in seqs:
             seq.num_mtp_cached = seq.num_cached
-            seq.draft = [drafts[i]]
-        for j, i in enumerate(sampled):  # the distribution each sampled draft came from, for its verification
-            self.draft_probs[seqs[i].seq_id] = q_all[j]
-        return new_tokens, logits, batch
+        self._propose(seqs, params, generators, draft_logits)
+        return new_tokens, token_rows, logits, batch
+
+    def _propose(self, seqs, params, generators, draft_logits: torch.Tensor) -> None:
+        """Set each sequence's drafts from the MTP module's logits at its last kept position: the top-k for
+        greedy requests, one token drawn from q (remembered for its verification) for sampled ones."""
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if greedy:
+            rows = draft_logits if len(greedy) == len(seqs) else draft_logits[greedy]
+            top = rows.topk(self.topk, dim=-1).indices.tolist() if self.topk > 1 else rows.argmax(-1)[:, None].tolist()
+            for i, drafts in zip(greedy, top):
+                seqs[i].draft = drafts
+        if sampled:
+            rows = draft_logits[sampled]
+            sub = [params[i] for i in sampled]
+            drawn = self.sampler.sample(rows, sub, [generators[i] for i in sampled]).tolist()
+            q_all = self.sampler.probs(rows, sub)
+            for j, i in enumerate(sampled):  # the distribution each draft came from, for its verification
+                seqs[i].draft = [drawn[j]]
+                self.draft_probs[seqs[i].seq_id] = q_all[j]
 
     def forget(self, seq: Sequence) -> None:
         self.draft_probs.pop(seq.seq_id, None)
         seq.draft = []
+
+
+def _slot(block_table: list[int], pos: int, block_size: int) -> int:
+    return block_table[pos // block_size] * block_size + pos % block_size
 
 
 def verify_draft(p: torch.Tensor, p_next: torch.Tensor, q: torch.Tensor, draft: int, greedy: bool,

@@ -17,7 +17,7 @@ from .layers import KeepDtype, PackedWeights, cast, linear, pack, packed
 
 _GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.8
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what grouped_mm accepts
-# CPU decode: running *every* expert on every token (`Experts.forward_dense`) beats dispatching to the hit
+# CPU decode in float32: running *every* expert on every token (`Experts.forward_dense`) beats dispatching to the hit
 # ones while the experts that could not be hit (E - N*K of them at most) weigh less than this. Batched GEMMs
 # of the form bmm(W, X) stream each expert's weights at about twice the bandwidth of per-expert GEMMs, in a
 # third of the ops; measured on bench-small and tiny, see benchmarks/RESULTS.md (session 4).
@@ -137,7 +137,8 @@ class Experts(KeepDtype):
     def dense_is_faster(self, x_ND: torch.Tensor) -> bool:
         """Whether `forward_dense` is the faster way to run these tokens (CPU inference, few tokens)."""
         N = x_ND.shape[0]
-        if self.is_fp8 or x_ND.device.type != "cpu" or torch.is_grad_enabled() or N > DENSE_DECODE_MAX_TOKENS:
+        if (self.is_fp8 or x_ND.device.type != "cpu" or x_ND.dtype != torch.float32 or torch.is_grad_enabled()
+                or N > DENSE_DECODE_MAX_TOKENS):  # (measured for float32 on CPUs only)
             return False
         expert_bytes = 3 * self.dim * self.inter_dim * self.w2.element_size()
         return max(self.n_experts - N * self.topk, 0) * expert_bytes <= DENSE_DECODE_EXTRA_BYTES
