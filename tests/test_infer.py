@@ -107,6 +107,8 @@ def test_speculative_greedy_is_identical_to_plain_greedy(vocab, topk):
     spec_llm = LLM(model, speculative="mtp", speculative_topk=topk, block_size=4, kv_cache_tokens=512)
     spec = spec_llm.generate(ps, params)
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    # alone, every step is uniform: the MTP step reuses the main step's layout (StepBatch.leading)
+    assert spec_llm.generate(ps[1], params)[0].token_ids == plain[1].token_ids
     st = spec_llm.stats
     assert st["drafted"] > 0 and st["tokens_per_forward"] == pytest.approx(1 + st["acceptance_rate"])
     assert len(st["accepted_by_rank"]) == topk and sum(st["accepted_by_rank"]) == st["accepted"]

@@ -57,6 +57,19 @@ class StepBatch:
             self._bias = score_bias(self.mask, n_heads, dtype)
         return self._bias
 
+    def leading(self, m: int, input_ids: torch.Tensor) -> "StepBatch":
+        """This uniform step cut to the first m fed tokens of every sequence, feeding input_ids (B*m,) there
+        instead: the MTP module's step when the main model kept m positions of every sequence. The first m
+        rows must be consecutive positions with a causal mask (a decode's tokens and its first draft are; the
+        further alternatives are not). Rotary factors and the score bias are sliced, not rebuilt."""
+        B, T = self.q_index.shape
+        lead = lambda t: t.view(B, T, *t.shape[1:])[:, :m].reshape(B * m, *t.shape[1:])  # noqa: E731
+        bias = None if self._bias is None else self._bias[:, : m * (self._bias.shape[1] // T)]
+        return StepBatch(input_ids=input_ids, positions=lead(self.positions), slots=lead(self.slots),
+                         q_index=_arange(B * m).view(B, m), q_valid=self.q_valid[:, :m], slot_table=self.slot_table,
+                         mask=self.mask[:, :, :m], feed_lens=[m] * B, uniform=True, _bias=bias,
+                         _freqs=None if self._freqs is None else lead(self._freqs))
+
     @property
     def last_index(self) -> torch.Tensor:
         """(B,) index of each sequence's last fed token in the N."""

@@ -121,15 +121,20 @@ class MTPSpeculator:
             seq.token_ids.extend(toks)
             mtp_feeds.append(seq.token_ids[start + 1: seq.num_cached + 1])
         rows = list(itertools.chain.from_iterable(kept_rows))
+        mtp_ids = torch.tensor(list(itertools.chain.from_iterable(mtp_feeds)), device=batch.input_ids.device)
+        kept = {len(k) for k in kept_rows}
         if rows == list(range(ends[-1])):
             # every fed token was kept (a prefill, or single drafts all accepted): MTP runs at exactly the main
             # step's positions, so its batch is the main one with the next tokens fed
-            mtp_batch = replace(batch, input_ids=torch.tensor(
-                list(itertools.chain.from_iterable(mtp_feeds)), device=batch.input_ids.device))
-            h_prev = h
+            mtp_batch, h_prev = replace(batch, input_ids=mtp_ids), h
         else:
-            mtp_batch = build_batch(mtp_feeds, [s.num_mtp_cached for s in seqs], [s.block_table for s in seqs],
-                                    block_size, runner.device)
+            if batch.uniform and len(kept) == 1:
+                # a decode that kept m positions of every sequence: its last token's and, with m = 2, its first
+                # draft's row have the positions, slots and causal mask the MTP step needs
+                mtp_batch = batch.leading(kept.pop(), mtp_ids)
+            else:
+                mtp_batch = build_batch(mtp_feeds, [s.num_mtp_cached for s in seqs], [s.block_table for s in seqs],
+                                        block_size, runner.device)
             h_prev = h.index_select(0, torch.tensor(rows, device=h.device))
         h_mtp = runner.forward_mtp(mtp_batch, h_prev)
         draft_logits = runner.mtp_logits(mtp_batch.last_rows(h_mtp))
