@@ -269,6 +269,23 @@ def test_resume_refuses_other_options(reference_run, corpus_file, tmp_path):
     assert r.returncode == 2 and "seed: was 0, now 5" in r.stderr
 
 
+def test_finished_run_run_again_reports_its_result(reference_run, corpus_file, tmp_path):
+    """The same command on a finished run trains nothing, leaves the log as it was, and still returns the
+    final losses (what `make demo` prints the second time)."""
+    import argparse
+    import shutil
+    from dsv3.train.train import add_args, main
+    out = tmp_path / "again"
+    shutil.copytree(reference_run, out)
+    before = (out / "metrics.jsonl").read_text()
+    p = argparse.ArgumentParser()
+    add_args(p)
+    summary = main(p.parse_args(train_cmd(out, corpus_file, steps=8)[4:]))
+    assert (out / "metrics.jsonl").read_text() == before
+    last = read_metrics(os.path.join(out, "metrics.jsonl"))[-1]
+    assert summary["steps"] == 8 and summary["val_loss"] == last["val_loss"] and summary["loss"] == last["loss"]
+
+
 def test_balance_modes_and_nonfinite_guard(corpus_file, tmp_path):
     from dsv3.train.train import add_args, main
     import argparse

@@ -36,7 +36,7 @@ from ..model.model import DeepSeekV3, init_weights
 from ..model.mtp import mtp_loss
 from ..tokenizer import Tokenizer, train_bpe
 from . import balance
-from .metrics import MetricsLog, plot_run
+from .metrics import MetricsLog, plot_run, read_metrics
 from .optim import build_optimizer
 from .schedules import default_warmup, gamma_at, lr_at, mtp_lambda_at
 
@@ -277,6 +277,8 @@ def main(args: argparse.Namespace) -> dict:
             print("plots: " + ", ".join(os.path.basename(p) for p in paths))
         except (RuntimeError, ValueError) as e:
             print(f"no plots: {e}")
+    if not last:  # nothing left to train: report the finished run's last step from its log
+        last = next((r for r in reversed(read_metrics(metrics.path)) if r.get("step") == step), {})
     summary = {"steps": step, "loss": last.get("loss"), "val_loss": last.get("val_loss"),
                "val_bpb": last.get("val_bpb"), "unigram_entropy": data_info["unigram_entropy"],
                "maxvio": last.get("maxvio"), "maxvio_global": last.get("maxvio_global"), "skipped_steps": skipped}
