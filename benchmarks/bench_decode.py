@@ -13,9 +13,11 @@ Also the cache bytes per token of each.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -99,6 +101,7 @@ def main() -> None:
     model = dsv3.DeepSeekV3(cfg)
     dsv3.init_weights(model, std=0.02)
     tmp = tempfile.mkdtemp(prefix="bench_decode_")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the weights are ~140 MB
     dsv3.save_pretrained(model, tmp, dtype=torch.float32)
     del model
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()

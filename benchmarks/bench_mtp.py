@@ -45,8 +45,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
-    ap.add_argument("--topk", type=int, default=2,
-                    help="MTP guesses a greedy step verifies at once (LLM's speculative_topk, default 2)")
+    ap.add_argument("--topk", type=int, default=None,
+                    help="MTP guesses a greedy step verifies at once (LLM's speculative_topk; default: adaptive)")
     ap.add_argument("--repeats", type=int, default=5, help="alternating runs of each engine (default 5)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()

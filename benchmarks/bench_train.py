@@ -9,9 +9,11 @@ against this machine's measured fp32 matmul peak.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -63,6 +65,7 @@ def main() -> None:
     model = dsv3.DeepSeekV3(cfg)
     dsv3.init_weights(model, std=0.02)
     d = tempfile.mkdtemp(prefix="bench_train_")
+    atexit.register(shutil.rmtree, d, ignore_errors=True)  # the weights are ~140 MB
     dsv3.save_pretrained(model, d, dtype=torch.float32)
     peak = matmul_peak()
     print(f"bench-small without MTP ({cfg.num_params() / 1e6:.1f}M parameters, {cfg.num_active_params() / 1e6:.1f}M "

@@ -94,7 +94,7 @@ def test_preemption_recomputes_and_changes_nothing():
     assert [o.token_ids for o in outs] == want
 
 
-@pytest.mark.parametrize("vocab, topk", [(8, 1), (8, 2), (8, 3), (300, 1), (300, 2)])
+@pytest.mark.parametrize("vocab, topk", [(8, 1), (8, 2), (8, 3), (8, None), (300, 1), (300, None)])
 def test_speculative_greedy_is_identical_to_plain_greedy(vocab, topk):
     """A small vocabulary makes the random MTP module right often enough to exercise every branch: a draft
     rejected, kept at rank 1, and kept at rank 2 or 3 (its latents moved into place; with block_size 4 the
@@ -111,11 +111,31 @@ def test_speculative_greedy_is_identical_to_plain_greedy(vocab, topk):
     assert spec_llm.generate(ps[1], params)[0].token_ids == plain[1].token_ids
     st = spec_llm.stats
     assert st["drafted"] > 0 and st["tokens_per_forward"] == pytest.approx(1 + st["acceptance_rate"])
-    assert len(st["accepted_by_rank"]) == topk and sum(st["accepted_by_rank"]) == st["accepted"]
+    assert len(st["accepted_by_rank"]) == (topk or 2) and sum(st["accepted_by_rank"]) == st["accepted"]
     if vocab == 8:
         assert 0 < st["accepted"] < st["drafted"]
-        if topk > 1:
+        if topk and topk > 1:
             assert sum(st["accepted_by_rank"][1:]) > 0
+
+
+def test_adaptive_guesses_follow_the_hit_rates():
+    """By default a second guess is verified while the main model's token is often enough the module's
+    second choice; the rates are learned from every drafted position, verified guess or not."""
+    from dsv3.infer.speculative import EXTRA_GUESS_COST, MTPSpeculator
+    c = tiny_config(vocab_size=8)
+    llm = LLM(random_model(c, std=0.2, seed=5), speculative="mtp", block_size=4, kv_cache_tokens=256)
+    sp: MTPSpeculator = llm.speculator
+    assert sp.adaptive and sp.topk == 2 and llm.scheduler.lookahead == 3 and sp.num_guesses() == 2
+    sp.hit_rate = [0.9, 0.01]  # first guesses nearly always right: the second does not pay for its row
+    assert sp.num_guesses() == 1
+    sp.hit_rate = [0.3, 0.4]  # a briefly trained module: often right only at its second guess
+    assert sp.num_guesses() == 2
+    sp.hit_rate = [0.9, EXTRA_GUESS_COST * 1.9 + 1e-3]
+    assert sp.num_guesses() == 2
+    sp.guesses[7] = [3, 5]
+    sp._observe(7, 5)  # the main model's token was the second guess
+    assert sp.hit_rate[1] > EXTRA_GUESS_COST * 1.9 and sp.hit_rate[0] < 0.9 and 7 not in sp.guesses
+    assert LLM(random_model(c), speculative="mtp", speculative_topk=1).speculator.num_guesses() == 1
 
 
 def test_draft_alternatives_share_a_position_and_see_only_the_prefix():

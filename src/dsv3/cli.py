@@ -100,9 +100,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
     p.add_argument("--speculative", choices=["mtp"], default=None,
                    help="draft with the model's MTP module and verify (identical output, faster)")
-    p.add_argument("--speculative-topk", type=int, default=2, metavar="K",
+    p.add_argument("--speculative-topk", type=int, default=None, metavar="K",
                    help="with --speculative mtp: greedy requests verify the MTP module's K likeliest next tokens "
-                        "at once (default 2; 1 when its first guess is nearly always right)")
+                        "at once (default: 1 or 2, adapting to how often its second guess is the right one)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + reply (default: the config's)")
@@ -221,9 +221,9 @@ def _add_serve(sub) -> None:
                         "memory; CPU max-batch-size full contexts, capped at 4 GiB)")
     p.add_argument("--speculative", choices=["mtp"], default=None,
                    help="draft with the model's MTP module and verify (identical greedy output, faster)")
-    p.add_argument("--speculative-topk", type=int, default=2, metavar="K",
+    p.add_argument("--speculative-topk", type=int, default=None, metavar="K",
                    help="with --speculative mtp: greedy requests verify the MTP module's K likeliest next tokens "
-                        "at once (default 2; 1 when its first guess is nearly always right)")
+                        "at once (default: 1 or 2, adapting to how often its second guess is the right one)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=None, help="seed of requests that bring none")

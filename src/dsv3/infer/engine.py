@@ -68,7 +68,8 @@ class LLM:
 
     model: a model directory (or an already built DeepSeekV3). dtype/device: as `load_pretrained`.
     speculative: None or "mtp". speculative_topk: with "mtp", how many of the MTP module's most likely next
-    tokens a greedy request verifies at once (default 2; sampled requests verify one draft). max_model_len: the longest sequence (prompt + output; default the
+    tokens a greedy request verifies at once (default None: 1 or 2, whichever pays on the module's recent
+    record; sampled requests verify one draft). max_model_len: the longest sequence (prompt + output; default the
     config's max_position_embeddings). max_num_seqs: sequences decoded together. kv_cache_tokens: cache
     positions over all sequences (default: 90% of free GPU memory; on CPU enough for max_num_seqs full
     sequences, capped at 4 GiB).
@@ -78,7 +79,7 @@ class LLM:
                  device: torch.device | str | None = None, speculative: str | None = None, *,
                  tokenizer: Tokenizer | None = None, max_model_len: int | None = None, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 16384, block_size: int = 64, kv_cache_tokens: int | None = None,
-                 seed: int | None = None, speculative_topk: int = 2):
+                 seed: int | None = None, speculative_topk: int | None = None):
         path = None
         if isinstance(model, DeepSeekV3):
             self.model = model.eval()

@@ -2,11 +2,13 @@
 
 Each decode step feeds, per sequence, its last token t_n and drafts for t_{n+1} proposed by MTP module 1.
 The main model scores them in the same forward:
-- greedy: the module's `topk` most likely tokens are all verified at once, as alternatives for position
-  n+1 (a draft tree one level deep: each attends to the sequence and to itself). The one equal to the
-  argmax at position n is kept, if any, and the argmax at its own row comes for free. Verifying a second
-  guess costs one more row in the same forward, and a module that is often second-best (a briefly trained
-  one) is then mostly right.
+- greedy: the module's k most likely tokens are verified at once, as alternatives for position n+1 (a
+  draft tree one level deep: each attends to the sequence and to itself). The one equal to the argmax at
+  position n is kept, if any, and the argmax at its own row comes for free. A second guess costs one more
+  row in the same forward: worth it for a module that is often second-best (a briefly trained one: 20% ->
+  71% of positions kept on a 150-step tiny model), not for one that is nearly always right. By default k
+  adapts: the speculator tracks how often the main model's token is each of the module's top guesses,
+  verified or not, and verifies a further guess while its hit rate pays for its row.
 - sampling (Leviathan et al. 2023; Chen et al. 2023): one draft d, drawn from the draft distribution q, is
   kept with probability min(1, p(d) / q(d)); if not, the token is drawn from max(0, p - q), renormalised.
   Either way the output is distributed exactly as plain sampling from p.
@@ -30,6 +32,13 @@ from .sampling import Sampler, draw
 from .scheduler import Sequence
 
 
+# What verifying one more guess costs, as a share of the tokens a step yields: an extra row in the main
+# forward and a step layout the MTP module can no longer reuse. Measured on CPU (tiny, batch 1, where a step
+# is dispatch-bound): 6-9% of a cycle. On a GPU the extra row is nearly free, so this errs towards fewer guesses.
+EXTRA_GUESS_COST = 0.08
+HIT_RATE_DECAY = 0.95  # the hit rates are averages over roughly the last 20 verified positions
+
+
 @dataclass
 class SpecStats:
     drafted: int = 0  # verified positions: one per sequence per decode step, however many alternatives
@@ -48,15 +57,41 @@ class SpecStats:
 
 
 class MTPSpeculator:
-    def __init__(self, runner: ModelRunner, sampler: Sampler, topk: int = 2):
+    def __init__(self, runner: ModelRunner, sampler: Sampler, topk: int | None = None):
+        """topk: how many of the module's top guesses a greedy step verifies; None adapts between 1 and 2."""
         if not runner.model.mtp:
             raise ValueError("speculative='mtp' needs a model with an MTP module (num_nextn_predict_layers >= 1)")
-        if topk < 1:
+        if topk is not None and topk < 1:
             raise ValueError(f"speculative_topk must be at least 1, not {topk}")
         self.runner, self.sampler = runner, sampler
-        self.topk = min(topk, runner.config.vocab_size)  # alternatives verified per greedy step
+        self.adaptive = topk is None
+        self.topk = min(2 if topk is None else topk, runner.config.vocab_size)  # the most guesses verified
+        # per rank, how often the main model's token was the module's guess (verified or not): starts by
+        # assuming a second guess pays, and learns within ~20 positions
+        self.hit_rate = [0.5, 0.25, *[0.0] * (self.topk - 2)][: self.topk]
+        self.guesses: dict[int, list[int]] = {}  # seq_id -> the module's top guesses behind its greedy draft
         self.draft_probs: dict[int, torch.Tensor] = {}  # seq_id -> q, the distribution its draft was drawn from
         self.stats = SpecStats(accepted_by_rank=[0] * self.topk)
+
+    def num_guesses(self) -> int:
+        """Guesses a greedy step verifies now: all `topk` if fixed; adaptively, rank r is added while its hit
+        rate exceeds EXTRA_GUESS_COST times the tokens a step already yields."""
+        if not self.adaptive:
+            return self.topk
+        k, expected = 1, 1 + self.hit_rate[0]
+        for r in range(1, self.topk):
+            if self.hit_rate[r] <= EXTRA_GUESS_COST * expected:
+                break
+            k, expected = r + 1, expected + self.hit_rate[r]
+        return k
+
+    def _observe(self, seq_id: int, token: int) -> None:
+        """Update the per-rank hit rates with the main model's token at a drafted position."""
+        guesses = self.guesses.pop(seq_id, None)
+        if guesses is None:
+            return
+        for r, g in enumerate(guesses):
+            self.hit_rate[r] = HIT_RATE_DECAY * self.hit_rate[r] + (1 - HIT_RATE_DECAY) * (g == token)
 
     @property
     def lookahead(self) -> int:
@@ -86,6 +121,7 @@ class MTPSpeculator:
             elif params[i].greedy:  # argmaxes only: no distributions needed
                 best = logits[last:ends[i]].argmax(dim=-1).tolist()  # position n, then each alternative's row
                 toks = [best[0]]
+                self._observe(seq.seq_id, best[0])
                 if best[0] in seq.draft:
                     j = seq.draft.index(best[0])
                     toks.append(best[1 + j])
@@ -151,8 +187,10 @@ class MTPSpeculator:
         if greedy:
             rows = draft_logits if len(greedy) == len(seqs) else draft_logits[greedy]
             top = rows.topk(self.topk, dim=-1).indices.tolist() if self.topk > 1 else rows.argmax(-1)[:, None].tolist()
-            for i, drafts in zip(greedy, top):
-                seqs[i].draft = drafts
+            k = self.num_guesses()
+            for i, guesses in zip(greedy, top):
+                seqs[i].draft = guesses[:k]
+                self.guesses[seqs[i].seq_id] = guesses
         if sampled:
             rows = draft_logits[sampled]
             sub = [params[i] for i in sampled]
@@ -164,6 +202,7 @@ class MTPSpeculator:
 
     def forget(self, seq: Sequence) -> None:
         self.draft_probs.pop(seq.seq_id, None)
+        self.guesses.pop(seq.seq_id, None)
         seq.draft = []
 
 

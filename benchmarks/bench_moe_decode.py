@@ -1,0 +1,90 @@
+"""The routed experts at decode sizes on CPU: the grouped GEMMs (dispatch by expert) against every expert on
+every token through batched GEMMs (`Experts.forward_dense`), float32, inference mode. The rule `MoE.routed`
+follows (`Experts.dense_is_faster`) is printed beside each measurement, so a machine where it picks the
+slower path shows up here.
+
+Each MoE layer is a fresh random one (std 0.02) of the preset's shapes, several of them in turn so that their
+weights are not in cache (as in a real decode step, where the other layers' weights pass through between two
+visits), with the gate's own routing of random tokens.
+
+    python benchmarks/bench_moe_decode.py [--presets bench-small,tiny] [--tokens 1,2,3,4,8,16] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+import dsv3  # noqa: E402
+from dsv3.model.moe import MoE  # noqa: E402
+
+
+def layers_for(preset: str, count: int) -> list[MoE]:
+    cfg = dsv3.ModelConfig.preset(preset)
+    layers = []
+    for _ in range(count):
+        moe = MoE(cfg, None).eval()
+        for p in moe.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        moe.experts.pack_projections()
+        layers.append(moe)
+    return layers
+
+
+def time_per_layer(layers: list[MoE], fn, n_tokens: int, repeats: int) -> float:
+    """Median over repeats of the mean time per layer (seconds), cycling through the layers."""
+    d = layers[0].experts.dim
+    xs = [torch.randn(n_tokens, d) for _ in layers]
+    routes = [moe.gate(x)[:2] for moe, x in zip(layers, xs)]
+    times = []
+    for _ in range(repeats):
+        total = 0.0
+        for moe, x, (w, e) in zip(layers, xs, routes):
+            t = time.perf_counter()
+            fn(moe, x, w, e)
+            total += time.perf_counter() - t
+        times.append(total / len(layers))
+    return sorted(times)[len(times) // 2]
+
+
+def grouped(moe: MoE, x, w, e):
+    x_SD, token_S, weight_S, counts_E = moe.dispatch(x, w, e)
+    return moe.combine(moe.experts(x_SD, counts_E), token_S, weight_S, torch.zeros_like(x))
+
+
+def dense(moe: MoE, x, w, e):
+    return moe.experts.forward_dense(x, w, e)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", default="bench-small,tiny")
+    ap.add_argument("--tokens", default="1,2,3,4,6,8,16")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--layers", type=int, default=6, help="MoE layers cycled through (default 6)")
+    args = ap.parse_args()
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}; times per layer, medians of {args.repeats}")
+    with torch.inference_mode():
+        for preset in args.presets.split(","):
+            layers = layers_for(preset, args.layers)
+            ex = layers[0].experts
+            mb = 3 * ex.dim * ex.inter_dim * 4 / 2**20
+            print(f"\n{preset}: {ex.n_experts} experts of {mb:.2f} MB, top-{ex.topk}")
+            print(f"  {'tokens':>6} {'grouped us':>11} {'dense us':>9} {'grouped/dense':>14}  rule picks")
+            for n in (int(t) for t in args.tokens.split(",")):
+                for _ in range(2):  # the first pass warms up
+                    t_g = time_per_layer(layers, grouped, n, args.repeats)
+                    t_d = time_per_layer(layers, dense, n, args.repeats)
+                pick = "dense" if ex.dense_is_faster(torch.empty(n, ex.dim)) else "grouped"
+                best = "dense" if t_d < t_g else "grouped"
+                print(f"  {n:>6} {t_g * 1e6:11.0f} {t_d * 1e6:9.0f} {t_g / t_d:14.2f}  {pick}"
+                      + ("" if pick == best else f" (measured faster here: {best})"))
+
+
+if __name__ == "__main__":
+    main()
