@@ -26,7 +26,9 @@ PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n\ndef main(", "class
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
-    ap.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
+    # 250 steps (~5 min on 2 cores): the validation loss goes 4.71 -> 4.45 from 150 steps, and the MTP module's
+    # first guess becomes the main model's next greedy token ~88% of the time instead of ~30-60%
+    ap.add_argument("--steps", type=int, default=250, help="training steps (default 250)")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens per completion (default 64)")
     args = ap.parse_args(argv)
 
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     add_train_args(targs)
     summary = train(targs.parse_args(["--preset", "tiny", "--out", args.out, "--steps", str(args.steps),
                                       "--batch-size", "8", "--save-every", "50", "--eval-every", "50",
-                                      # V3's gamma of 0.001 moves the biases over ~100K steps; 150 steps need
+                                      # V3's gamma of 0.001 moves the biases over ~100K steps; 250 steps need
                                       # 10x faster updates (see `dsv3 experiment balance` in RESULTS.md)
                                       "--gamma", "0.01"]))
     print(f"[trained in {time.perf_counter() - t0:.0f}s] final validation loss {summary['val_loss']:.3f} nats/token "
