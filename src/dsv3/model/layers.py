@@ -111,27 +111,14 @@ class PackedWeights:
     modules); `packed()` says when that shortcut may be taken."""
 
     @torch.no_grad()
-    def __init__(self, params: list[nn.Parameter], dim: int = 0, out: torch.Tensor | None = None):
-        """out: pack into this tensor (a slice of a larger pack) instead of a new one; a parameter with one
-        dimension fewer than out fills a single slice along dim (a matrix stacked onto a batch of them)."""
-        self.tensor = torch.cat([p.detach() for p in params], dim=dim) if out is None else out
+    def __init__(self, params: list[nn.Parameter], dim: int = 0):
+        self.tensor = torch.cat([p.detach() for p in params], dim=dim)
         start = 0
         for p in params:
-            n = p.shape[dim] if p.dim() == self.tensor.dim() else 1
-            view = self.tensor.narrow(dim, start, n)
-            if out is not None:
-                view.copy_(p.detach().view(view.shape))
-            p.data = view.view(p.shape)
-            start += n
+            p.data = self.tensor.narrow(dim, start, p.shape[dim])
+            start += p.shape[dim]
         self.params = params
         self.ptrs = [p.data_ptr() for p in params]
-
-    @classmethod
-    def of(cls, tensor: torch.Tensor, params: list[nn.Parameter]) -> "PackedWeights":
-        """A record that `params` are views of `tensor` already (packed by other PackedWeights into its slices)."""
-        obj = cls.__new__(cls)
-        obj.tensor, obj.params, obj.ptrs = tensor, params, [p.data_ptr() for p in params]
-        return obj
 
     def intact(self) -> bool:
         """Every parameter still a view of the packed tensor (moving, casting or replacing any of them gives

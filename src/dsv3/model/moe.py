@@ -144,32 +144,25 @@ class Experts(KeepDtype):
         return max(self.n_experts - N * self.topk, 0) * expert_bytes <= DENSE_DECODE_EXTRA_BYTES
 
     def forward_dense(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor,
-                      out_ND: torch.Tensor | None = None, fused: tuple[torch.Tensor, torch.Tensor] | None = None
-                      ) -> torch.Tensor:
+                      out_ND: torch.Tensor | None = None) -> torch.Tensor:
         """Every expert on every token, then each token's outputs summed with its gate weights (zero for the
         experts it did not pick): out_ND + sum_k w_k expert_k(x). No dispatch, a handful of ops, and each
         expert's weights read once by a batched GEMM whose right operand is column-major per expert (MKL's
         fast form, ~2x the bandwidth of x @ W^T). Wasteful unless few tokens hit most experts (decode with a
-        small expert count: `dense_is_faster`). Inference only.
-
-        fused: stacked (E+S, 2I, D) and (E+S, D, I) weights whose last S experts are always on, with weight 1
-        (the shared experts, `MoE.pack_projections`)."""
-        N, I = x_ND.shape[0], self.inter_dim
-        w13, w2 = fused if fused is not None else (packed(self, "w13"), self.w2)
-        E = w2.shape[0]
+        small expert count: `dense_is_faster`). Inference only."""
+        E, N, I = self.n_experts, x_ND.shape[0], self.inter_dim
         x_EDN = x_ND.t().expand(E, -1, N)
+        w13 = packed(self, "w13")
         if w13 is not None:
             gate_EIN, up_EIN = torch.bmm(w13, x_EDN).split(I, dim=1)
         else:
             gate_EIN, up_EIN = torch.bmm(self.w1, x_EDN), torch.bmm(self.w3, x_EDN)
         # each token's gate weight (zero for an expert it did not pick) scales the expert's hidden state: the
         # gated sum over experts is then a plain sum of the down projections
-        g_NE = weights_NK.new_zeros(N, E).scatter_(1, experts_NK, weights_NK)
-        if E > self.n_experts:
-            g_NE[:, self.n_experts:] = 1.0
+        g_E1N = weights_NK.new_zeros(N, E).scatter_(1, experts_NK, weights_NK).t().unsqueeze(1)
         h_EIN = x_ND.new_empty(E, N, I).transpose(1, 2)  # column-major again, for the next bmm
-        torch.mul(F.silu(gate_EIN) * cast(g_NE.t().unsqueeze(1), gate_EIN.dtype), up_EIN, out=h_EIN)
-        y_DN = torch.bmm(w2, h_EIN).sum(dim=0)
+        torch.mul(F.silu(gate_EIN) * cast(g_E1N, gate_EIN.dtype), up_EIN, out=h_EIN)
+        y_DN = torch.bmm(self.w2, h_EIN).sum(dim=0)
         return y_DN.t() if out_ND is None else out_ND.add_(y_DN.t())
 
     def forward_loop(self, x_SD: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
@@ -218,46 +211,14 @@ class MoE(nn.Module):
         self.balance_loss: str | None = None  # "sequence" (V3's) or "batch" (the classic auxiliary loss)
         self.register_buffer("tokens_per_expert", torch.zeros(self.n_experts, dtype=torch.long), persistent=False)
         self.aux_loss: torch.Tensor | None = None  # the last forward's balance loss (before its weight alpha)
-        # after pack_projections, with one shared expert the size of a routed one: all experts' weights
-        # stacked, the shared one last, (E+1, 2I, D) and (E+1, D, I)
-        self.w13_all: PackedWeights | None = None
-        self.w2_all: PackedWeights | None = None
-
-    def pack_projections(self) -> None:
-        """For inference (see DeepSeekV3.pack_projections). With one shared expert the size of a routed one
-        (V3's layout), the shared expert is stored as expert E of the routed experts' stacked weights, so
-        the CPU decode path runs it inside the same two batched GEMMs; the routed experts' w1 | w3 pack and
-        the shared expert's are slices of the same tensors."""
-        ex, sh = self.experts, self.shared_experts
-        if (sh is None or ex.is_fp8 or sh.w1.out_features != ex.inter_dim
-                or any(lin.is_fp8 or lin.bias is not None for lin in (sh.w1, sh.w2, sh.w3))):
-            return
-        if self.w13_all is not None and self.w13_all.intact() and self.w2_all.intact():
-            return
-        E, I, D = ex.n_experts, ex.inter_dim, ex.dim
-        w13, w2 = ex.w1.new_empty(E + 1, 2 * I, D), ex.w2.new_empty(E + 1, D, I)
-        with torch.no_grad():
-            ex.w13 = PackedWeights([ex.w1, ex.w3], dim=1, out=w13[:E])
-            sh.w13 = PackedWeights([sh.w1.weight, sh.w3.weight], dim=0, out=w13[E])
-            PackedWeights([ex.w2, sh.w2.weight], dim=0, out=w2)
-        self.w13_all = PackedWeights.of(w13, [ex.w1, ex.w3, sh.w1.weight, sh.w3.weight])
-        self.w2_all = PackedWeights.of(w2, [ex.w2, sh.w2.weight])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_ND = x.reshape(-1, shape[-1])
         weights_NK, experts_NK, scores_NE = self.gate(x_ND)
-        fused = None
-        if self.w13_all is not None:
-            w13, w2 = packed(self, "w13_all"), packed(self, "w2_all")  # (None with grad; a stale pack is dropped)
-            if w13 is not None and w2 is not None and not self.record_loads and self.experts.dense_is_faster(x_ND):
-                fused = (w13, w2)
-        if fused is not None:  # the shared expert rides along in the routed experts' batched GEMMs
-            y_ND = self.experts.forward_dense(x_ND, weights_NK, experts_NK, fused=fused)
-        else:
-            # the routed outputs are added into the shared experts' output (one op, not a zero-fill and an add)
-            shared_ND = None if self.shared_experts is None else cast(self.shared_experts(x_ND), x_ND.dtype)
-            y_ND = self.routed(x_ND, weights_NK, experts_NK, shared_ND)
+        # the routed outputs are added into the shared experts' output (one op, not a zero-fill and an add)
+        shared_ND = None if self.shared_experts is None else cast(self.shared_experts(x_ND), x_ND.dtype)
+        y_ND = self.routed(x_ND, weights_NK, experts_NK, shared_ND)
         if self.balance_loss is not None and self.training:
             batch = shape[0] if self.balance_loss == "sequence" and x.dim() == 3 else 1
             self.aux_loss = balance_loss(scores_NE.view(batch, -1, self.n_experts),
