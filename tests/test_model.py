@@ -364,3 +364,26 @@ def test_moe_with_shared_experts_gradients_equal_reference():
     assert rel_err(out, out_ref) <= 1e-6 and rel_err(gx, gx_ref) <= 1e-5
     for name in gp:
         assert rel_err(gp[name], gp_ref[name]) <= 1e-5, name
+
+
+@pytest.mark.parametrize("shape", [(1, 512), (1, 1, 512), (4, 512), (2, 2, 512), (3, 512), (1, 300)])
+def test_linear_layouts_equal_f_linear(shape, monkeypatch):
+    """`linear` picks among F.linear, (W x^T)^T and a row-split batched GEMM by rows and weight size on CPUs;
+    each must give F.linear's values and shape, with and without bias."""
+    from dsv3.model import layers
+    calls = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(1) or bmm(*a, **k))
+    x = torch.randn(*shape)
+    rows = x.numel() // shape[-1]
+    for out_features in (2048, 4096, 300):  # 1M and 2M elements (split for 1 and for up to 4 rows), and small
+        w = torch.randn(out_features, shape[-1]) * 0.05
+        b = torch.randn(out_features)
+        for bias in (None, b):
+            calls.clear()
+            y = layers.linear(x, w, bias=bias)
+            ref = F.linear(x, w, bias)
+            assert y.shape == ref.shape and rel_err(y, ref) <= 1e-6
+            split = w.numel() >= (layers.SPLIT_MIN_WEIGHT if rows == 1 else layers.SPLIT_MIN_WEIGHT_ROWS)
+            assert bool(calls) == (split and rows <= layers.SPLIT_MAX_ROWS
+                                   and out_features % (2 * torch.get_num_threads()) == 0)
