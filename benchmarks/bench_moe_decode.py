@@ -1,7 +1,7 @@
-"""The routed experts at decode sizes on CPU: the grouped GEMMs (dispatch by expert) against every expert on
-every token through batched GEMMs (`Experts.forward_dense`), float32, inference mode. The rule `MoE.routed`
-follows (`Experts.dense_is_faster`) is printed beside each measurement, so a machine where it picks the
-slower path shows up here.
+"""The routed experts at decode sizes on CPU, float32, inference mode: the grouped GEMMs (dispatch by expert),
+every expert on every token through batched GEMMs (`Experts.forward_dense`), and for one token its K experts
+one by one (`Experts.forward_token`). The path `MoE.routed` takes (`Experts.decode_path`) is printed beside
+each measurement, so a machine where it picks a slower one shows up here.
 
 Each MoE layer is a fresh random one (std 0.02) of the preset's shapes, several of them in turn so that their
 weights are not in cache (as in a real decode step, where the other layers' weights pass through between two
@@ -61,6 +61,10 @@ def dense(moe: MoE, x, w, e):
     return moe.experts.forward_dense(x, w, e)
 
 
+def token(moe: MoE, x, w, e):
+    return moe.experts.forward_token(x, w, e)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="bench-small,tiny")
@@ -75,15 +79,18 @@ def main() -> None:
             ex = layers[0].experts
             mb = 3 * ex.dim * ex.inter_dim * 4 / 2**20
             print(f"\n{preset}: {ex.n_experts} experts of {mb:.2f} MB, top-{ex.topk}")
-            print(f"  {'tokens':>6} {'grouped us':>11} {'dense us':>9} {'grouped/dense':>14}  rule picks")
+            print(f"  {'tokens':>6} {'grouped us':>11} {'dense us':>9} {'token us':>9}  path taken")
             for n in (int(t) for t in args.tokens.split(",")):
                 for _ in range(2):  # the first pass warms up
-                    t_g = time_per_layer(layers, grouped, n, args.repeats)
-                    t_d = time_per_layer(layers, dense, n, args.repeats)
-                pick = "dense" if ex.dense_is_faster(torch.empty(n, ex.dim)) else "grouped"
-                best = "dense" if t_d < t_g else "grouped"
-                print(f"  {n:>6} {t_g * 1e6:11.0f} {t_d * 1e6:9.0f} {t_g / t_d:14.2f}  {pick}"
-                      + ("" if pick == best else f" (measured faster here: {best})"))
+                    times = {"grouped": time_per_layer(layers, grouped, n, args.repeats),
+                             "dense": time_per_layer(layers, dense, n, args.repeats)}
+                    if n == 1:
+                        times["token"] = time_per_layer(layers, token, n, args.repeats)
+                pick = ex.decode_path(torch.empty(n, ex.dim)) or "grouped"
+                best = min(times, key=times.get)
+                cells = "".join(f"{times[k] * 1e6:{w}.0f}" if k in times else f"{'-':>{w}}"
+                                for k, w in (("grouped", 11), ("dense", 10), ("token", 10)))
+                print(f"  {n:>6}{cells}  {pick}" + ("" if pick == best else f" (measured faster here: {best})"))
 
 
 if __name__ == "__main__":

@@ -104,9 +104,10 @@ def test_grouped_moe_equals_per_expert_loop(dtype, tol, fp8, grad):
 
 
 @pytest.mark.parametrize("pack", [False, True])
-def test_dense_decode_moe_equals_per_expert_loop(pack, dtype=torch.float32, tol=1e-6):
-    """CPU decode runs every expert on every token and weights the outputs by a dense gate matrix; it must
-    give what the per-expert loop gives, with and without the packed w1|w3, added into a given output."""
+def test_decode_paths_of_the_moe_equal_per_expert_loop(pack, dtype=torch.float32, tol=1e-6):
+    """CPU decode runs a single token's K experts one by one, and a few tokens' through every expert weighted
+    by a dense gate matrix; both must give what the per-expert loop gives, with and without the packed
+    w1|w3, added into a given output (the shared experts' one)."""
     c = tiny_config()
     model = random_model(c).to(dtype)
     if pack:
@@ -116,17 +117,19 @@ def test_dense_decode_moe_equals_per_expert_loop(pack, dtype=torch.float32, tol=
         for n in (1, 2, 5, 16):
             x = torch.randn(n, c.hidden_size, dtype=dtype)
             weights, experts, _ = moe.gate(x)
-            assert moe.experts.dense_is_faster(x)  # tiny experts: the dense path is the one routed() takes
             ref = moe.routed_reference(x, weights, experts)
-            assert rel_err(moe.experts.forward_dense(x, weights, experts), ref) <= tol
+            # tiny experts: the dense path for a few tokens; one token its own
+            assert moe.experts.decode_path(x) == ("token" if n == 1 else "dense")
+            forward = moe.experts.forward_token if n == 1 else moe.experts.forward_dense
+            assert rel_err(forward(x, weights, experts), ref) <= tol
             base = torch.randn(n, c.hidden_size, dtype=dtype)
             assert rel_err(moe.routed(x, weights, experts, base.clone()), ref + base) <= tol
-        assert not moe.experts.dense_is_faster(torch.randn(17, c.hidden_size, dtype=dtype))  # prefill-sized
-        assert not moe.experts.dense_is_faster(x.bfloat16())  # measured in float32 only
-    assert not moe.experts.dense_is_faster(x)  # with grad: never (training takes the grouped GEMMs)
+        assert moe.experts.decode_path(torch.randn(17, c.hidden_size, dtype=dtype)) is None  # prefill-sized
+        assert moe.experts.decode_path(x.bfloat16()) is None  # measured in float32 only
+    assert moe.experts.decode_path(x) is None  # with grad: never (training takes the grouped GEMMs)
     big = MoE(tiny_config(n_routed_experts=64, moe_intermediate_size=1024, n_group=8), None)
-    with torch.no_grad():  # one token hits at most 3 of 64 larger experts: reading the other 61 costs more
-        assert not big.experts.dense_is_faster(torch.randn(1, c.hidden_size))
+    with torch.no_grad():  # 2 tokens hit at most 6 of 64 larger experts: reading the other 58 costs more
+        assert big.experts.decode_path(torch.randn(2, c.hidden_size)) is None
 
 
 def test_grouped_moe_gradients_equal_per_expert_loop():

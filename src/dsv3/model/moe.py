@@ -134,14 +134,35 @@ class Experts(KeepDtype):
         y = F.grouped_mm(h, self.w2.transpose(1, 2), offs=offs)
         return _ContiguousGrad.apply(y) if torch.is_grad_enabled() else y
 
-    def dense_is_faster(self, x_ND: torch.Tensor) -> bool:
-        """Whether `forward_dense` is the faster way to run these tokens (CPU inference, few tokens)."""
+    def decode_path(self, x_ND: torch.Tensor) -> str | None:
+        """The faster way to run these tokens at CPU inference (float32, measured there): "token" for a single
+        token (`forward_token`), "dense" for a few tokens that could hit most experts (`forward_dense`); None
+        for the grouped GEMMs."""
         N = x_ND.shape[0]
-        if (self.is_fp8 or x_ND.device.type != "cpu" or x_ND.dtype != torch.float32 or torch.is_grad_enabled()
-                or N > DENSE_DECODE_MAX_TOKENS):  # (measured for float32 on CPUs only)
-            return False
+        if self.is_fp8 or x_ND.device.type != "cpu" or x_ND.dtype != torch.float32 or torch.is_grad_enabled():
+            return None
+        if N == 1:
+            return "token"
         expert_bytes = 3 * self.dim * self.inter_dim * self.w2.element_size()
-        return max(self.n_experts - N * self.topk, 0) * expert_bytes <= DENSE_DECODE_EXTRA_BYTES
+        if N <= DENSE_DECODE_MAX_TOKENS and max(self.n_experts - N * self.topk, 0) * expert_bytes <= DENSE_DECODE_EXTRA_BYTES:
+            return "dense"
+        return None
+
+    def forward_token(self, x_1D: torch.Tensor, weights_1K: torch.Tensor, experts_1K: torch.Tensor,
+                      out_1D: torch.Tensor | None = None) -> torch.Tensor:
+        """One token (decode at batch 1): its K experts one after another as matrix-vector products, added into
+        out_1D with their gate weights. No dispatch, and no expert read but the K it uses: `linear` streams
+        each (row-split for large experts). Inference only."""
+        out_1D = torch.zeros_like(x_1D) if out_1D is None else out_1D
+        w13, I = packed(self, "w13"), self.inter_dim
+        for g, e in zip(weights_1K[0].tolist(), experts_1K[0].tolist()):
+            if w13 is not None:
+                h = linear(x_1D, w13[e])
+                gate, up = h[:, :I], h[:, I:]
+            else:
+                gate, up = linear(x_1D, self.w1[e]), linear(x_1D, self.w3[e])
+            out_1D.add_(linear(F.silu(gate) * up, self.w2[e]), alpha=g)
+        return out_1D
 
     def forward_dense(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor,
                       out_ND: torch.Tensor | None = None) -> torch.Tensor:
@@ -149,7 +170,7 @@ class Experts(KeepDtype):
         experts it did not pick): out_ND + sum_k w_k expert_k(x). No dispatch, a handful of ops, and each
         expert's weights read once by a batched GEMM whose right operand is column-major per expert (MKL's
         fast form, ~2x the bandwidth of x @ W^T). Wasteful unless few tokens hit most experts (decode with a
-        small expert count: `dense_is_faster`). Inference only."""
+        small expert count: `decode_path`). Inference only."""
         E, N, I = self.n_experts, x_ND.shape[0], self.inter_dim
         x_EDN = x_ND.t().expand(E, -1, N)
         w13 = packed(self, "w13")
@@ -228,7 +249,10 @@ class MoE(nn.Module):
     def routed(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor,
                out_ND: torch.Tensor | None = None) -> torch.Tensor:
         """-> out_ND (zeros if not given) plus each token's gate-weighted routed experts' outputs."""
-        if not self.record_loads and self.experts.dense_is_faster(x_ND):
+        path = None if self.record_loads else self.experts.decode_path(x_ND)
+        if path == "token":
+            return self.experts.forward_token(x_ND, weights_NK, experts_NK, out_ND)
+        if path == "dense":
             return self.experts.forward_dense(x_ND, weights_NK, experts_NK, out_ND)
         x_SD, token_S, weight_S, counts_E = self.dispatch(x_ND, weights_NK, experts_NK)
         y_SD = self.experts(x_SD, counts_E)
