@@ -46,8 +46,6 @@ SKINNY_MIN_WEIGHT = 1 << 16  # below this many elements the plain layout is as f
 # bench-small batch-1 decode 1.11x faster end to end). No gain below 128K elements; for 2-4 rows the isolated
 # head gained too (1036 -> 680 us), but batch-4 decode did not (0.98x), so only one row is split.
 SPLIT_MIN_WEIGHT = 1 << 17
-SPLIT_MIN_WEIGHT_ROWS = 1 << 20
-SPLIT_MAX_ROWS = 1
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
@@ -58,20 +56,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     of the model `fp8-cast-bf16` makes). On CPUs, for 2..SKINNY_ROWS rows (decode), the product is taken as
     (W x^T)^T: MKL streams W 1.5-4x faster in that layout when x has few rows. For many rows (training,
     prefill), and for small weights, the plain layout wins once the transposed output's later copies are
-    counted (measured: break-even near 64K elements at 2-4 rows); one row is a GEMV.
+    counted (measured: break-even near 64K elements at 2-4 rows). One row through a large weight is a
+    row-split batched GEMV (SPLIT_MIN_WEIGHT).
     """
     if scale is not None:
         weight = fp8.weight_dequant(weight, scale, x.dtype)
     rows = x.numel() // max(x.shape[-1], 1)
-    if (x.device.type == "cpu" and x.dim() >= 2 and 1 <= rows <= SPLIT_MAX_ROWS and weight.is_contiguous()
-            and weight.numel() >= (SPLIT_MIN_WEIGHT if rows == 1 else SPLIT_MIN_WEIGHT_ROWS)):
+    if x.device.type == "cpu" and rows == 1 and weight.numel() >= SPLIT_MIN_WEIGHT and weight.is_contiguous():
         parts = 2 * torch.get_num_threads()
         if weight.shape[0] % parts == 0:
-            x2 = x.reshape(rows, x.shape[-1])
-            if not x2.is_contiguous():
-                x2 = x2.contiguous()
-            y = torch.bmm(weight.view(parts, -1, weight.shape[1]), x2.t().expand(parts, -1, rows))
-            y = y.view(weight.shape[0], rows).t()
+            x_K1 = x.reshape(-1, 1)
+            y = torch.bmm(weight.view(parts, -1, weight.shape[1]), x_K1.expand(parts, -1, 1)).view(1, -1)
             if bias is not None:
                 y = y + bias
             return y.view(*x.shape[:-1], weight.shape[0])

@@ -17,10 +17,10 @@ from .layers import KeepDtype, PackedWeights, cast, linear, pack, packed
 
 _GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.8
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what grouped_mm accepts
-# CPU decode in float32: running *every* expert on every token (`Experts.forward_dense`) beats dispatching to the hit
-# ones while the experts that could not be hit (E - N*K of them at most) weigh less than this. Batched GEMMs
-# of the form bmm(W, X) stream each expert's weights at about twice the bandwidth of per-expert GEMMs, in a
-# third of the ops; measured on bench-small and tiny, see benchmarks/RESULTS.md (session 4).
+# CPU decode in float32: running *every* expert on every token (`Experts.forward_dense`) beats dispatching
+# to the hit ones while the experts that could not be hit (E - N*K of them at most) weigh less than this.
+# Batched GEMMs of the form bmm(W, X) stream each expert's weights at about twice the bandwidth of per-expert
+# GEMMs, in a third of the ops; measured on bench-small and tiny (benchmarks/bench_moe_decode.py).
 DENSE_DECODE_EXTRA_BYTES = 4 * 2**20
 DENSE_DECODE_MAX_TOKENS = 16
 
@@ -143,10 +143,8 @@ class Experts(KeepDtype):
             return None
         if N == 1:
             return "token"
-        expert_bytes = 3 * self.dim * self.inter_dim * self.w2.element_size()
-        if N <= DENSE_DECODE_MAX_TOKENS and max(self.n_experts - N * self.topk, 0) * expert_bytes <= DENSE_DECODE_EXTRA_BYTES:
-            return "dense"
-        return None
+        unused_bytes = max(self.n_experts - N * self.topk, 0) * 3 * self.dim * self.inter_dim * self.w2.element_size()
+        return "dense" if N <= DENSE_DECODE_MAX_TOKENS and unused_bytes <= DENSE_DECODE_EXTRA_BYTES else None
 
     def forward_token(self, x_1D: torch.Tensor, weights_1K: torch.Tensor, experts_1K: torch.Tensor,
                       out_1D: torch.Tensor | None = None) -> torch.Tensor:
