@@ -1,5 +1,5 @@
 """Greedy decoding: dsv3's engine (latent cache, absorbed MLA) against transformers' `generate`, same
-weights, same prompts, same process, CPU fp32.
+weights, same prompts, same process; CPU fp32 by default (the issue's case), any device and dtype by flag.
 
 Cases (the inference issue's): batch 1 and 4 with 64-token prompts and 128 new tokens, and a long context
 (2048-token prompt). For each: end-to-end time, the prefill time alone (max_new_tokens=1), decode tokens/s
@@ -8,6 +8,7 @@ decode step (every weight a step touches, plus the cache it reads, over the meas
 Also the cache bytes per token of each.
 
     python benchmarks/bench_decode.py [--cases b1,b4,long] [--new-tokens 128] [--json out.json]
+    python benchmarks/bench_decode.py --device cuda --dtype bfloat16      # on a GPU
 """
 
 from __future__ import annotations
@@ -32,19 +33,26 @@ from dsv3.infer import LLM, SamplingParams  # noqa: E402
 CASES = {"b1": (1, 64), "b4": (4, 64), "long": (1, 2048)}
 
 
-def measure_bandwidth() -> float:
-    """Bytes/s of a streaming read (sum over a 512 MiB tensor), best of 5."""
-    x = torch.ones(128 * 1024 * 1024, dtype=torch.float32)
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a streaming read (sum over a 512 MiB tensor) on the device, best of 5."""
+    x = torch.ones(128 * 1024 * 1024, dtype=torch.float32, device=device)
     best = float("inf")
     for _ in range(5):
+        sync(device)
         t = time.perf_counter()
         x.sum()
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return x.nbytes / best
 
 
-def step_bytes(cfg: dsv3.ModelConfig, batch: int, context: int) -> float:
-    """Bytes one decode step must read at least: every weight it uses once (fp32) and the latent cache.
+def step_bytes(cfg: dsv3.ModelConfig, batch: int, context: int, elem: int = 4) -> float:
+    """Bytes one decode step must read at least: every weight it uses once (elem bytes each) and the latent cache.
     Routed experts: the expected number of distinct experts `batch` tokens pick, E (1 - (1 - k/E)^batch)."""
     E, k, d = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
@@ -53,7 +61,7 @@ def step_bytes(cfg: dsv3.ModelConfig, batch: int, context: int) -> float:
     params = cfg.num_params(include_mtp=False) - cfg.vocab_size * d  # the embedding is read one row per token
     params -= n_moe * (E - used) * expert
     cache = batch * context * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-    return 4 * (params + cache)
+    return elem * (params + cache)
 
 
 def hf_cache_bytes_per_token(hf, prompt: torch.Tensor) -> float:
@@ -90,7 +98,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each engine, alternating; medians")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
+    ap.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
     args = ap.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    elem = torch.empty((), dtype=dtype).element_size()
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
@@ -104,16 +116,17 @@ def main() -> None:
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the weights are ~140 MB
     dsv3.save_pretrained(model, tmp, dtype=torch.float32)
     del model
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-    llm = LLM(tmp, dtype=torch.float32, max_num_seqs=8, kv_cache_tokens=8 * 4096)
-    bw = measure_bandwidth()
-    print(f"bench-small ({cfg.num_params() / 1e6:.1f}M parameters), fp32, {torch.get_num_threads()} threads, "
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
+    llm = LLM(tmp, dtype=dtype, device=device, max_num_seqs=8, kv_cache_tokens=8 * 4096)
+    bw = measure_bandwidth(device)
+    print(f"bench-small ({cfg.num_params() / 1e6:.1f}M parameters), {args.dtype} on {device}, "
+          f"{torch.get_num_threads()} CPU threads, "
           f"torch {torch.__version__}, transformers {transformers.__version__}; measured read bandwidth "
           f"{bw / 1e9:.1f} GB/s")
-    hf_bpt = hf_cache_bytes_per_token(hf, torch.randint(0, cfg.vocab_size, (1, 64)))
-    print(f"cache bytes per token: dsv3 {llm.kv_cache_bytes_per_token} (latent: layers x (kv_lora + rope) x 4), "
-          f"transformers {hf_bpt:.0f}, full per-head K/V would be "
-          f"{cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 4}")
+    hf_bpt = hf_cache_bytes_per_token(hf, torch.randint(0, cfg.vocab_size, (1, 64), device=device))
+    print(f"cache bytes per token: dsv3 {llm.kv_cache_bytes_per_token} (latent: layers x (kv_lora + rope) x "
+          f"{elem}), transformers {hf_bpt:.0f}, full per-head K/V would be "
+          f"{cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * elem}")
 
     rows = []
     g = torch.Generator().manual_seed(1)
@@ -121,12 +134,13 @@ def main() -> None:
         B, T = CASES[case]
         N = args.new_tokens
         prompts = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
-        mask = torch.ones_like(prompts)
+        prompts_dev = prompts.to(device)
+        mask = torch.ones_like(prompts_dev)
 
         def hf_gen(n):
             with torch.no_grad():
-                return hf.generate(prompts, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                                   eos_token_id=None, pad_token_id=0)[:, T:]
+                return hf.generate(prompts_dev, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)[:, T:].cpu()
 
         def ours_gen(n):
             outs = llm.generate(prompts.tolist(), SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
@@ -137,7 +151,7 @@ def main() -> None:
         p_hf, _, p_us, _ = timed_pair(lambda: hf_gen(1), lambda: ours_gen(1), args.repeats)
         dec_hf = B * (N - 1) / max(t_hf - p_hf, 1e-9)
         dec_us = B * (N - 1) / max(t_us - p_us, 1e-9)
-        floor_step = step_bytes(cfg, B, T + N // 2) / bw  # seconds per decode step at the bandwidth floor
+        floor_step = step_bytes(cfg, B, T + N // 2, elem) / bw  # seconds per decode step at the bandwidth floor
         floor_tps = B / floor_step
         row = dict(case=case, batch=B, prompt=T, new=N, same_tokens=bool(torch.equal(tok_hf, tok_us)),
                    e2e_tok_s_dsv3=B * N / t_us, e2e_tok_s_hf=B * N / t_hf, decode_tok_s_dsv3=dec_us,
@@ -149,7 +163,7 @@ def main() -> None:
         print(f"  {'decode tok/s':14}{dec_us:10.1f}{dec_hf:14.1f}{dec_us / dec_hf:8.2f}")
         print(f"  {'end-to-end':14}{B * N / t_us:10.1f}{B * N / t_hf:14.1f}{t_hf / t_us:8.2f}")
         print(f"  {'prefill s':14}{p_us:10.3f}{p_hf:14.3f}{p_hf / p_us:8.2f}")
-        print(f"  bandwidth floor: {floor_tps:.0f} tok/s ({step_bytes(cfg, B, T + N // 2) / 1e6:.0f} MB per step); "
+        print(f"  bandwidth floor: {floor_tps:.0f} tok/s ({step_bytes(cfg, B, T + N // 2, elem) / 1e6:.0f} MB per step); "
               f"dsv3 decode at {row['pct_of_floor']:.0f}% of it")
     if args.json:
         with open(args.json, "w") as f:
