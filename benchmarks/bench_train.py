@@ -1,9 +1,10 @@
 """One training step (forward, next-token loss, backward, AdamW) on bench-small: dsv3 against transformers'
-DeepseekV3ForCausalLM, same weights (saved once, loaded by both), same batches, same process, fp32 on CPU.
-MTP and balance losses are off so both compute the same thing. Also the model FLOPs utilisation (MFU)
-against this machine's measured fp32 matmul peak.
+DeepseekV3ForCausalLM, same weights (saved once, loaded by both), same batches, same process; fp32 on CPU by
+default, any device and dtype by flag. MTP and balance losses are off so both compute the same thing. Also
+the model FLOPs utilisation (MFU) against the device's measured matmul peak in that dtype.
 
     python benchmarks/bench_train.py [--shapes 8x256,4x512] [--steps 5] [--threads N] [--json out.json]
+    python benchmarks/bench_train.py --device cuda --dtype bfloat16 --shapes 16x1024     # on a GPU
 """
 
 from __future__ import annotations
@@ -26,16 +27,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import dsv3  # noqa: E402
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    best = min(_time(lambda: a @ b) for _ in range(repeats))
+    best = min(_time(lambda: a @ b, device) for _ in range(repeats))
     return 2 * n ** 3 / best
 
 
-def _time(fn) -> float:
+def _time(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     t = time.perf_counter()
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - t
 
 
@@ -54,7 +59,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
+    ap.add_argument("--dtype", default="float32", help="the weights' dtype: float32 (default), bfloat16")
     args = ap.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
@@ -67,23 +75,23 @@ def main() -> None:
     d = tempfile.mkdtemp(prefix="bench_train_")
     atexit.register(shutil.rmtree, d, ignore_errors=True)  # the weights are ~140 MB
     dsv3.save_pretrained(model, d, dtype=torch.float32)
-    peak = matmul_peak()
+    peak = matmul_peak(device, dtype)
     print(f"bench-small without MTP ({cfg.num_params() / 1e6:.1f}M parameters, {cfg.num_active_params() / 1e6:.1f}M "
-          f"active), fp32, {torch.get_num_threads()} threads, torch {torch.__version__}, transformers "
-          f"{transformers.__version__}; measured matmul peak {peak / 1e9:.1f} GFLOP/s")
+          f"active), {args.dtype} on {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}; measured {args.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s")
     rows = []
     for shape in args.shapes.split(","):
         B, T = (int(v) for v in shape.split("x"))
         g = torch.Generator().manual_seed(1)
-        batches = [torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g) for _ in range(args.steps + 2)]
-        ours = dsv3.load_pretrained(d).train()
-        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).train()
+        batches = [torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g).to(device) for _ in range(args.steps + 2)]
+        ours = dsv3.load_pretrained(d, dtype=dtype, device=device).train()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).train()
         opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
         opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
 
         def step_ours(b):
             logits = ours(b[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten())
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), b[:, 1:].flatten())
             loss.backward()
             opt_ours.step()
             opt_ours.zero_grad(set_to_none=True)
@@ -91,7 +99,7 @@ def main() -> None:
 
         def step_hf(b):
             logits = hf(b[:, :-1]).logits
-            loss = F.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten())
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), b[:, 1:].flatten())
             loss.backward()
             opt_hf.step()
             opt_hf.zero_grad(set_to_none=True)
