@@ -156,10 +156,10 @@ class MTPSpeculator:
             seq.num_cached = start + len(kept)
             seq.token_ids.extend(toks)
             mtp_feeds.append(seq.token_ids[start + 1: seq.num_cached + 1])
-        rows = list(itertools.chain.from_iterable(kept_rows))
+        kept_flat = list(itertools.chain.from_iterable(kept_rows))
         mtp_ids = torch.tensor(list(itertools.chain.from_iterable(mtp_feeds)), device=batch.input_ids.device)
         kept = {len(k) for k in kept_rows}
-        if rows == list(range(ends[-1])):
+        if kept_flat == list(range(ends[-1])):
             # every fed token was kept (a prefill, or single drafts all accepted): MTP runs at exactly the main
             # step's positions, so its batch is the main one with the next tokens fed
             mtp_batch, h_prev = replace(batch, input_ids=mtp_ids), h
@@ -171,7 +171,7 @@ class MTPSpeculator:
             else:
                 mtp_batch = build_batch(mtp_feeds, [s.num_mtp_cached for s in seqs], [s.block_table for s in seqs],
                                         block_size, runner.device)
-            h_prev = h.index_select(0, torch.tensor(rows, device=h.device))
+            h_prev = h.index_select(0, torch.tensor(kept_flat, device=h.device))
         h_mtp = runner.forward_mtp(mtp_batch, h_prev)
         draft_logits = runner.mtp_logits(mtp_batch.last_rows(h_mtp))
         for seq in seqs:
