@@ -92,6 +92,11 @@ def test_preemption_recomputes_and_changes_nothing():
     outs = llm.generate(ps, GREEDY)
     assert llm.stats["preemptions"] > 0
     assert [o.token_ids for o in outs] == want
+    # with MTP drafts (up to 3 alternatives, written past each sequence's end) and as little room: the same
+    spec = LLM(model, speculative="mtp", speculative_topk=3, block_size=4, kv_cache_tokens=56)
+    outs = spec.generate(ps, GREEDY)
+    assert spec.stats["preemptions"] > 0 and spec.stats["drafted"] > 0
+    assert [o.token_ids for o in outs] == want
 
 
 @pytest.mark.parametrize("vocab, topk", [(8, 1), (8, 2), (8, 3), (8, None), (300, 1), (300, None)])
