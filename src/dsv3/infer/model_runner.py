@@ -65,8 +65,11 @@ class StepBatch:
         B, T = self.q_index.shape
         lead = lambda t: t.view(B, T, *t.shape[1:])[:, :m].reshape(B * m, *t.shape[1:])  # noqa: E731
         bias = None if self._bias is None else self._bias[:, : m * (self._bias.shape[1] // T)]
+        q_index = _arange(B * m).view(B, m)
+        if q_index.device != input_ids.device:
+            q_index = q_index.to(input_ids.device)
         return StepBatch(input_ids=input_ids, positions=lead(self.positions), slots=lead(self.slots),
-                         q_index=_arange(B * m).view(B, m), q_valid=self.q_valid[:, :m], slot_table=self.slot_table,
+                         q_index=q_index, q_valid=self.q_valid[:, :m], slot_table=self.slot_table,
                          mask=self.mask[:, :, :m], feed_lens=[m] * B, uniform=True, _bias=bias,
                          _freqs=None if self._freqs is None else lead(self._freqs))
 
