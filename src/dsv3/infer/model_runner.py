@@ -104,6 +104,11 @@ def _arange(n: int) -> torch.Tensor:
     return _ARANGE[:n]
 
 
+def slot_of(block_table: list[int], pos: int, block_size: int) -> int:
+    """The cache slot of a sequence's position (kv_cache.py's layout)."""
+    return block_table[pos // block_size] * block_size + pos % block_size
+
+
 def build_batch(feeds: list[list[int]], starts: list[int], block_tables: list[list[int]], block_size: int,
                 device: torch.device, alternatives: list[int] | None = None) -> StepBatch:
     """feeds[b]: the tokens sequence b feeds, at positions starts[b], starts[b] + 1, ...
@@ -129,7 +134,7 @@ def build_batch(feeds: list[list[int]], starts: list[int], block_tables: list[li
         pad = T - len(feed)
         stored = range(start, start + len(feed))  # where each fed token's latent is written
         input_ids += feed
-        slots += [table[p // block_size] * block_size + p % block_size for p in stored]
+        slots += [slot_of(table, p, block_size) for p in stored]
         q_index.append(list(range(n, n + len(feed))) + [0] * pad)
         q_pos.append(list(stored) + [-1] * pad)
         if alt > 1:

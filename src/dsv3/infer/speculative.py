@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .model_runner import ModelRunner, StepBatch, build_batch
+from .model_runner import ModelRunner, StepBatch, build_batch, slot_of
 from .sampling import Sampler, draw
 from .scheduler import Sequence
 
@@ -128,8 +128,8 @@ class MTPSpeculator:
                     self.stats.accepted_by_rank[j] += 1
                     if j:  # stored j slots on: move its latents to the slot of its position
                         pos = seq.num_cached + len(prefix)
-                        moves[0].append(_slot(seq.block_table, pos + j, block_size))
-                        moves[1].append(_slot(seq.block_table, pos, block_size))
+                        moves[0].append(slot_of(seq.block_table, pos + j, block_size))
+                        moves[1].append(slot_of(seq.block_table, pos, block_size))
             else:
                 p = self.sampler.probs(logits[last:last + 2], [params[i]] * 2)
                 q = self.draft_probs.pop(seq.seq_id)
@@ -204,10 +204,6 @@ class MTPSpeculator:
         self.draft_probs.pop(seq.seq_id, None)
         self.guesses.pop(seq.seq_id, None)
         seq.draft = []
-
-
-def _slot(block_table: list[int], pos: int, block_size: int) -> int:
-    return block_table[pos // block_size] * block_size + pos % block_size
 
 
 def verify_draft(p: torch.Tensor, p_next: torch.Tensor, q: torch.Tensor, draft: int, greedy: bool,
