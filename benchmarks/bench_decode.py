@@ -9,6 +9,9 @@ Also the cache bytes per token of each.
 
     python benchmarks/bench_decode.py [--cases b1,b4,long] [--new-tokens 128] [--json out.json]
     python benchmarks/bench_decode.py --device cuda --dtype bfloat16      # on a GPU
+
+On a GPU, dsv3 decodes from captured CUDA graphs (cuda_graphs.py) and the same engine run eagerly is timed
+alongside (the `eager` column), so the graphs' gain is measured in the same run.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import dsv3  # noqa: E402
 from dsv3.infer import LLM, SamplingParams  # noqa: E402
+from dsv3.infer.cuda_graphs import capture_blocker  # noqa: E402
 
 CASES = {"b1": (1, 64), "b4": (4, 64), "long": (1, 2048)}
 
@@ -77,18 +81,16 @@ def hf_cache_bytes_per_token(hf, prompt: torch.Tensor) -> float:
     return total / prompt.shape[1]
 
 
-def timed_pair(fn_a, fn_b, repeats: int) -> tuple[float, object, float, object]:
-    """Median seconds of fn_a and of fn_b, run alternately (a, b, a, b, ...) so that a change in the
-    machine's speed during the run (shared VMs drift by 10-30% over minutes) falls on both alike."""
-    times_a, times_b, out_a, out_b = [], [], None, None
+def timed(fns, repeats: int) -> list[tuple[float, object]]:
+    """(median seconds, last output) of each function, run in turns (a, b, a, b, ...) so that a change in the
+    machine's speed during the run (shared VMs drift by 10-30% over minutes) falls on all alike."""
+    times, outs = [[] for _ in fns], [None] * len(fns)
     for _ in range(repeats):
-        t = time.perf_counter()
-        out_a = fn_a()
-        times_a.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        out_b = fn_b()
-        times_b.append(time.perf_counter() - t)
-    return statistics.median(times_a), out_a, statistics.median(times_b), out_b
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            outs[i] = fn()
+            times[i].append(time.perf_counter() - t)
+    return [(statistics.median(ts), out) for ts, out in zip(times, outs)]
 
 
 def main() -> None:
@@ -118,6 +120,11 @@ def main() -> None:
     del model
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
     llm = LLM(tmp, dtype=dtype, device=device, max_num_seqs=8, kv_cache_tokens=8 * 4096)
+    eager = None
+    if llm.graphs is not None:
+        eager = LLM(tmp, dtype=dtype, device=device, max_num_seqs=8, kv_cache_tokens=8 * 4096, cuda_graphs=False)
+    elif device.type == "cuda":
+        print("CUDA graphs are off for this model:", capture_blocker(llm.runner))
     bw = measure_bandwidth(device)
     print(f"bench-small ({cfg.num_params() / 1e6:.1f}M parameters), {args.dtype} on {device}, "
           f"{torch.get_num_threads()} CPU threads, "
@@ -142,13 +149,17 @@ def main() -> None:
                 return hf.generate(prompts_dev, attention_mask=mask, max_new_tokens=n, do_sample=False,
                                    eos_token_id=None, pad_token_id=0)[:, T:].cpu()
 
-        def ours_gen(n):
-            outs = llm.generate(prompts.tolist(), SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
+        def gen(engine, n):
+            outs = engine.generate(prompts.tolist(), SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
             return torch.tensor([o.token_ids for o in outs])
 
-        hf_gen(2), ours_gen(2)  # warm up
-        t_hf, tok_hf, t_us, tok_us = timed_pair(lambda: hf_gen(N), lambda: ours_gen(N), args.repeats)
-        p_hf, _, p_us, _ = timed_pair(lambda: hf_gen(1), lambda: ours_gen(1), args.repeats)
+        engines = [lambda n: hf_gen(n), lambda n: gen(llm, n)] + ([lambda n: gen(eager, n)] if eager else [])
+        for e in engines:  # warm up (and capture the graphs of the buckets this case uses)
+            e(N)
+        full = timed([lambda e=e: e(N) for e in engines], args.repeats)
+        prefill = timed([lambda e=e: e(1) for e in engines], args.repeats)
+        (t_hf, tok_hf), (t_us, tok_us) = full[:2]
+        p_hf, p_us = prefill[0][0], prefill[1][0]
         dec_hf = B * (N - 1) / max(t_hf - p_hf, 1e-9)
         dec_us = B * (N - 1) / max(t_us - p_us, 1e-9)
         floor_step = step_bytes(cfg, B, T + N // 2, elem) / bw  # seconds per decode step at the bandwidth floor
@@ -157,12 +168,20 @@ def main() -> None:
                    e2e_tok_s_dsv3=B * N / t_us, e2e_tok_s_hf=B * N / t_hf, decode_tok_s_dsv3=dec_us,
                    decode_tok_s_hf=dec_hf, ratio=dec_us / dec_hf, prefill_s_dsv3=p_us, prefill_s_hf=p_hf,
                    floor_tok_s=floor_tps, pct_of_floor=100 * dec_us / floor_tps)
+        if eager:
+            (t_eg, tok_eg), p_eg = full[2], prefill[2][0]
+            row.update(decode_tok_s_dsv3_eager=B * (N - 1) / max(t_eg - p_eg, 1e-9),
+                       same_tokens_eager=bool(torch.equal(tok_eg, tok_us)), cuda_graphs=llm.stats["cuda_graphs"])
         rows.append(row)
         print(f"\n{case}: batch {B}, prompt {T}, {N} new tokens, identical tokens: {row['same_tokens']}")
         print(f"  {'':14}{'dsv3':>10}{'transformers':>14}{'ratio':>8}")
         print(f"  {'decode tok/s':14}{dec_us:10.1f}{dec_hf:14.1f}{dec_us / dec_hf:8.2f}")
         print(f"  {'end-to-end':14}{B * N / t_us:10.1f}{B * N / t_hf:14.1f}{t_hf / t_us:8.2f}")
         print(f"  {'prefill s':14}{p_us:10.3f}{p_hf:14.3f}{p_hf / p_us:8.2f}")
+        if eager:
+            print(f"  dsv3 eager (no CUDA graphs): {row['decode_tok_s_dsv3_eager']:.1f} decode tok/s; graphs "
+                  f"{dec_us / row['decode_tok_s_dsv3_eager']:.2f}x ({row['cuda_graphs']} captured), identical "
+                  f"tokens: {row['same_tokens_eager']}")
         print(f"  bandwidth floor: {floor_tps:.0f} tok/s ({step_bytes(cfg, B, T + N // 2, elem) / 1e6:.0f} MB per step); "
               f"dsv3 decode at {row['pct_of_floor']:.0f}% of it")
     if args.json:

@@ -33,7 +33,7 @@ def test_batch_from_file_in_order(model_dir, tmp_path, capsys):
     f.write_text("\n".join(prompts) + "\n\n")
     out_file = tmp_path / "out.jsonl"
     rc = main(["generate", "--model", str(model_dir), "--input-file", str(f), "--temperature", "0",
-               "--max-new-tokens", "6", "--output-file", str(out_file)])
+               "--max-new-tokens", "6", "--output-file", str(out_file), "--enforce-eager"])
     assert rc == 0
     stdout = capsys.readouterr().out
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]

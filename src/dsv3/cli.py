@@ -103,6 +103,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--speculative-topk", type=int, default=None, metavar="K",
                    help="with --speculative mtp: greedy requests verify the MTP module's K likeliest next tokens "
                         "at once (default: 1 or 2, adapting to how often its second guess is the right one)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="on a GPU, run every decode step eagerly instead of replaying captured CUDA graphs")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + reply (default: the config's)")
@@ -120,6 +122,7 @@ def _generate(args) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     llm = LLM(args.model, dtype=args.dtype, device=device, speculative=args.speculative,
               speculative_topk=args.speculative_topk, max_model_len=args.max_model_len,
+              cuda_graphs=False if args.enforce_eager else None,
               max_num_seqs=args.max_batch_size, seed=args.seed)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens, seed=args.seed)
@@ -224,6 +227,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--speculative-topk", type=int, default=None, metavar="K",
                    help="with --speculative mtp: greedy requests verify the MTP module's K likeliest next tokens "
                         "at once (default: 1 or 2, adapting to how often its second guess is the right one)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="on a GPU, run every decode step eagerly instead of replaying captured CUDA graphs")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=None, help="seed of requests that bring none")
@@ -244,6 +249,7 @@ def _serve(args) -> None:
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     llm = LLM(args.model, dtype=args.dtype, device=device, speculative=args.speculative,
               speculative_topk=args.speculative_topk, max_model_len=args.max_model_len,
+              cuda_graphs=False if args.enforce_eager else None,
               max_num_seqs=args.max_batch_size, kv_cache_tokens=args.kv_cache_tokens, seed=args.seed)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     app = create_app(llm, name, api_key=args.api_key, max_queue=args.max_queue)

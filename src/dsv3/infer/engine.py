@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..ckpt.pretrained import load_pretrained
 from ..model.model import DeepSeekV3
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
+from .cuda_graphs import DecodeGraphs, capture_blocker
 from .kv_cache import LatentCache
 from .model_runner import ModelRunner, build_batch
 from .sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
@@ -72,14 +73,15 @@ class LLM:
     record; sampled requests verify one draft). max_model_len: the longest sequence (prompt + output; default the
     config's max_position_embeddings). max_num_seqs: sequences decoded together. kv_cache_tokens: cache
     positions over all sequences (default: 90% of free GPU memory; on CPU enough for max_num_seqs full
-    sequences, capped at 4 GiB).
+    sequences, capped at 4 GiB). cuda_graphs: replay plain decode steps from captured CUDA graphs (default: on
+    a CUDA device whenever the model can be captured, see cuda_graphs.py; False is vLLM's enforce_eager).
     """
 
     def __init__(self, model: str | os.PathLike | DeepSeekV3, dtype: torch.dtype | str | None = None,
                  device: torch.device | str | None = None, speculative: str | None = None, *,
                  tokenizer: Tokenizer | None = None, max_model_len: int | None = None, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 16384, block_size: int = 64, kv_cache_tokens: int | None = None,
-                 seed: int | None = None, speculative_topk: int | None = None):
+                 seed: int | None = None, speculative_topk: int | None = None, cuda_graphs: bool | None = None):
         path = None
         if isinstance(model, DeepSeekV3):
             self.model = model.eval()
@@ -119,6 +121,13 @@ class LLM:
         self.speculator = MTPSpeculator(self.runner, self.sampler, speculative_topk) if speculative else None
         self.scheduler = Scheduler(num_blocks, block_size, max_num_seqs, max_num_batched_tokens, self.max_model_len,
                                    lookahead=self.speculator.lookahead if self.speculator else 1)
+        self.graphs: DecodeGraphs | None = None
+        if (cuda_graphs or cuda_graphs is None) and speculative is None:  # speculative steps run eagerly
+            blocker = capture_blocker(self.runner)
+            if blocker is None:
+                self.graphs = DecodeGraphs(self.runner, max_num_seqs, self.max_model_len)
+            elif cuda_graphs:
+                raise ValueError(f"cuda_graphs=True, but {blocker}")
         self.requests: dict[int, _Request] = {}
         self._ids = itertools.count()
         self.num_steps = self.num_prefill_tokens = self.num_decode_tokens = 0
@@ -152,7 +161,8 @@ class LLM:
     @property
     def stats(self) -> dict:
         s = {"steps": self.num_steps, "prefill_tokens": self.num_prefill_tokens,
-             "decode_tokens": self.num_decode_tokens, "preemptions": self.scheduler.num_preemptions}
+             "decode_tokens": self.num_decode_tokens, "preemptions": self.scheduler.num_preemptions,
+             "cuda_graphs": 0 if self.graphs is None else self.graphs.num_graphs}
         if self.speculator is not None:
             sp = self.speculator.stats
             s.update(drafted=sp.drafted, accepted=sp.accepted, acceptance_rate=sp.acceptance_rate,
@@ -229,10 +239,16 @@ class LLM:
                 return all_logits[rows]
         else:
             feeds = [s.token_ids[s.num_cached:] for s in seqs]
+            graphed = self.graphs is not None and not is_prefill and all(len(f) == 1 for f in feeds)
             batch = build_batch(feeds, [s.num_cached for s in seqs], [s.block_table for s in seqs],
-                                self.cache.block_size, self.runner.device)
-            h = self.runner.forward(batch)
-            logits = self.runner.logits(batch.last_rows(h))
+                                self.cache.block_size, "cpu" if graphed else self.runner.device)
+            if graphed:  # the step replays a captured graph, which computes the logits of every row
+                h, logits = None, self.graphs.decode(batch)
+                if self.graphs.broken:
+                    self.graphs = None
+            else:
+                h = self.runner.forward(batch)
+                logits = self.runner.logits(batch.last_rows(h))
             tokens = self.sampler.sample(logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
             new_tokens = [[t] for t in tokens]
             token_rows = [[end - 1] for end in itertools.accumulate(batch.feed_lens)]
@@ -241,7 +257,7 @@ class LLM:
                 s.token_ids.append(t)
 
             def row_logits(rows):  # the head again on the rows asked for (only when logprobs are wanted)
-                return self.runner.logits(h[rows])
+                return logits[rows] if h is None else self.runner.logits(h[rows])
         self.num_steps += 1
         if is_prefill:
             self.num_prefill_tokens += fed

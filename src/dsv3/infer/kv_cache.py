@@ -5,9 +5,10 @@ and the roped key k_R (qk_rope_head_dim wide, shared by all heads). For DeepSeek
 61 x (512 + 64) x 2 = 70,272 bytes per token, against 61 x 128 x (192 + 128) x 2 = 4,997,120 bytes for
 full per-head keys and values (71x less).
 
-Layout: one tensor (layers, num_blocks * block_size, C + R); a token's row is its slot,
+Layout: one tensor (layers, num_blocks * block_size + 1, C + R); a token's row is its slot,
 block_table[pos // block_size] * block_size + pos % block_size. Layer index num_hidden_layers + k - 1 is
-MTP module k's own cache, present only when speculative decoding uses it.
+MTP module k's own cache, present only when speculative decoding uses it. The last row, `scratch_slot`, belongs
+to no block: the padding rows of a fixed-shape step (cuda_graphs.py) write there and read from there.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ class LatentCache:
         self.num_layers = config.num_hidden_layers + num_mtp_layers
         self.C, self.R = config.kv_lora_rank, config.qk_rope_head_dim
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.data = torch.zeros(self.num_layers, num_blocks * block_size, self.C + self.R, dtype=dtype, device=device)
+        self.scratch_slot = num_blocks * block_size
+        self.data = torch.zeros(self.num_layers, self.scratch_slot + 1, self.C + self.R, dtype=dtype, device=device)
 
     @staticmethod
     def bytes_per_token(config: ModelConfig, dtype: torch.dtype, num_layers: int | None = None) -> int:
@@ -40,7 +42,7 @@ class LatentCache:
     @property
     def main_bytes_per_token(self) -> int:
         """Measured from the allocation: bytes the main model's layers spend on one token position."""
-        return self.data[: self.num_main_layers].nbytes // self.capacity
+        return self.data[: self.num_main_layers].nbytes // self.data.shape[1]
 
     def write(self, layer: int, slots: torch.Tensor, kv: torch.Tensor, k_rope: torch.Tensor) -> None:
         """Store tokens' latents (N, C) and roped keys (N, R) at their slots (N,)."""

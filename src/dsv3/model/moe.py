@@ -261,7 +261,10 @@ class MoE(nn.Module):
         expert_S = experts_NK.flatten()
         order_S = expert_S.argsort(stable=True)
         token_S = order_S // self.topk
-        counts = torch.bincount(expert_S, minlength=self.n_experts)
+        if expert_S.device.type == "cpu":
+            counts = torch.bincount(expert_S, minlength=self.n_experts)
+        else:  # CUDA's bincount reads the largest id back to the host, which a CUDA graph cannot do
+            counts = expert_S.new_zeros(self.n_experts).index_add_(0, expert_S, torch.ones_like(expert_S))
         if self.record_loads:
             self.tokens_per_expert += counts
         return x_ND.index_select(0, token_S), token_S, weights_NK.flatten().index_select(0, order_S), counts
