@@ -170,6 +170,8 @@ class Experts(KeepDtype):
         fast form, ~2x the bandwidth of x @ W^T). Wasteful unless few tokens hit most experts (decode with a
         small expert count: `decode_path`). Inference only."""
         E, N, I = self.n_experts, x_ND.shape[0], self.inter_dim
+        if x_ND.stride(-1) != 1:  # a column-major x (the output of a skinny `linear`) makes x^T the slow layout
+            x_ND = x_ND.contiguous()  # (measured 3x slower: 497 vs 169 us on tiny's experts at 2 tokens)
         x_EDN = x_ND.t().expand(E, -1, N)
         w13 = packed(self, "w13")
         if w13 is not None:

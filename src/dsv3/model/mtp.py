@@ -34,7 +34,9 @@ class MTPModule(nn.Module):
 
     def combine(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> torch.Tensor:
         """h_prev (..., D) and the embeddings of the tokens one further along (..., D) -> the block's input."""
-        return self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
+        h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
+        # the block's residual stream keeps this layout: row-major, whatever layout a few-row product returned
+        return h if h.is_contiguous() else h.contiguous()
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, *block_args, **block_kwargs) -> torch.Tensor:
         """-> h^k (B, T, D)."""
