@@ -1,7 +1,8 @@
 """The routed experts at decode sizes on CPU, float32, inference mode: the grouped GEMMs (dispatch by expert),
-every expert on every token through batched GEMMs (`Experts.forward_dense`), and for one token its K experts
-one by one (`Experts.forward_token`). The path `MoE.routed` takes (`Experts.decode_path`) is printed beside
-each measurement, so a machine where it picks a slower one shows up here.
+every hit expert on every token through batched GEMMs over runs of experts (`Experts.forward_dense`), and for
+one token its K experts one by one (`Experts.forward_token`). The path `MoE.routed` takes
+(`Experts.decode_path`, for the first layer's routing of random tokens) is printed beside each measurement,
+so a machine where it picks a slower one shows up here.
 
 Each MoE layer is a fresh random one (std 0.02) of the preset's shapes, several of them in turn so that their
 weights are not in cache (as in a real decode step, where the other layers' weights pass through between two
@@ -86,7 +87,8 @@ def main() -> None:
                              "dense": time_per_layer(layers, dense, n, args.repeats)}
                     if n == 1:
                         times["token"] = time_per_layer(layers, token, n, args.repeats)
-                pick = ex.decode_path(torch.empty(n, ex.dim)) or "grouped"
+                x = torch.randn(n, ex.dim)
+                pick = ex.decode_path(x, layers[0].gate(x)[1]) or "grouped"
                 best = min(times, key=times.get)
                 cells = "".join(f"{times[k] * 1e6:{w}.0f}" if k in times else f"{'-':>{w}}"
                                 for k, w in (("grouped", 11), ("dense", 10), ("token", 10)))

@@ -17,12 +17,28 @@ from .layers import KeepDtype, PackedWeights, cast, linear, pack, packed
 
 _GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.8
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what grouped_mm accepts
-# CPU decode in float32: running *every* expert on every token (`Experts.forward_dense`) beats dispatching
-# to the hit ones while the experts that could not be hit (E - N*K of them at most) weigh less than this.
-# Batched GEMMs of the form bmm(W, X) stream each expert's weights at about twice the bandwidth of per-expert
-# GEMMs, in a third of the ops; measured on bench-small and tiny (benchmarks/bench_moe_decode.py).
-DENSE_DECODE_EXTRA_BYTES = 4 * 2**20
+# CPU decode in float32: running the experts a few tokens hit on *every* one of those tokens
+# (`Experts.forward_dense`) beats dispatching each token to its own experts. Batched GEMMs of the form bmm(W, X)
+# stream each expert's weights at about twice the bandwidth of per-expert GEMMs, in a third of the ops; measured
+# on bench-small and tiny (benchmarks/bench_moe_decode.py). The batches are runs of consecutive experts: a gap
+# of unpicked experts lighter than DENSE_DECODE_GAP_BYTES is read rather than split off (two more GEMM calls
+# cost about as much), and with more than DENSE_DECODE_MAX_SPANS runs the grouped GEMMs take over.
 DENSE_DECODE_MAX_TOKENS = 16
+DENSE_DECODE_GAP_BYTES = 1 << 20
+DENSE_DECODE_MAX_SPANS = 8
+
+
+def expert_spans(picked: list[int], max_gap: int) -> list[tuple[int, int]]:
+    """Runs [lo, hi) of consecutive experts that cover every picked one: a run ends at a gap of more than
+    max_gap unpicked experts (reading a short gap costs less than one more batched GEMM per weight)."""
+    hit = sorted(set(picked))
+    spans = [[hit[0], hit[0] + 1]]
+    for e in hit[1:]:
+        if e - spans[-1][1] > max_gap:
+            spans.append([e, e + 1])
+        else:
+            spans[-1][1] = e + 1
+    return [(lo, hi) for lo, hi in spans]
 
 
 class Gate(KeepDtype):
@@ -100,6 +116,11 @@ class Experts(KeepDtype):
     def is_fp8(self) -> bool:
         return self.w1_scale_inv is not None
 
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one expert's three weight matrices."""
+        return 3 * self.dim * self.inter_dim * self.w2.element_size()
+
     def pinned(self) -> tuple[str, ...]:
         return ("w1", "w2", "w3", "w1_scale_inv", "w2_scale_inv", "w3_scale_inv") if self.is_fp8 else ()
 
@@ -134,17 +155,22 @@ class Experts(KeepDtype):
         y = F.grouped_mm(h, self.w2.transpose(1, 2), offs=offs)
         return _ContiguousGrad.apply(y) if torch.is_grad_enabled() else y
 
-    def decode_path(self, x_ND: torch.Tensor) -> str | None:
+    def decode_path(self, x_ND: torch.Tensor, experts_NK: torch.Tensor) -> str | None:
         """The faster way to run these tokens at CPU inference (float32, measured there): "token" for a single
-        token (`forward_token`), "dense" for a few tokens that could hit most experts (`forward_dense`); None
-        for the grouped GEMMs."""
+        token (`forward_token`), "dense" for a few tokens whose experts fall in a few runs (`forward_dense`);
+        None for the grouped GEMMs."""
         N = x_ND.shape[0]
         if self.is_fp8 or x_ND.device.type != "cpu" or x_ND.dtype != torch.float32 or torch.is_grad_enabled():
             return None
         if N == 1:
             return "token"
-        unused_bytes = max(self.n_experts - N * self.topk, 0) * 3 * self.dim * self.inter_dim * self.w2.element_size()
-        return "dense" if N <= DENSE_DECODE_MAX_TOKENS and unused_bytes <= DENSE_DECODE_EXTRA_BYTES else None
+        if N > DENSE_DECODE_MAX_TOKENS:
+            return None
+        return "dense" if len(self.dense_spans(experts_NK)) <= DENSE_DECODE_MAX_SPANS else None
+
+    def dense_spans(self, experts_NK: torch.Tensor) -> list[tuple[int, int]]:
+        """The runs [lo, hi) of experts `forward_dense` reads for these picks."""
+        return expert_spans(experts_NK.flatten().tolist(), DENSE_DECODE_GAP_BYTES // self.expert_bytes)
 
     def forward_token(self, x_1D: torch.Tensor, weights_1K: torch.Tensor, experts_1K: torch.Tensor,
                       out_1D: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,26 +190,53 @@ class Experts(KeepDtype):
 
     def forward_dense(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor,
                       out_ND: torch.Tensor | None = None) -> torch.Tensor:
-        """Every expert on every token, then each token's outputs summed with its gate weights (zero for the
-        experts it did not pick): out_ND + sum_k w_k expert_k(x). No dispatch, a handful of ops, and each
-        expert's weights read once by a batched GEMM whose right operand is column-major per expert (MKL's
-        fast form, ~2x the bandwidth of x @ W^T). Wasteful unless few tokens hit most experts (decode with a
-        small expert count: `decode_path`). Inference only."""
+        """Every expert the tokens hit, on every token, then each token's outputs summed with its gate weights
+        (zero for the experts it did not pick): out_ND + sum_k w_k expert_k(x). No dispatch, a handful of ops,
+        and each expert's weights read once by a batched GEMM whose right operand is column-major per expert
+        (MKL's fast form, ~2x the bandwidth of x @ W^T). The batches are runs of consecutive experts
+        (`expert_spans`): an expert no token picked is skipped when a run can end there, read otherwise.
+        Wasteful unless the tokens are few (decode: `decode_path`).
+        Inference only."""
         E, N, I = self.n_experts, x_ND.shape[0], self.inter_dim
         if x_ND.stride(-1) != 1:  # a column-major x (the output of a skinny `linear`) makes x^T the slow layout
             x_ND = x_ND.contiguous()  # (measured 3x slower: 497 vs 169 us on tiny's experts at 2 tokens)
-        x_EDN = x_ND.t().expand(E, -1, N)
+        spans = self.dense_spans(experts_NK)
+        R = sum(hi - lo for lo, hi in spans)  # experts read
+        x_RDN = x_ND.t().expand(R, -1, N)
         w13 = packed(self, "w13")
-        if w13 is not None:
-            gate_EIN, up_EIN = torch.bmm(w13, x_EDN).split(I, dim=1)
+        w13_list = [w13] if w13 is not None else [self.w1, self.w3]
+        # gate and up projections of the experts read, (R, 2I, N), one batched GEMM per span (and weight)
+        if len(spans) == 1:
+            lo, hi = spans[0]
+            gu = [torch.bmm(w if R == E else w[lo:hi], x_RDN) for w in w13_list]
         else:
-            gate_EIN, up_EIN = torch.bmm(self.w1, x_EDN), torch.bmm(self.w3, x_EDN)
+            gu = [x_ND.new_empty(R, w.shape[1], N) for w in w13_list]
+            off = 0
+            for lo, hi in spans:
+                for w, buf in zip(w13_list, gu):
+                    torch.bmm(w[lo:hi], x_RDN[: hi - lo], out=buf[off:off + hi - lo])
+                off += hi - lo
+        gate_RIN, up_RIN = gu[0].split(I, dim=1) if len(gu) == 1 else gu
         # each token's gate weight (zero for an expert it did not pick) scales the expert's hidden state: the
         # gated sum over experts is then a plain sum of the down projections
-        g_E1N = weights_NK.new_zeros(N, E).scatter_(1, experts_NK, weights_NK).t().unsqueeze(1)
-        h_EIN = x_ND.new_empty(E, N, I).transpose(1, 2)  # column-major again, for the next bmm
-        torch.mul(F.silu(gate_EIN) * cast(g_E1N, gate_EIN.dtype), up_EIN, out=h_EIN)
-        y_DN = torch.bmm(self.w2, h_EIN).sum(dim=0)
+        g_EN = weights_NK.new_zeros(N, E).scatter_(1, experts_NK, weights_NK).t()
+        if R == E:
+            g_R1N = g_EN.unsqueeze(1)
+        else:
+            g_R1N = (g_EN[spans[0][0]:spans[0][1]] if len(spans) == 1 else torch.cat([g_EN[lo:hi] for lo, hi in spans])
+                     ).unsqueeze(1)
+        h_RIN = x_ND.new_empty(R, N, I).transpose(1, 2)  # column-major again, for the next bmm
+        torch.mul(F.silu(gate_RIN) * cast(g_R1N, gate_RIN.dtype), up_RIN, out=h_RIN)
+        if len(spans) == 1:
+            lo, hi = spans[0]
+            y_DN = torch.bmm(self.w2 if R == E else self.w2[lo:hi], h_RIN).sum(dim=0)
+        else:
+            y_RDN = x_ND.new_empty(R, self.dim, N)
+            off = 0
+            for lo, hi in spans:
+                torch.bmm(self.w2[lo:hi], h_RIN[off:off + hi - lo], out=y_RDN[off:off + hi - lo])
+                off += hi - lo
+            y_DN = y_RDN.sum(dim=0)
         return y_DN.t() if out_ND is None else out_ND.add_(y_DN.t())
 
     def forward_loop(self, x_SD: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
@@ -249,7 +302,7 @@ class MoE(nn.Module):
     def routed(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor,
                out_ND: torch.Tensor | None = None) -> torch.Tensor:
         """-> out_ND (zeros if not given) plus each token's gate-weighted routed experts' outputs."""
-        path = None if self.record_loads else self.experts.decode_path(x_ND)
+        path = None if self.record_loads else self.experts.decode_path(x_ND, experts_NK)
         if path == "token":
             return self.experts.forward_token(x_ND, weights_NK, experts_NK, out_ND)
         if path == "dense":
