@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--topk", type=int, default=None,
                     help="MTP guesses a greedy step verifies at once (LLM's speculative_topk; default: adaptive)")
+    ap.add_argument("--num-tokens", type=int, default=1,
+                    help="positions the MTP module drafts per step (LLM's num_speculative_tokens; default 1)")
     ap.add_argument("--repeats", type=int, default=5, help="alternating runs of each engine (default 5)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
@@ -60,7 +62,7 @@ def main() -> None:
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.new_tokens, ignore_eos=True, seed=0)
     plain = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.batch)
     spec = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.batch, speculative="mtp",
-               speculative_topk=args.topk)
+               speculative_topk=args.topk, num_speculative_tokens=args.num_tokens)
     if args.threads:
         torch.set_num_threads(args.threads)
     times_plain, times_spec = [], []
@@ -84,8 +86,13 @@ def main() -> None:
     print(f"  MTP          {n_spec / t_spec:8.1f} tokens/s (best {n_spec / min(times_spec):.1f})   "
           f"speedup {t_plain / t_spec * n_spec / n_plain:.2f}x (medians), {best:.2f}x (best times), "
           f"{paired:.2f}x (median of the {args.repeats} back-to-back pairs)")
-    ranks = ", ".join(f"{n / max(st['drafted'], 1):.1%} at rank {r + 1}" for r, n in enumerate(st["accepted_by_rank"]))
-    print(f"  acceptance   {st['acceptance_rate']:.1%} of {st['drafted']} verified positions (all runs; {ranks}); "
+    if args.num_tokens == 1:
+        where = ", ".join(f"{n / max(st['drafted'], 1):.1%} at rank {r + 1}"
+                          for r, n in enumerate(st["accepted_by_rank"]))
+    else:  # a chain: how far into it the kept drafts reach
+        steps = max(st["drafted"] // args.num_tokens, 1)
+        where = ", ".join(f"{n / steps:.1%} of steps keep draft {d + 1}" for d, n in enumerate(st["accepted_by_depth"]))
+    print(f"  acceptance   {st['acceptance_rate']:.1%} of {st['drafted']} drafted positions (all runs; {where}); "
           f"{st['tokens_per_forward']:.2f} tokens per main-model forward")
     if args.temperature == 0:
         print(f"  greedy outputs identical: {same}")

@@ -123,6 +123,49 @@ def test_speculative_greedy_is_identical_to_plain_greedy(vocab, topk):
             assert sum(st["accepted_by_rank"][1:]) > 0
 
 
+@pytest.mark.parametrize("vocab", [4, 8, 300])
+@pytest.mark.parametrize("k", [2, 3])
+def test_chained_drafts_give_plain_greedy(vocab, k):
+    """num_speculative_tokens=k: the MTP module drafts k positions, run once per position on its own hidden
+    state. A tiny vocabulary makes the random module right often enough to keep chains of every length."""
+    c = tiny_config(vocab_size=vocab)
+    model = random_model(c, std=0.2, seed=5)
+    ps = prompts(vocab, [5, 9, 2, 14], seed=3)
+    params = SamplingParams(temperature=0, max_new_tokens=25, ignore_eos=True)
+    plain = LLM(model, block_size=4, kv_cache_tokens=512).generate(ps, params)
+    llm = LLM(model, speculative="mtp", num_speculative_tokens=k, block_size=4, kv_cache_tokens=512)
+    assert [o.token_ids for o in llm.generate(ps, params)] == [o.token_ids for o in plain]
+    assert llm.generate(ps[1], params)[0].token_ids == plain[1].token_ids  # alone: uniform steps
+    st = llm.stats
+    assert st["tokens_per_forward"] == pytest.approx(1 + k * st["acceptance_rate"])
+    depth = st["accepted_by_depth"]
+    assert len(depth) == k and sum(depth) == st["accepted"] and depth == sorted(depth, reverse=True)
+    if vocab == 4:
+        assert depth[1] > 0  # whole chains of two were kept
+    # under cache pressure (preemptions, drafts past each sequence's end): the same tokens
+    short = [p[:6] for p in ps]
+    want = [o.token_ids for o in LLM(model, block_size=4, kv_cache_tokens=512).generate(short, params)]
+    tight = LLM(model, speculative="mtp", num_speculative_tokens=k, block_size=4, kv_cache_tokens=64)
+    assert [o.token_ids for o in tight.generate(short, params)] == want and tight.stats["preemptions"] > 0
+
+
+def test_chained_drafts_sampled_reproducible_and_errors():
+    c = tiny_config(vocab_size=6)
+    model = random_model(c, std=0.2, seed=5)
+    ps = prompts(6, [4, 6], seed=4)
+    params = [SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=30, ignore_eos=True, seed=s) for s in (1, 2)]
+    runs = [LLM(model, speculative="mtp", num_speculative_tokens=3, block_size=4, kv_cache_tokens=256)
+            for _ in range(2)]
+    a, b = (llm.generate(ps + [ps[0]], params + [SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True)])
+            for llm in runs)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b] and all(len(o.token_ids) == 30 for o in a)
+    assert runs[0].stats["accepted"] > 0
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        LLM(model, speculative="mtp", num_speculative_tokens=0)
+    with pytest.raises(ValueError, match="chain"):
+        LLM(model, speculative="mtp", num_speculative_tokens=2, speculative_topk=2)
+
+
 def test_adaptive_guesses_follow_the_hit_rates():
     """By default a second guess is verified while the main model's token is often enough the module's
     second choice; the rates are learned from every drafted position, verified guess or not."""
@@ -249,14 +292,17 @@ def test_fp8_model_generates_like_its_dequantised_twin(tmp_path):
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
 
 
-@pytest.mark.parametrize("speculative", [None, "mtp"])
+@pytest.mark.parametrize("speculative", [None, "mtp", "mtp-chain"])
 def test_logprobs_are_the_raw_model_distribution(speculative):
     """Generated and prompt tokens' logprobs are log_softmax of the model's own logits (before temperature and
     top-k/top-p), the top alternatives best first: checked against a full forward over prompt + output."""
-    c = tiny_config(vocab_size=8 if speculative else 300)  # a small vocabulary: MTP drafts get accepted
+    c = tiny_config(vocab_size={None: 300, "mtp": 8, "mtp-chain": 4}[speculative])  # small: MTP drafts get kept
     model = random_model(c, std=0.2, seed=5)
     ps = prompts(c.vocab_size, [6, 3, 9], seed=6)
-    llm = LLM(model, speculative=speculative, speculative_topk=3, block_size=4, kv_cache_tokens=256)
+    if speculative == "mtp-chain":
+        llm = LLM(model, speculative="mtp", num_speculative_tokens=3, block_size=4, kv_cache_tokens=256)
+    else:
+        llm = LLM(model, speculative=speculative, speculative_topk=3, block_size=4, kv_cache_tokens=256)
     params = [SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True, logprobs=3, prompt_logprobs=2),
               SamplingParams(temperature=0.7, top_k=4, max_new_tokens=12, ignore_eos=True, logprobs=0, seed=1),
               SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)]
@@ -279,5 +325,7 @@ def test_logprobs_are_the_raw_model_distribution(speculative):
         for k, lp in enumerate(out.prompt_logprobs[1:], start=1):
             assert lp.token_id == p[k] and lp.logprob == pytest.approx(ref[k - 1, p[k]].item(), abs=1e-4)
             assert len(lp.top) == 2
-    if speculative:  # drafts were kept, some at rank 2 or 3: a new token's row was not simply the next one
+    if speculative == "mtp":  # drafts were kept, some at rank 2 or 3: a new token's row was not simply the next one
         assert llm.stats["accepted"] > 0 and sum(llm.stats["accepted_by_rank"][1:]) > 0
+    if speculative == "mtp-chain":  # chains kept two drafts and more: several new tokens per step
+        assert llm.stats["accepted_by_depth"][1] > 0

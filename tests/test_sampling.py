@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dsv3.infer.sampling import Sampler, SamplingParams, draw, processed_probs
-from dsv3.infer.speculative import verify_draft
+from dsv3.infer.speculative import verify_chain, verify_draft
 
 
 def test_params_validation():
@@ -80,3 +80,36 @@ def test_greedy_verification():
     g = torch.Generator()
     assert verify_draft(p, p_next, torch.eye(3)[1], 1, greedy=True, generator=g) == [1, 0]
     assert verify_draft(p, p_next, torch.eye(3)[2], 2, greedy=True, generator=g) == [1]
+
+
+def test_chain_rule_keeps_the_target_distribution():
+    """Two drafts drawn in a chain (the second from a q that depends on the first), verified by verify_chain:
+    the first token is distributed as p_0, the second, given the first, as p_1, the bonus as p_2; a draft is
+    kept with probability sum_x min(p(x), q(x))."""
+    g = torch.Generator().manual_seed(1)
+    p = torch.tensor([[0.40, 0.25, 0.20, 0.10, 0.05],
+                      [0.10, 0.20, 0.30, 0.40, 0.00],
+                      [0.30, 0.30, 0.10, 0.20, 0.10]])
+    q0 = torch.tensor([0.05, 0.15, 0.30, 0.30, 0.20])
+    q1 = {d: torch.roll(torch.tensor([0.50, 0.20, 0.10, 0.10, 0.10]), d) for d in range(5)}
+    n = 12000
+    first, second, third = torch.zeros(5), torch.zeros(5), torch.zeros(5)
+    n_second = n_third = kept_first = 0
+    for _ in range(n):
+        d0 = int(draw(q0[None], torch.rand(1, generator=g))[0])
+        d1 = int(draw(q1[d0][None], torch.rand(1, generator=g))[0])
+        toks = verify_chain(p, [q0, q1[d0]], [d0, d1], g)
+        assert 1 <= len(toks) <= 3 and toks[:len(toks) - 1] == [d0, d1][:len(toks) - 1]
+        first[toks[0]] += 1
+        kept_first += len(toks) >= 2
+        if len(toks) >= 2:
+            second[toks[1]] += 1
+            n_second += 1
+        if len(toks) == 3:
+            third[toks[2]] += 1
+            n_third += 1
+    tol = 4 * (p[0] * (1 - p[0]) / n).sqrt().max()
+    assert (first / n - p[0]).abs().max() < tol, first / n
+    assert (second / n_second - p[1]).abs().max() < 0.03, second / n_second
+    assert (third / n_third - p[2]).abs().max() < 0.04, third / n_third
+    assert abs(kept_first / n - torch.minimum(p[0], q0).sum().item()) < 0.015

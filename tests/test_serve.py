@@ -492,7 +492,8 @@ def test_dsv3_serve_command(model_dir, ref):
         port = s.getsockname()[1]
     env = {**os.environ, "DSV3_API_KEY": "k1"}
     proc = subprocess.Popen([sys.executable, "-m", "dsv3", "serve", "--model", str(model_dir), "--port", str(port),
-                             "--speculative", "mtp", "--max-batch-size", "4", "--max-model-len", str(CONTEXT),
+                             "--speculative", "mtp", "--num-speculative-tokens", "2", "--max-batch-size", "4",
+                             "--max-model-len", str(CONTEXT),
                              "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:

@@ -100,9 +100,13 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
     p.add_argument("--speculative", choices=["mtp"], default=None,
                    help="draft with the model's MTP module and verify (identical output, faster)")
+    p.add_argument("--num-speculative-tokens", type=int, default=1, metavar="K",
+                   help="with --speculative mtp: positions drafted per step, the MTP module chained on its own "
+                        "output K-1 times (default 1; 2-3 pay when its drafts are mostly right)")
     p.add_argument("--speculative-topk", type=int, default=None, metavar="K",
-                   help="with --speculative mtp: greedy requests verify the MTP module's K likeliest next tokens "
-                        "at once (default: 1 or 2, adapting to how often its second guess is the right one)")
+                   help="with --speculative mtp and one drafted position: greedy requests verify the MTP module's K "
+                        "likeliest next tokens at once (default: 1 or 2, adapting to how often its second guess "
+                        "is the right one)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="on a GPU, run every decode step eagerly instead of replaying captured CUDA graphs")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
@@ -121,7 +125,8 @@ def _generate(args) -> None:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     llm = LLM(args.model, dtype=args.dtype, device=device, speculative=args.speculative,
-              speculative_topk=args.speculative_topk, max_model_len=args.max_model_len,
+              speculative_topk=args.speculative_topk, num_speculative_tokens=args.num_speculative_tokens,
+              max_model_len=args.max_model_len,
               cuda_graphs=False if args.enforce_eager else None,
               max_num_seqs=args.max_batch_size, seed=args.seed)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -224,9 +229,13 @@ def _add_serve(sub) -> None:
                         "memory; CPU max-batch-size full contexts, capped at 4 GiB)")
     p.add_argument("--speculative", choices=["mtp"], default=None,
                    help="draft with the model's MTP module and verify (identical greedy output, faster)")
+    p.add_argument("--num-speculative-tokens", type=int, default=1, metavar="K",
+                   help="with --speculative mtp: positions drafted per step, the MTP module chained on its own "
+                        "output K-1 times (default 1; 2-3 pay when its drafts are mostly right)")
     p.add_argument("--speculative-topk", type=int, default=None, metavar="K",
-                   help="with --speculative mtp: greedy requests verify the MTP module's K likeliest next tokens "
-                        "at once (default: 1 or 2, adapting to how often its second guess is the right one)")
+                   help="with --speculative mtp and one drafted position: greedy requests verify the MTP module's K "
+                        "likeliest next tokens at once (default: 1 or 2, adapting to how often its second guess "
+                        "is the right one)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="on a GPU, run every decode step eagerly instead of replaying captured CUDA graphs")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
@@ -248,7 +257,8 @@ def _serve(args) -> None:
     if args.threads or device == "cpu":
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     llm = LLM(args.model, dtype=args.dtype, device=device, speculative=args.speculative,
-              speculative_topk=args.speculative_topk, max_model_len=args.max_model_len,
+              speculative_topk=args.speculative_topk, num_speculative_tokens=args.num_speculative_tokens,
+              max_model_len=args.max_model_len,
               cuda_graphs=False if args.enforce_eager else None,
               max_num_seqs=args.max_batch_size, kv_cache_tokens=args.kv_cache_tokens, seed=args.seed)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))

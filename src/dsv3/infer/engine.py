@@ -68,9 +68,11 @@ class LLM:
     """A DeepSeek-V3/V2 model served from its latent cache, optionally with MTP speculative decoding.
 
     model: a model directory (or an already built DeepSeekV3). dtype/device: as `load_pretrained`.
-    speculative: None or "mtp". speculative_topk: with "mtp", how many of the MTP module's most likely next
-    tokens a greedy request verifies at once (default None: 1 or 2, whichever pays on the module's recent
-    record; sampled requests verify one draft). max_model_len: the longest sequence (prompt + output; default the
+    speculative: None or "mtp". num_speculative_tokens: with "mtp", positions drafted per step (default 1);
+    more than one and the MTP module drafts a chain, run once per position (speculative.py).
+    speculative_topk: with one drafted position, how many of the MTP module's most likely tokens a greedy
+    request verifies for it at once (default None: 1 or 2, whichever pays on the module's recent record;
+    sampled requests verify one draft). max_model_len: the longest sequence (prompt + output; default the
     config's max_position_embeddings). max_num_seqs: sequences decoded together. kv_cache_tokens: cache
     positions over all sequences (default: 90% of free GPU memory; on CPU enough for max_num_seqs full
     sequences, capped at 4 GiB). cuda_graphs: replay plain decode steps from captured CUDA graphs (default: on
@@ -81,7 +83,8 @@ class LLM:
                  device: torch.device | str | None = None, speculative: str | None = None, *,
                  tokenizer: Tokenizer | None = None, max_model_len: int | None = None, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 16384, block_size: int = 64, kv_cache_tokens: int | None = None,
-                 seed: int | None = None, speculative_topk: int | None = None, cuda_graphs: bool | None = None):
+                 seed: int | None = None, speculative_topk: int | None = None, num_speculative_tokens: int = 1,
+                 cuda_graphs: bool | None = None):
         path = None
         if isinstance(model, DeepSeekV3):
             self.model = model.eval()
@@ -118,11 +121,16 @@ class LLM:
         self.cache = LatentCache(config, num_blocks, block_size, dtype, dev, num_mtp_layers=n_mtp)
         self.runner = ModelRunner(self.model, self.cache)
         self.sampler = Sampler(dev, seed)
-        self.speculator = MTPSpeculator(self.runner, self.sampler, speculative_topk) if speculative else None
+        self.speculator = None
+        if speculative:
+            self.speculator = MTPSpeculator(self.runner, self.sampler, speculative_topk, num_speculative_tokens)
         self.scheduler = Scheduler(num_blocks, block_size, max_num_seqs, max_num_batched_tokens, self.max_model_len,
                                    lookahead=self.speculator.lookahead if self.speculator else 1)
         self.graphs: DecodeGraphs | None = None
-        if (cuda_graphs or cuda_graphs is None) and speculative is None:  # speculative steps run eagerly
+        if cuda_graphs and speculative:
+            raise ValueError("cuda_graphs=True: CUDA graphs replay plain decode steps; speculative steps run "
+                             "eagerly, so leave cuda_graphs unset with speculative='mtp'")
+        if (cuda_graphs or cuda_graphs is None) and speculative is None:
             blocker = capture_blocker(self.runner)
             if blocker is None:
                 self.graphs = DecodeGraphs(self.runner, max_num_seqs, self.max_model_len)
@@ -166,7 +174,8 @@ class LLM:
         if self.speculator is not None:
             sp = self.speculator.stats
             s.update(drafted=sp.drafted, accepted=sp.accepted, acceptance_rate=sp.acceptance_rate,
-                     tokens_per_forward=sp.tokens_per_forward, accepted_by_rank=list(sp.accepted_by_rank))
+                     tokens_per_forward=sp.tokens_per_forward, accepted_by_rank=list(sp.accepted_by_rank),
+                     accepted_by_depth=list(sp.accepted_by_depth))
         return s
 
     # ---- requests --------------------------------------------------------------------------------------
@@ -239,7 +248,8 @@ class LLM:
                 return all_logits[rows]
         else:
             feeds = [s.token_ids[s.num_cached:] for s in seqs]
-            graphed = self.graphs is not None and not is_prefill and all(len(f) == 1 for f in feeds)
+            graphed = (self.graphs is not None and not is_prefill and all(len(f) == 1 for f in feeds)
+                       and self.graphs.fits(len(seqs), max(starts) + 1))
             batch = build_batch(feeds, [s.num_cached for s in seqs], [s.block_table for s in seqs],
                                 self.cache.block_size, "cpu" if graphed else self.runner.device)
             if graphed:  # the step replays a captured graph, which computes the logits of every row

@@ -119,10 +119,11 @@ class Scheduler:
             n = seq.num_tokens
             if batch and tokens + n > self.max_num_batched_tokens:
                 break
-            if not self.blocks.can_grow(seq, n):
+            span = n + self.lookahead - 1  # a speculative prefill drafts at the positions after the prompt
+            if not self.blocks.can_grow(seq, span):
                 break
             self.waiting.popleft()
-            self.blocks.grow(seq, n)
+            self.blocks.grow(seq, span)
             seq.status, seq.arrival = Status.RUNNING, next(self._arrivals)
             batch.append(seq)
             tokens += n

@@ -15,6 +15,15 @@ The main model scores them in the same forward:
 Drafts are written to the cache slots from position n+1 on; the kept one is moved to position n+1's slot,
 and the slots past the last kept position are simply overwritten by the next step.
 
+With `num_tokens` = k > 1 the drafts form a chain instead, one token for each of positions n+1 .. n+k (as
+SGLang and vLLM reuse V3's single MTP module for several draft steps, EAGLE-style): after drafting d_1, the
+module runs again one position further, fed its own output hidden state in place of the main model's (not
+known yet) and the token it just drafted, and so on. The main model verifies the chain in one forward over
+n .. n+k; the longest agreeing prefix is kept, plus the main model's own token after it (greedy), or the chain
+is accepted token by token with the same rule as a single draft, a rejection ending it (sampling). The MTP
+cache rows the chain wrote past the confirmed positions are rewritten, from the main model's hidden states,
+by the next step's MTP pass.
+
 Then MTP module 1 runs over the positions the main model has just confirmed, p, with the main model's h_p
 and the token t_{p+1}, extending its own latent cache, and its prediction at the last of them gives the
 next drafts.
@@ -41,11 +50,12 @@ HIT_RATE_DECAY = 0.95  # the hit rates are averages over roughly the last 20 ver
 
 @dataclass
 class SpecStats:
-    drafted: int = 0  # verified positions: one per sequence per decode step, however many alternatives
-    accepted: int = 0  # of those, the ones where a draft was kept
-    decode_forwards: int = 0  # per sequence: main-model positions verified, one per sequence per step
+    drafted: int = 0  # drafted positions verified (k per sequence per step; alternatives count as one)
+    accepted: int = 0  # of those, the ones whose draft was kept
+    decode_forwards: int = 0  # per sequence: main-model forwards that verified drafts
     decode_tokens: int = 0  # tokens those forwards produced
     accepted_by_rank: list[int] = field(default_factory=list)  # kept drafts by their rank in the module's top-k
+    accepted_by_depth: list[int] = field(default_factory=list)  # kept drafts by their place in the chain
 
     @property
     def acceptance_rate(self) -> float:
@@ -57,21 +67,28 @@ class SpecStats:
 
 
 class MTPSpeculator:
-    def __init__(self, runner: ModelRunner, sampler: Sampler, topk: int | None = None):
-        """topk: how many of the module's top guesses a greedy step verifies; None adapts between 1 and 2."""
+    def __init__(self, runner: ModelRunner, sampler: Sampler, topk: int | None = None, num_tokens: int = 1):
+        """topk: how many of the module's top guesses a greedy step verifies for the next position; None adapts
+        between 1 and 2. num_tokens: positions drafted per step (a chain; with more than one, one guess each)."""
         if not runner.model.mtp:
             raise ValueError("speculative='mtp' needs a model with an MTP module (num_nextn_predict_layers >= 1)")
         if topk is not None and topk < 1:
             raise ValueError(f"speculative_topk must be at least 1, not {topk}")
+        if num_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be at least 1, not {num_tokens}")
+        if num_tokens > 1 and topk not in (None, 1):
+            raise ValueError(f"speculative_topk={topk} verifies alternatives for one drafted position; with "
+                             f"num_speculative_tokens={num_tokens} the drafts form a chain of single guesses")
         self.runner, self.sampler = runner, sampler
-        self.adaptive = topk is None
-        self.topk = min(2 if topk is None else topk, runner.config.vocab_size)  # the most guesses verified
+        self.depth = num_tokens
+        self.adaptive = topk is None and num_tokens == 1
+        self.topk = 1 if num_tokens > 1 else min(2 if topk is None else topk, runner.config.vocab_size)
         # per rank, how often the main model's token was the module's guess (verified or not): starts by
         # assuming a second guess pays, and learns within ~20 positions
         self.hit_rate = [0.5, 0.25, *[0.0] * (self.topk - 2)][: self.topk]
         self.guesses: dict[int, list[int]] = {}  # seq_id -> the module's top guesses behind its greedy draft
-        self.draft_probs: dict[int, torch.Tensor] = {}  # seq_id -> q, the distribution its draft was drawn from
-        self.stats = SpecStats(accepted_by_rank=[0] * self.topk)
+        self.draft_probs: dict[int, list[torch.Tensor]] = {}  # seq_id -> q per draft, what it was drawn from
+        self.stats = SpecStats(accepted_by_rank=[0] * self.topk, accepted_by_depth=[0] * self.depth)
 
     def num_guesses(self) -> int:
         """Guesses a greedy step verifies now: all `topk` if fixed; adaptively, rank r is added while its hit
@@ -95,8 +112,9 @@ class MTPSpeculator:
 
     @property
     def lookahead(self) -> int:
-        """Cache positions a decode step may write past a sequence's last token: the drafts, and itself."""
-        return 1 + self.topk
+        """Cache positions a step may write from a sequence's last token on: itself and its drafts; for a chain
+        of k, up to k - 1 more, where the module drafts past the k + 1 positions the step may confirm."""
+        return 1 + self.topk if self.depth == 1 else 2 * self.depth
 
     def step(self, seqs: list[Sequence], generators: list[torch.Generator | None], block_size: int
              ) -> tuple[list[list[int]], list[list[int]], torch.Tensor, StepBatch]:
@@ -105,7 +123,7 @@ class MTPSpeculator:
         cache counts and drafts."""
         runner = self.runner
         feeds = [s.token_ids[s.num_cached:] + s.draft for s in seqs]
-        alternatives = [len(s.draft) for s in seqs]
+        alternatives = [len(s.draft) for s in seqs] if self.depth == 1 else [0]  # a chain: plain positions
         batch = build_batch(feeds, [s.num_cached for s in seqs], [s.block_table for s in seqs], block_size,
                             runner.device, alternatives if max(alternatives) > 1 else None)
         h = runner.forward(batch)
@@ -118,6 +136,19 @@ class MTPSpeculator:
             prefix = list(range(ends[i] - len(feeds[i]), last + 1))  # rows fed before the drafts: all kept
             if not seq.draft:  # prefill: sample from the last position, as plain decoding
                 toks = [int(self.sampler.sample(logits[last:last + 1], [params[i]], [generators[i]]))]
+            elif self.depth > 1:  # a chain: drafts at consecutive positions, each verified by the row before it
+                if params[i].greedy:
+                    best = logits[last:ends[i]].argmax(dim=-1).tolist()
+                    n = 0
+                    while n < len(seq.draft) and seq.draft[n] == best[n]:
+                        n += 1
+                    toks = seq.draft[:n] + [best[n]]
+                else:
+                    p = self.sampler.probs(logits[last:ends[i]], [params[i]] * (len(seq.draft) + 1))
+                    toks = verify_chain(p, self.draft_probs.pop(seq.seq_id), seq.draft,
+                                        generators[i] or self.sampler.default)
+                for j in range(len(toks) - 1):
+                    self.stats.accepted_by_depth[j] += 1
             elif params[i].greedy:  # argmaxes only: no distributions needed
                 best = logits[last:ends[i]].argmax(dim=-1).tolist()  # position n, then each alternative's row
                 toks = [best[0]]
@@ -132,16 +163,21 @@ class MTPSpeculator:
                         moves[1].append(slot_of(seq.block_table, pos, block_size))
             else:
                 p = self.sampler.probs(logits[last:last + 2], [params[i]] * 2)
-                q = self.draft_probs.pop(seq.seq_id)
-                toks = verify_draft(p[0], p[1], q, seq.draft[0], False, generators[i] or self.sampler.default)
+                toks = verify_chain(p, self.draft_probs.pop(seq.seq_id), seq.draft[:1],
+                                    generators[i] or self.sampler.default)
                 if len(toks) == 2:
                     self.stats.accepted_by_rank[0] += 1
-            rows = [last] if len(toks) == 1 else [last, last + 1 + seq.draft.index(toks[0])]
+            if self.depth > 1 or len(toks) == 1:
+                rows = list(range(last, last + len(toks)))  # a chain's kept drafts sit at their own positions
+            else:
+                rows = [last, last + 1 + seq.draft.index(toks[0])]
+            if self.depth == 1 and len(toks) == 2:
+                self.stats.accepted_by_depth[0] += 1
             new_tokens.append(toks)
             token_rows.append(rows)
             kept_rows.append(prefix + rows[1:])
             if seq.draft:
-                self.stats.drafted += 1
+                self.stats.drafted += len(seq.draft) if self.depth > 1 else 1
                 self.stats.accepted += len(toks) - 1
                 self.stats.decode_forwards += 1
                 self.stats.decode_tokens += len(toks)
@@ -172,16 +208,23 @@ class MTPSpeculator:
                 mtp_batch = build_batch(mtp_feeds, [s.num_mtp_cached for s in seqs], [s.block_table for s in seqs],
                                         block_size, runner.device)
             h_prev = h.index_select(0, torch.tensor(kept_flat, device=h.device))
-        h_mtp = runner.forward_mtp(mtp_batch, h_prev)
-        draft_logits = runner.mtp_logits(mtp_batch.last_rows(h_mtp))
+        h_mtp = mtp_batch.last_rows(runner.forward_mtp(mtp_batch, h_prev))
         for seq in seqs:
             seq.num_mtp_cached = seq.num_cached
-        self._propose(seqs, params, generators, draft_logits)
+        self._propose(seqs, params, generators, runner.mtp_logits(h_mtp))
+        for j in range(1, self.depth):
+            # the chain's next draft: the module one position further on (cached position + j - 1), fed its own
+            # last hidden state in place of the main model's and the draft it has just made
+            chain = build_batch([[s.draft[-1]] for s in seqs], [s.num_cached + j - 1 for s in seqs],
+                                [s.block_table for s in seqs], block_size, runner.device)
+            h_mtp = runner.forward_mtp(chain, h_mtp)
+            self._propose(seqs, params, generators, runner.mtp_logits(h_mtp), extend=True)
         return new_tokens, token_rows, logits, batch
 
-    def _propose(self, seqs, params, generators, draft_logits: torch.Tensor) -> None:
-        """Set each sequence's drafts from the MTP module's logits at its last kept position: the top-k for
-        greedy requests, one token drawn from q (remembered for its verification) for sampled ones."""
+    def _propose(self, seqs, params, generators, draft_logits: torch.Tensor, extend: bool = False) -> None:
+        """Set each sequence's drafts from the MTP module's logits (B, V) at its last row: the top-k for greedy
+        requests, one token drawn from q (remembered for its verification) for sampled ones. extend: append
+        the next draft of a chain instead."""
         greedy = [i for i, p in enumerate(params) if p.greedy]
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if greedy:
@@ -189,21 +232,48 @@ class MTPSpeculator:
             top = rows.topk(self.topk, dim=-1).indices.tolist() if self.topk > 1 else rows.argmax(-1)[:, None].tolist()
             k = self.num_guesses()
             for i, guesses in zip(greedy, top):
+                if extend:
+                    seqs[i].draft.append(guesses[0])
+                    continue
                 seqs[i].draft = guesses[:k]
-                self.guesses[seqs[i].seq_id] = guesses
+                if self.adaptive:
+                    self.guesses[seqs[i].seq_id] = guesses
         if sampled:
             rows = draft_logits[sampled]
             sub = [params[i] for i in sampled]
             drawn = self.sampler.sample(rows, sub, [generators[i] for i in sampled]).tolist()
             q_all = self.sampler.probs(rows, sub)
             for j, i in enumerate(sampled):  # the distribution each draft came from, for its verification
-                seqs[i].draft = [drawn[j]]
-                self.draft_probs[seqs[i].seq_id] = q_all[j]
+                sid = seqs[i].seq_id
+                if extend:
+                    seqs[i].draft.append(drawn[j])
+                    self.draft_probs[sid].append(q_all[j])
+                else:
+                    seqs[i].draft = [drawn[j]]
+                    self.draft_probs[sid] = [q_all[j]]
 
     def forget(self, seq: Sequence) -> None:
         self.draft_probs.pop(seq.seq_id, None)
         self.guesses.pop(seq.seq_id, None)
         seq.draft = []
+
+
+def verify_chain(p: torch.Tensor, qs: list[torch.Tensor], drafts: list[int], generator: torch.Generator
+                 ) -> list[int]:
+    """The tokens a chain of sampled drafts yields. p (k+1, V): the main model's distributions at the k
+    drafts' positions and the one after; qs: the distribution each draft was drawn from. Each draft in turn is
+    kept with probability min(1, p_j(d) / q_j(d)); the first rejected one is replaced by a draw from
+    max(0, p_j - q_j), renormalised, and ends the chain; if all are kept, a bonus token is drawn from p_k.
+    Every token is then distributed as plain sampling would give it (Leviathan et al. 2023, position by
+    position)."""
+    for j, d in enumerate(drafts):
+        u = float(torch.rand(1, generator=generator))
+        if not u * float(qs[j][d]) < float(p[j, d]):  # kept with probability min(1, p(d) / q(d))
+            residual = (p[j] - qs[j]).clamp(min=0)
+            if float(residual.sum()) <= 0:  # only when p == q, where a rejection cannot happen; stay safe
+                residual = p[j]
+            return list(drafts[:j]) + [_draw_one(residual / residual.sum(), generator)]
+    return list(drafts) + [_draw_one(p[len(drafts)], generator)]
 
 
 def verify_draft(p: torch.Tensor, p_next: torch.Tensor, q: torch.Tensor, draft: int, greedy: bool,
@@ -215,13 +285,7 @@ def verify_draft(p: torch.Tensor, p_next: torch.Tensor, q: torch.Tensor, draft: 
         if int(p.argmax()) == draft:
             return [draft, int(p_next.argmax())]
         return [int(p.argmax())]
-    u = float(torch.rand(1, generator=generator))
-    if u * float(q[draft]) < float(p[draft]):  # kept with probability min(1, p(d) / q(d))
-        return [draft, _draw_one(p_next, generator)]
-    residual = (p - q).clamp(min=0)
-    if float(residual.sum()) <= 0:  # only when p == q, where a rejection cannot happen; stay safe
-        residual = p
-    return [_draw_one(residual / residual.sum(), generator)]
+    return verify_chain(torch.stack([p, p_next]), [q], [draft], generator)
 
 
 def _draw_one(probs: torch.Tensor, generator: torch.Generator) -> int:
