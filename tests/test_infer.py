@@ -99,54 +99,41 @@ def test_preemption_recomputes_and_changes_nothing():
     assert [o.token_ids for o in outs] == want
 
 
-@pytest.mark.parametrize("vocab, topk", [(8, 1), (8, 2), (8, 3), (8, None), (300, 1), (300, None)])
-def test_speculative_greedy_is_identical_to_plain_greedy(vocab, topk):
+@pytest.mark.parametrize("vocab, topk, k", [(8, 1, 1), (8, 2, 1), (8, 3, 1), (8, None, 1), (300, 1, 1), (300, None, 1),
+                                            (4, None, 2), (8, None, 2), (300, None, 2), (4, None, 3), (300, None, 3)])
+def test_speculative_greedy_is_identical_to_plain_greedy(vocab, topk, k):
     """A small vocabulary makes the random MTP module right often enough to exercise every branch: a draft
     rejected, kept at rank 1, and kept at rank 2 or 3 (its latents moved into place; with block_size 4 the
-    alternatives often straddle a block boundary)."""
+    alternatives often straddle a block boundary); with k = num_speculative_tokens > 1, chains of k drafted
+    positions (the module run once per position on its own hidden state) kept whole or in part."""
     c = tiny_config(vocab_size=vocab)
     model = random_model(c, std=0.2, seed=5)
     ps = prompts(vocab, [5, 9, 2, 14], seed=3)
     params = SamplingParams(temperature=0, max_new_tokens=25, ignore_eos=True)
     plain = LLM(model, block_size=4, kv_cache_tokens=512).generate(ps, params)
-    spec_llm = LLM(model, speculative="mtp", speculative_topk=topk, block_size=4, kv_cache_tokens=512)
+    spec_llm = LLM(model, speculative="mtp", speculative_topk=topk, num_speculative_tokens=k, block_size=4,
+                   kv_cache_tokens=512)
     spec = spec_llm.generate(ps, params)
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
     # alone, every step is uniform: the MTP step reuses the main step's layout (StepBatch.leading)
     assert spec_llm.generate(ps[1], params)[0].token_ids == plain[1].token_ids
     st = spec_llm.stats
-    assert st["drafted"] > 0 and st["tokens_per_forward"] == pytest.approx(1 + st["acceptance_rate"])
-    assert len(st["accepted_by_rank"]) == (topk or 2) and sum(st["accepted_by_rank"]) == st["accepted"]
-    if vocab == 8:
+    assert st["drafted"] > 0 and st["tokens_per_forward"] == pytest.approx(1 + k * st["acceptance_rate"])
+    depth = st["accepted_by_depth"]
+    assert len(depth) == k and sum(depth) == st["accepted"] and depth == sorted(depth, reverse=True)
+    if k == 1:
+        assert len(st["accepted_by_rank"]) == (topk or 2) and sum(st["accepted_by_rank"]) == st["accepted"]
+    if vocab == 8 and k == 1:
         assert 0 < st["accepted"] < st["drafted"]
         if topk and topk > 1:
             assert sum(st["accepted_by_rank"][1:]) > 0
-
-
-@pytest.mark.parametrize("vocab", [4, 8, 300])
-@pytest.mark.parametrize("k", [2, 3])
-def test_chained_drafts_give_plain_greedy(vocab, k):
-    """num_speculative_tokens=k: the MTP module drafts k positions, run once per position on its own hidden
-    state. A tiny vocabulary makes the random module right often enough to keep chains of every length."""
-    c = tiny_config(vocab_size=vocab)
-    model = random_model(c, std=0.2, seed=5)
-    ps = prompts(vocab, [5, 9, 2, 14], seed=3)
-    params = SamplingParams(temperature=0, max_new_tokens=25, ignore_eos=True)
-    plain = LLM(model, block_size=4, kv_cache_tokens=512).generate(ps, params)
-    llm = LLM(model, speculative="mtp", num_speculative_tokens=k, block_size=4, kv_cache_tokens=512)
-    assert [o.token_ids for o in llm.generate(ps, params)] == [o.token_ids for o in plain]
-    assert llm.generate(ps[1], params)[0].token_ids == plain[1].token_ids  # alone: uniform steps
-    st = llm.stats
-    assert st["tokens_per_forward"] == pytest.approx(1 + k * st["acceptance_rate"])
-    depth = st["accepted_by_depth"]
-    assert len(depth) == k and sum(depth) == st["accepted"] and depth == sorted(depth, reverse=True)
     if vocab == 4:
         assert depth[1] > 0  # whole chains of two were kept
-    # under cache pressure (preemptions, drafts past each sequence's end): the same tokens
-    short = [p[:6] for p in ps]
-    want = [o.token_ids for o in LLM(model, block_size=4, kv_cache_tokens=512).generate(short, params)]
-    tight = LLM(model, speculative="mtp", num_speculative_tokens=k, block_size=4, kv_cache_tokens=64)
-    assert [o.token_ids for o in tight.generate(short, params)] == want and tight.stats["preemptions"] > 0
+    if k > 1:  # under cache pressure (preemptions; drafts written past each sequence's end): the same tokens
+        short = [p[:6] for p in ps]
+        want = [o.token_ids for o in LLM(model, block_size=4, kv_cache_tokens=512).generate(short, params)]
+        tight = LLM(model, speculative="mtp", num_speculative_tokens=k, block_size=4, kv_cache_tokens=64)
+        assert [o.token_ids for o in tight.generate(short, params)] == want and tight.stats["preemptions"] > 0
 
 
 def test_chained_drafts_sampled_reproducible_and_errors():
