@@ -134,53 +134,23 @@ class MTPSpeculator:
         for i, seq in enumerate(seqs):
             last = ends[i] - 1 - len(seq.draft)  # the row of the sequence's last token (before its drafts)
             prefix = list(range(ends[i] - len(feeds[i]), last + 1))  # rows fed before the drafts: all kept
+            rank = 0  # which of several guesses for one position was kept
             if not seq.draft:  # prefill: sample from the last position, as plain decoding
                 toks = [int(self.sampler.sample(logits[last:last + 1], [params[i]], [generators[i]]))]
-            elif self.depth > 1:  # a chain: drafts at consecutive positions, each verified by the row before it
-                if params[i].greedy:
-                    best = logits[last:ends[i]].argmax(dim=-1).tolist()
-                    n = 0
-                    while n < len(seq.draft) and seq.draft[n] == best[n]:
-                        n += 1
-                    toks = seq.draft[:n] + [best[n]]
-                else:
-                    p = self.sampler.probs(logits[last:ends[i]], [params[i]] * (len(seq.draft) + 1))
-                    toks = verify_chain(p, self.draft_probs.pop(seq.seq_id), seq.draft,
-                                        generators[i] or self.sampler.default)
-                for j in range(len(toks) - 1):
-                    self.stats.accepted_by_depth[j] += 1
-            elif params[i].greedy:  # argmaxes only: no distributions needed
-                best = logits[last:ends[i]].argmax(dim=-1).tolist()  # position n, then each alternative's row
-                toks = [best[0]]
-                self._observe(seq.seq_id, best[0])
-                if best[0] in seq.draft:
-                    j = seq.draft.index(best[0])
-                    toks.append(best[1 + j])
-                    self.stats.accepted_by_rank[j] += 1
-                    if j:  # stored j slots on: move its latents to the slot of its position
-                        pos = seq.num_cached + len(prefix)
-                        moves[0].append(slot_of(seq.block_table, pos + j, block_size))
-                        moves[1].append(slot_of(seq.block_table, pos, block_size))
+            elif self.depth > 1:
+                toks = self._verify_chain(seq, logits[last:ends[i]], params[i], generators[i])
             else:
-                p = self.sampler.probs(logits[last:last + 2], [params[i]] * 2)
-                toks = verify_chain(p, self.draft_probs.pop(seq.seq_id), seq.draft[:1],
-                                    generators[i] or self.sampler.default)
-                if len(toks) == 2:
-                    self.stats.accepted_by_rank[0] += 1
-            if self.depth > 1 or len(toks) == 1:
-                rows = list(range(last, last + len(toks)))  # a chain's kept drafts sit at their own positions
-            else:
-                rows = [last, last + 1 + seq.draft.index(toks[0])]
-            if self.depth == 1 and len(toks) == 2:
-                self.stats.accepted_by_depth[0] += 1
+                toks, rank = self._verify_guesses(seq, logits[last:ends[i]], params[i], generators[i])
+                if rank:  # stored `rank` slots on: move its latents to the slot of its position
+                    pos = seq.num_cached + len(prefix)
+                    moves[0].append(slot_of(seq.block_table, pos + rank, block_size))
+                    moves[1].append(slot_of(seq.block_table, pos, block_size))
+            rows = [last] + [last + 1 + rank + j for j in range(len(toks) - 1)]  # the rows that gave the tokens
             new_tokens.append(toks)
             token_rows.append(rows)
             kept_rows.append(prefix + rows[1:])
             if seq.draft:
-                self.stats.drafted += len(seq.draft) if self.depth > 1 else 1
-                self.stats.accepted += len(toks) - 1
-                self.stats.decode_forwards += 1
-                self.stats.decode_tokens += len(toks)
+                self._count(seq, toks, rank)
         if moves[0]:
             runner.cache.move(*moves)
 
@@ -220,6 +190,43 @@ class MTPSpeculator:
             h_mtp = runner.forward_mtp(chain, h_mtp)
             self._propose(seqs, params, generators, runner.mtp_logits(h_mtp), extend=True)
         return new_tokens, token_rows, logits, batch
+
+    def _verify_chain(self, seq: Sequence, logits: torch.Tensor, params, generator) -> list[int]:
+        """A chain of drafts at consecutive positions, each checked by the main model's row before it; logits
+        (k+1, V): the rows of the sequence's last token and of its k drafts."""
+        if params.greedy:  # the longest prefix the main model agrees with, then its own next token
+            best = logits.argmax(dim=-1).tolist()
+            n = 0
+            while n < len(seq.draft) and seq.draft[n] == best[n]:
+                n += 1
+            return seq.draft[:n] + [best[n]]
+        p = self.sampler.probs(logits, [params] * len(logits))
+        return verify_chain(p, self.draft_probs.pop(seq.seq_id), seq.draft, generator or self.sampler.default)
+
+    def _verify_guesses(self, seq: Sequence, logits: torch.Tensor, params, generator) -> tuple[list[int], int]:
+        """One drafted position with one or more guesses (alternatives); logits: the rows of the last token and
+        of each guess. -> (new tokens, the rank of the kept guess, 0 if none)."""
+        if not params.greedy:  # a single sampled draft, the exact rule
+            p = self.sampler.probs(logits[:2], [params] * 2)
+            return verify_chain(p, self.draft_probs.pop(seq.seq_id), seq.draft[:1],
+                                generator or self.sampler.default), 0
+        best = logits.argmax(dim=-1).tolist()  # position n, then each alternative's row: argmaxes only
+        self._observe(seq.seq_id, best[0])
+        if best[0] not in seq.draft:
+            return [best[0]], 0
+        rank = seq.draft.index(best[0])
+        return [best[0], best[1 + rank]], rank
+
+    def _count(self, seq: Sequence, toks: list[int], rank: int) -> None:
+        st = self.stats
+        st.drafted += len(seq.draft) if self.depth > 1 else 1
+        st.accepted += len(toks) - 1
+        st.decode_forwards += 1
+        st.decode_tokens += len(toks)
+        for j in range(len(toks) - 1):
+            st.accepted_by_depth[j] += 1
+        if self.depth == 1 and len(toks) == 2:
+            st.accepted_by_rank[rank] += 1
 
     def _propose(self, seqs, params, generators, draft_logits: torch.Tensor, extend: bool = False) -> None:
         """Set each sequence's drafts from the MTP module's logits (B, V) at its last row: the top-k for greedy
