@@ -118,9 +118,9 @@ class MTPSpeculator:
 
     def step(self, seqs: list[Sequence], generators: list[torch.Generator | None], block_size: int
              ) -> tuple[list[list[int]], list[list[int]], torch.Tensor, StepBatch]:
-        """One main forward (+ one MTP forward) for `seqs` -> (new tokens per sequence, for each the fed row
-        whose logits gave it, main logits of every fed token (N, V), the batch). Updates each sequence's
-        cache counts and drafts."""
+        """One main forward (+ one MTP forward per drafted position) for `seqs` -> (new tokens per sequence, for
+        each the fed row whose logits gave it, main logits of every fed token (N, V), the batch). Updates each
+        sequence's cache counts and drafts."""
         runner = self.runner
         feeds = [s.token_ids[s.num_cached:] + s.draft for s in seqs]
         alternatives = [len(s.draft) for s in seqs] if self.depth == 1 else [0]  # a chain: plain positions
