@@ -136,6 +136,24 @@ def test_speculative_greedy_is_identical_to_plain_greedy(vocab, topk, k):
         assert [o.token_ids for o in tight.generate(short, params)] == want and tight.stats["preemptions"] > 0
 
 
+@pytest.mark.parametrize("k, topk", [(1, None), (1, 3), (2, None), (3, None)])
+def test_speculation_runs_to_the_end_of_the_context(k, topk):
+    """A cache of exactly one context (the CPU default at batch 1): near the end there is no room for every
+    draft, so fewer are verified, and sequences stop at the context's end with plain greedy's tokens (this
+    used to preempt the sequence for its drafts' room, forever). A context longer than the cache is cut to it."""
+    c = tiny_config(vocab_size=4, max_position_embeddings=32)
+    model = random_model(c, std=0.2, seed=5)
+    ps, params = [[1, 2, 3, 0, 1], [2, 2]], SamplingParams(temperature=0, max_new_tokens=100, ignore_eos=True)
+    want = [o.token_ids for o in LLM(model, block_size=4, max_num_seqs=1).generate(ps, params)]
+    llm = LLM(model, speculative="mtp", num_speculative_tokens=k, speculative_topk=topk, block_size=4, max_num_seqs=1)
+    outs = llm.generate(ps, params)
+    assert [o.token_ids for o in outs] == want and [len(o.token_ids) for o in outs] == [27, 30]
+    assert all(o.finish_reason == "length" for o in outs) and llm.stats["accepted"] > 0
+    assert LLM(model, block_size=4, kv_cache_tokens=20).max_model_len == 20
+    with pytest.raises(ValueError, match="longer than the latent cache"):
+        LLM(model, block_size=4, kv_cache_tokens=20, max_model_len=32)
+
+
 def test_chained_drafts_sampled_reproducible_and_errors():
     c = tiny_config(vocab_size=6)
     model = random_model(c, std=0.2, seed=5)

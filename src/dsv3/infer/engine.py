@@ -119,6 +119,11 @@ class LLM:
                 kv_cache_tokens = min(max_num_seqs * self.max_model_len, (4 << 30) // per_token)
         num_blocks = max(1, -(-kv_cache_tokens // block_size))
         self.cache = LatentCache(config, num_blocks, block_size, dtype, dev, num_mtp_layers=n_mtp)
+        if self.max_model_len > self.cache.capacity:  # no sequence can outgrow the cache
+            if max_model_len is not None:
+                raise ValueError(f"max_model_len={max_model_len} is longer than the latent cache holds "
+                                 f"({self.cache.capacity} positions): raise kv_cache_tokens or lower max_model_len")
+            self.max_model_len = self.cache.capacity
         self.runner = ModelRunner(self.model, self.cache)
         self.sampler = Sampler(dev, seed)
         self.speculator = None

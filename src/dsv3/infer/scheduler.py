@@ -98,7 +98,7 @@ class Scheduler:
         """A request that could never run (longer than the context, or than the whole cache) is an error."""
         if num_tokens > self.max_model_len:
             raise ValueError(f"the request needs {num_tokens} positions but the context is {self.max_model_len}")
-        if self.blocks.blocks_for(num_tokens + self.lookahead) > self.blocks.num_blocks:
+        if self.blocks.blocks_for(min(num_tokens + self.lookahead, self.max_model_len)) > self.blocks.num_blocks:
             raise ValueError(f"the request needs {num_tokens} positions but the whole cache holds "
                              f"{self.blocks.num_blocks * self.blocks.block_size}")
 
@@ -119,7 +119,7 @@ class Scheduler:
             n = seq.num_tokens
             if batch and tokens + n > self.max_num_batched_tokens:
                 break
-            span = n + self.lookahead - 1  # a speculative prefill drafts at the positions after the prompt
+            span = self._span(n)  # a speculative prefill drafts at the positions after the prompt
             if not self.blocks.can_grow(seq, span):
                 break
             self.waiting.popleft()
@@ -134,7 +134,7 @@ class Scheduler:
         for seq in sorted(self.running, key=lambda s: s.arrival):
             if seq.status is not Status.RUNNING:
                 continue  # preempted below
-            need = seq.num_tokens - 1 + self.lookahead
+            need = self._span(seq.num_tokens)
             while not self.blocks.can_grow(seq, need):
                 victim = max((s for s in self.running if s.status is Status.RUNNING), key=lambda s: s.arrival)
                 self.preempt(victim)
@@ -144,6 +144,11 @@ class Scheduler:
                 self.blocks.grow(seq, need)
         self.running = [s for s in self.running if s.status is Status.RUNNING]
         return list(self.running), False
+
+    def _span(self, num_tokens: int) -> int:
+        """Positions a step of a sequence with num_tokens tokens may write: up to its last token plus the
+        lookahead, but none at or past the context's end (drafts there are cut: the sequence stops first)."""
+        return min(num_tokens - 1 + self.lookahead, self.max_model_len)
 
     def preempt(self, seq: Sequence) -> None:
         self.blocks.release(seq)

@@ -122,6 +122,8 @@ class MTPSpeculator:
         each the fed row whose logits gave it, main logits of every fed token (N, V), the batch). Updates each
         sequence's cache counts and drafts."""
         runner = self.runner
+        for s in seqs:  # near the context's end the scheduler leaves no room for every draft: verify fewer
+            self._trim(s, len(s.block_table) * block_size - s.num_tokens)
         feeds = [s.token_ids[s.num_cached:] + s.draft for s in seqs]
         alternatives = [len(s.draft) for s in seqs] if self.depth == 1 else [0]  # a chain: plain positions
         batch = build_batch(feeds, [s.num_cached for s in seqs], [s.block_table for s in seqs], block_size,
@@ -182,14 +184,31 @@ class MTPSpeculator:
         for seq in seqs:
             seq.num_mtp_cached = seq.num_cached
         self._propose(seqs, params, generators, runner.mtp_logits(h_mtp))
+        live = list(range(len(seqs)))
         for j in range(1, self.depth):
             # the chain's next draft: the module one position further on (cached position + j - 1), fed its own
-            # last hidden state in place of the main model's and the draft it has just made
-            chain = build_batch([[s.draft[-1]] for s in seqs], [s.num_cached + j - 1 for s in seqs],
-                                [s.block_table for s in seqs], block_size, runner.device)
+            # last hidden state in place of the main model's and the draft it has just made; not past the
+            # positions a sequence's blocks cover (its end is near)
+            room = [i for i in live if seqs[i].num_cached + j - 1 < len(seqs[i].block_table) * block_size]
+            if not room:
+                break
+            if room != live:
+                h_mtp = h_mtp.index_select(0, torch.tensor([live.index(i) for i in room], device=h_mtp.device))
+                live = room
+            sub = [seqs[i] for i in live]
+            chain = build_batch([[s.draft[-1]] for s in sub], [s.num_cached + j - 1 for s in sub],
+                                [s.block_table for s in sub], block_size, runner.device)
             h_mtp = runner.forward_mtp(chain, h_mtp)
-            self._propose(seqs, params, generators, runner.mtp_logits(h_mtp), extend=True)
+            self._propose(sub, [params[i] for i in live], [generators[i] for i in live], runner.mtp_logits(h_mtp),
+                          extend=True)
         return new_tokens, token_rows, logits, batch
+
+    def _trim(self, seq: Sequence, room: int) -> None:
+        """Keep at most `room` drafts (and their distributions)."""
+        if len(seq.draft) > room:
+            del seq.draft[max(room, 0):]
+            if seq.seq_id in self.draft_probs:
+                del self.draft_probs[seq.seq_id][max(room, 0):]
 
     def _verify_chain(self, seq: Sequence, logits: torch.Tensor, params, generator) -> list[int]:
         """A chain of drafts at consecutive positions, each checked by the main model's row before it; logits
