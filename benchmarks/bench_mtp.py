@@ -90,7 +90,7 @@ def main() -> None:
         where = ", ".join(f"{n / max(st['drafted'], 1):.1%} at rank {r + 1}"
                           for r, n in enumerate(st["accepted_by_rank"]))
     else:  # a chain: how far into it the kept drafts reach
-        steps = max(st["drafted"] // args.num_tokens, 1)
+        steps = max(st["verify_forwards"], 1)
         where = ", ".join(f"{n / steps:.1%} of steps keep draft {d + 1}" for d, n in enumerate(st["accepted_by_depth"]))
     print(f"  acceptance   {st['acceptance_rate']:.1%} of {st['drafted']} drafted positions (all runs; {where}); "
           f"{st['tokens_per_forward']:.2f} tokens per main-model forward")

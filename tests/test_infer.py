@@ -175,6 +175,28 @@ def test_speculation_runs_to_the_end_of_the_context(k, topk):
         LLM(model, block_size=4, kv_cache_tokens=20, max_model_len=32)
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_stop_string_inside_a_speculative_step(k):
+    """A step can yield several tokens; a stop string completed by one of them drops the ones after it, as
+    plain decoding never generated them (tokens, logprobs and the count all agree with plain)."""
+    class OneLetterTokenizer:
+        eos_token_id = None
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join("abcd"[i] for i in ids)
+
+    model = random_model(tiny_config(vocab_size=4), std=0.2, seed=5)
+    p = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True, stop=["bbc"], logprobs=0)
+    prompt = [3, 3, 1, 3, 1, 2]
+    plain = LLM(model, tokenizer=OneLetterTokenizer(), block_size=4, kv_cache_tokens=512).generate([prompt], p)[0]
+    llm = LLM(model, tokenizer=OneLetterTokenizer(), speculative="mtp", num_speculative_tokens=k, block_size=4,
+              kv_cache_tokens=512)
+    spec = llm.generate([prompt], p)[0]
+    assert plain.finish_reason == spec.finish_reason == "stop" and "bbc" not in spec.text
+    assert spec.token_ids == plain.token_ids and len(spec.logprobs) == len(plain.token_ids)
+    assert llm.stats["decode_tokens"] == len(spec.token_ids) - 1  # the prefill gave the first
+
+
 def test_chained_drafts_sampled_reproducible_and_errors():
     c = tiny_config(vocab_size=6)
     model = random_model(c, std=0.2, seed=5)
@@ -190,6 +212,8 @@ def test_chained_drafts_sampled_reproducible_and_errors():
         LLM(model, speculative="mtp", num_speculative_tokens=0)
     with pytest.raises(ValueError, match="chain"):
         LLM(model, speculative="mtp", num_speculative_tokens=2, speculative_topk=2)
+    with pytest.raises(ValueError, match="needs speculative"):
+        LLM(model, num_speculative_tokens=2)
 
 
 def test_adaptive_guesses_follow_the_hit_rates():

@@ -132,6 +132,8 @@ class LLM:
         self.scheduler = Scheduler(num_blocks, block_size, max_num_seqs, max_num_batched_tokens, self.max_model_len,
                                    lookahead=self.speculator.lookahead if self.speculator else 1)
         self.graphs: DecodeGraphs | None = None
+        if num_speculative_tokens != 1 and not speculative:
+            raise ValueError(f"num_speculative_tokens={num_speculative_tokens} needs speculative='mtp'")
         if cuda_graphs and speculative:
             raise ValueError("cuda_graphs=True: CUDA graphs replay plain decode steps; speculative steps run "
                              "eagerly, so leave cuda_graphs unset with speculative='mtp'")
@@ -179,6 +181,7 @@ class LLM:
         if self.speculator is not None:
             sp = self.speculator.stats
             s.update(drafted=sp.drafted, accepted=sp.accepted, acceptance_rate=sp.acceptance_rate,
+                     verify_forwards=sp.decode_forwards,
                      tokens_per_forward=sp.tokens_per_forward, accepted_by_rank=list(sp.accepted_by_rank),
                      accepted_by_depth=list(sp.accepted_by_depth))
         return s
@@ -273,13 +276,14 @@ class LLM:
 
             def row_logits(rows):  # the head again on the rows asked for (only when logprobs are wanted)
                 return logits[rows] if h is None else self.runner.logits(h[rows])
+        lps, prompt_lps = self._logprobs(reqs, new_tokens, token_rows, starts, batch.feed_lens, row_logits)
+        outs = [self._postprocess(r, toks, lp, plp) for r, toks, lp, plp in zip(reqs, new_tokens, lps, prompt_lps)]
         self.num_steps += 1
         if is_prefill:
             self.num_prefill_tokens += fed
-        else:
-            self.num_decode_tokens += sum(len(t) for t in new_tokens)
-        lps, prompt_lps = self._logprobs(reqs, new_tokens, token_rows, starts, batch.feed_lens, row_logits)
-        return [self._postprocess(r, toks, lp, plp) for r, toks, lp, plp in zip(reqs, new_tokens, lps, prompt_lps)]
+        else:  # the tokens kept (a stop or the length limit may cut a step's several tokens short)
+            self.num_decode_tokens += sum(len(o.new_token_ids) for o in outs)
+        return outs
 
     def _logprobs(self, reqs: list[_Request], new_tokens: list[list[int]], token_rows: list[list[int]],
                   starts: list[int], feed_lens: list[int], row_logits
@@ -324,17 +328,25 @@ class LLM:
                 toks = toks[: j + 1]
                 lps = lps[: j + 1] if lps is not None else None
                 break
+        delta = ""
+        if req.detok is not None and not p.stop:
+            delta = req.detok.add(toks) + (req.detok.flush() if reason else "")
+            req.text += delta
+        elif req.detok is not None:  # token by token: a stop string may end inside a step's several tokens
+            base = len(req.text)
+            for j, t in enumerate(toks):
+                piece = req.detok.add([t]) + (req.detok.flush() if reason and j == len(toks) - 1 else "")
+                piece, hit = self._cut_at_stop(req, piece)
+                req.text += piece
+                if hit:  # what follows the token that completed the stop string was never generated
+                    reason = "stop"
+                    del seq.token_ids[seq.num_prompt_tokens + before + j + 1:]
+                    toks = toks[: j + 1]
+                    lps = lps[: j + 1] if lps is not None else None
+                    break
+            delta = req.text[base:]  # empty if the stop string began in text already returned
         if lps is not None:
             req.logprobs.extend(lps)
-        delta = ""
-        if req.detok is not None:
-            delta = req.detok.add(toks)
-            if reason:
-                delta += req.detok.flush()
-            if p.stop:
-                delta, hit = self._cut_at_stop(req, delta)
-                reason = reason if not hit else "stop"
-            req.text += delta
         if reason:
             self.scheduler.finish(seq, reason)
             if self.speculator is not None:

@@ -570,8 +570,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
         metric("preemptions_total", "counter", "Requests preempted (and later recomputed) for lack of cache.",
                stats["preemptions"])
         if "drafted" in stats:
-            metric("spec_drafts_total", "counter", "MTP draft tokens proposed.", stats["drafted"])
-            metric("spec_accepted_total", "counter", "MTP draft tokens accepted.", stats["accepted"])
+            metric("spec_drafts_total", "counter", "MTP drafted positions verified.", stats["drafted"])
+            metric("spec_accepted_total", "counter", "MTP drafted positions whose token was kept.", stats["accepted"])
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     return app
