@@ -249,11 +249,11 @@ class LLM:
         fed = sum(s.num_tokens - s.num_cached for s in seqs)
         starts = [s.num_cached for s in seqs]
         if self.speculator is not None:
-            new_tokens, token_rows, all_logits, batch = self.speculator.step(seqs, [r.generator for r in reqs],
-                                                                             self.cache.block_size)
+            new_tokens, token_rows, h, batch = self.speculator.step(seqs, [r.generator for r in reqs],
+                                                                    self.cache.block_size)
 
-            def row_logits(rows):  # the speculator computed the logits of every fed token
-                return all_logits[rows]
+            def row_logits(rows):  # the head again on the rows asked for (only when logprobs are wanted)
+                return self.runner.logits(h[rows])
         else:
             feeds = [s.token_ids[s.num_cached:] for s in seqs]
             graphed = (self.graphs is not None and not is_prefill and all(len(f) == 1 for f in feeds)

@@ -119,8 +119,8 @@ class MTPSpeculator:
     def step(self, seqs: list[Sequence], generators: list[torch.Generator | None], block_size: int
              ) -> tuple[list[list[int]], list[list[int]], torch.Tensor, StepBatch]:
         """One main forward (+ one MTP forward per drafted position) for `seqs` -> (new tokens per sequence, for
-        each the fed row whose logits gave it, main logits of every fed token (N, V), the batch). Updates each
-        sequence's cache counts and drafts."""
+        each the fed row whose logits gave it, the main model's final hidden states of every fed token (N, D),
+        the batch). Updates each sequence's cache counts and drafts."""
         runner = self.runner
         for s in seqs:  # near the context's end the scheduler leaves no room for every draft: verify fewer
             self._trim(s, len(s.block_table) * block_size - s.num_tokens)
@@ -129,20 +129,27 @@ class MTPSpeculator:
         batch = build_batch(feeds, [s.num_cached for s in seqs], [s.block_table for s in seqs], block_size,
                             runner.device, alternatives if max(alternatives) > 1 else None)
         h = runner.forward(batch)
-        logits = runner.logits(h)
         params = [s.params for s in seqs]
         ends = list(itertools.accumulate(batch.feed_lens))
+        # the head only where verification looks: each sequence's last token and its drafts (not a whole prompt:
+        # at V3's vocabulary a long prefill's logits alone would take gigabytes)
+        lasts = [end - 1 - len(s.draft) for s, end in zip(seqs, ends)]
+        needed = list(itertools.chain.from_iterable(range(last, end) for last, end in zip(lasts, ends)))
+        logits = runner.logits(h if len(needed) == ends[-1] else
+                               h.index_select(0, torch.tensor(needed, device=h.device)))
+        offsets = [0, *itertools.accumulate(end - last for last, end in zip(lasts, ends))]
         new_tokens, token_rows, kept_rows, moves = [], [], [], ([], [])
         for i, seq in enumerate(seqs):
-            last = ends[i] - 1 - len(seq.draft)  # the row of the sequence's last token (before its drafts)
+            last = lasts[i]  # the row of the sequence's last token (before its drafts)
             prefix = list(range(ends[i] - len(feeds[i]), last + 1))  # rows fed before the drafts: all kept
+            mine = logits[offsets[i]:offsets[i + 1]]  # the logits of rows last .. last + len(draft)
             rank = 0  # which of several guesses for one position was kept
             if not seq.draft:  # prefill: sample from the last position, as plain decoding
-                toks = [int(self.sampler.sample(logits[last:last + 1], [params[i]], [generators[i]]))]
+                toks = [int(self.sampler.sample(mine, [params[i]], [generators[i]]))]
             elif self.depth > 1:
-                toks = self._verify_chain(seq, logits[last:ends[i]], params[i], generators[i])
+                toks = self._verify_chain(seq, mine, params[i], generators[i])
             else:
-                toks, rank = self._verify_guesses(seq, logits[last:ends[i]], params[i], generators[i])
+                toks, rank = self._verify_guesses(seq, mine, params[i], generators[i])
                 if rank:  # stored `rank` slots on: move its latents to the slot of its position
                     pos = seq.num_cached + len(prefix)
                     moves[0].append(slot_of(seq.block_table, pos + rank, block_size))
@@ -201,7 +208,7 @@ class MTPSpeculator:
             h_mtp = runner.forward_mtp(chain, h_mtp)
             self._propose(sub, [params[i] for i in live], [generators[i] for i in live], runner.mtp_logits(h_mtp),
                           extend=True)
-        return new_tokens, token_rows, logits, batch
+        return new_tokens, token_rows, h, batch
 
     def _trim(self, seq: Sequence, room: int) -> None:
         """Keep at most `room` drafts (and their distributions)."""
