@@ -138,18 +138,21 @@ class MTPSpeculator:
         logits = runner.logits(h if len(needed) == ends[-1] else
                                h.index_select(0, torch.tensor(needed, device=h.device)))
         offsets = [0, *itertools.accumulate(end - last for last, end in zip(lasts, ends))]
+        # greedy verification needs argmaxes only: all of them in one op and one read back (one sync on a GPU)
+        argmax = logits.argmax(dim=-1).tolist() if any(p.greedy for p in params) else []
         new_tokens, token_rows, kept_rows, moves = [], [], [], ([], [])
         for i, seq in enumerate(seqs):
             last = lasts[i]  # the row of the sequence's last token (before its drafts)
             prefix = list(range(ends[i] - len(feeds[i]), last + 1))  # rows fed before the drafts: all kept
             mine = logits[offsets[i]:offsets[i + 1]]  # the logits of rows last .. last + len(draft)
+            best = argmax[offsets[i]:offsets[i + 1]]
             rank = 0  # which of several guesses for one position was kept
             if not seq.draft:  # prefill: sample from the last position, as plain decoding
                 toks = [int(self.sampler.sample(mine, [params[i]], [generators[i]]))]
             elif self.depth > 1:
-                toks = self._verify_chain(seq, mine, params[i], generators[i])
+                toks = self._verify_chain(seq, mine, best, params[i], generators[i])
             else:
-                toks, rank = self._verify_guesses(seq, mine, params[i], generators[i])
+                toks, rank = self._verify_guesses(seq, mine, best, params[i], generators[i])
                 if rank:  # stored `rank` slots on: move its latents to the slot of its position
                     pos = seq.num_cached + len(prefix)
                     moves[0].append(slot_of(seq.block_table, pos + rank, block_size))
@@ -217,11 +220,10 @@ class MTPSpeculator:
             if seq.seq_id in self.draft_probs:
                 del self.draft_probs[seq.seq_id][max(room, 0):]
 
-    def _verify_chain(self, seq: Sequence, logits: torch.Tensor, params, generator) -> list[int]:
+    def _verify_chain(self, seq: Sequence, logits: torch.Tensor, best: list[int], params, generator) -> list[int]:
         """A chain of drafts at consecutive positions, each checked by the main model's row before it; logits
-        (k+1, V): the rows of the sequence's last token and of its k drafts."""
+        (k+1, V): the rows of the sequence's last token and of its k drafts; best: their argmaxes (greedy)."""
         if params.greedy:  # the longest prefix the main model agrees with, then its own next token
-            best = logits.argmax(dim=-1).tolist()
             n = 0
             while n < len(seq.draft) and seq.draft[n] == best[n]:
                 n += 1
@@ -229,14 +231,15 @@ class MTPSpeculator:
         p = self.sampler.probs(logits, [params] * len(logits))
         return verify_chain(p, self.draft_probs.pop(seq.seq_id), seq.draft, generator or self.sampler.default)
 
-    def _verify_guesses(self, seq: Sequence, logits: torch.Tensor, params, generator) -> tuple[list[int], int]:
+    def _verify_guesses(self, seq: Sequence, logits: torch.Tensor, best: list[int], params, generator
+                        ) -> tuple[list[int], int]:
         """One drafted position with one or more guesses (alternatives); logits: the rows of the last token and
-        of each guess. -> (new tokens, the rank of the kept guess, 0 if none)."""
+        of each guess; best: their argmaxes (greedy): position n's, then each alternative's row's. -> (new
+        tokens, the rank of the kept guess, 0 if none)."""
         if not params.greedy:  # a single sampled draft, the exact rule
             p = self.sampler.probs(logits[:2], [params] * 2)
             return verify_chain(p, self.draft_probs.pop(seq.seq_id), seq.draft[:1],
                                 generator or self.sampler.default), 0
-        best = logits.argmax(dim=-1).tolist()  # position n, then each alternative's row: argmaxes only
         self._observe(seq.seq_id, best[0])
         if best[0] not in seq.draft:
             return [best[0]], 0
