@@ -248,34 +248,33 @@ class LLM:
         reqs = [self.requests[s.seq_id] for s in seqs]
         fed = sum(s.num_tokens - s.num_cached for s in seqs)
         starts = [s.num_cached for s in seqs]
+        graph_logits = None  # a captured graph's logits of every row (plain decode steps on a GPU)
         if self.speculator is not None:
             new_tokens, token_rows, h, batch = self.speculator.step(seqs, [r.generator for r in reqs],
                                                                     self.cache.block_size)
-
-            def row_logits(rows):  # the head again on the rows asked for (only when logprobs are wanted)
-                return self.runner.logits(h[rows])
         else:
             feeds = [s.token_ids[s.num_cached:] for s in seqs]
             graphed = (self.graphs is not None and not is_prefill and all(len(f) == 1 for f in feeds)
                        and self.graphs.fits(len(seqs), max(starts) + 1))
-            batch = build_batch(feeds, [s.num_cached for s in seqs], [s.block_table for s in seqs],
-                                self.cache.block_size, "cpu" if graphed else self.runner.device)
+            batch = build_batch(feeds, starts, [s.block_table for s in seqs], self.cache.block_size,
+                                "cpu" if graphed else self.runner.device)
             if graphed:  # the step replays a captured graph, which computes the logits of every row
-                h, logits = None, self.graphs.decode(batch)
+                h, graph_logits = None, self.graphs.decode(batch)
                 if self.graphs.broken:
                     self.graphs = None
+                last_logits = graph_logits
             else:
                 h = self.runner.forward(batch)
-                logits = self.runner.logits(batch.last_rows(h))
-            tokens = self.sampler.sample(logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
+                last_logits = self.runner.logits(batch.last_rows(h))
+            tokens = self.sampler.sample(last_logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
             new_tokens = [[t] for t in tokens]
             token_rows = [[end - 1] for end in itertools.accumulate(batch.feed_lens)]
             for s, f, t in zip(seqs, feeds, tokens):
                 s.num_cached += len(f)
                 s.token_ids.append(t)
 
-            def row_logits(rows):  # the head again on the rows asked for (only when logprobs are wanted)
-                return logits[rows] if h is None else self.runner.logits(h[rows])
+        def row_logits(rows):  # the head again on the rows asked for (only when logprobs are wanted)
+            return graph_logits[rows] if h is None else self.runner.logits(h[rows])
         lps, prompt_lps = self._logprobs(reqs, new_tokens, token_rows, starts, batch.feed_lens, row_logits)
         outs = [self._postprocess(r, toks, lp, plp) for r, toks, lp, plp in zip(reqs, new_tokens, lps, prompt_lps)]
         self.num_steps += 1
