@@ -183,8 +183,9 @@ class MTPSpeculator:
             mtp_batch, h_prev = replace(batch, input_ids=mtp_ids), h
         else:
             if batch.uniform and len(kept) == 1:
-                # a decode that kept m positions of every sequence: its last token's and, with m = 2, its first
-                # draft's row have the positions, slots and causal mask the MTP step needs
+                # a decode that kept m positions of every sequence: the rows of its last token and of the drafts
+                # it kept (the first m - 1 of a chain, or the first guess) have the positions, slots and causal
+                # mask the MTP step needs
                 mtp_batch = batch.leading(kept.pop(), mtp_ids)
             else:
                 mtp_batch = build_batch(mtp_feeds, [s.num_mtp_cached for s in seqs], [s.block_table for s in seqs],
