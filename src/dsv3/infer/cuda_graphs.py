@@ -18,7 +18,8 @@ memory pool.
 the engine's ordinary decode (same tokens); on CUDA it is what gets captured. Whether a model can be captured
 is decided in one place, `capture_blocker`; the warm-up before a capture runs with CUDA's sync debug mode set
 to error (a host read raises there, not inside the capture), one replay is checked against the eager step, and
-a capture that fails anyway falls back to eager decode with a warning. The eager path (`LLM(cuda_graphs=False)`, `--enforce-eager`) stays the reference.
+a capture that fails anyway falls back to eager decode with a warning. The eager path
+(`LLM(cuda_graphs=False)`, `--enforce-eager`) stays the reference.
 """
 
 from __future__ import annotations

@@ -73,9 +73,9 @@ class LLM:
     speculative_topk: with one drafted position, how many of the MTP module's most likely tokens a greedy
     request verifies for it at once (default None: 1 or 2, whichever pays on the module's recent record;
     sampled requests verify one draft). max_model_len: the longest sequence (prompt + output; default the
-    config's max_position_embeddings, or what the cache holds if less). max_num_seqs: sequences decoded together. kv_cache_tokens: cache
-    positions over all sequences (default: 90% of free GPU memory; on CPU enough for max_num_seqs full
-    sequences, capped at 4 GiB). cuda_graphs: replay plain decode steps from captured CUDA graphs (default: on
+    config's max_position_embeddings, or what the cache holds if less). max_num_seqs: sequences decoded
+    together. kv_cache_tokens: cache positions over all sequences (default: 90% of free GPU memory; on CPU
+    enough for max_num_seqs full sequences, capped at 4 GiB). cuda_graphs: replay plain decode steps from captured CUDA graphs (default: on
     a CUDA device whenever the model can be captured, see cuda_graphs.py; False is vLLM's enforce_eager).
     """
 
