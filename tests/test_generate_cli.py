@@ -82,7 +82,8 @@ def test_interactive_reports_overlong_conversation_and_goes_on(model_dir, monkey
 
 def test_generate_subprocess_prompt(model_dir):
     r = subprocess.run([sys.executable, "-m", "dsv3", "generate", "--model", str(model_dir), "--prompt", "hello",
-                        "--max-new-tokens", "4", "--seed", "1", "--speculative", "mtp", "--num-speculative-tokens", "3"],
+                        "--max-new-tokens", "4", "--seed", "1", "--speculative", "mtp",
+                        "--num-speculative-tokens", "3"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Prompt: hello\nCompletion: ") and "tokens/s" in r.stderr

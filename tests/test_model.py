@@ -146,7 +146,8 @@ def test_dense_decode_skips_unpicked_experts_in_runs():
     with torch.no_grad():
         x = torch.randn(3, c.hidden_size)
         weights = torch.rand(3, 3)
-        for picks in ([[0, 1, 2], [3, 4, 5], [6, 7, 8]], [[0, 5, 9], [31, 30, 12], [5, 9, 0]], [[4, 6, 8], [4, 6, 8], [7, 5, 4]]):
+        for picks in ([[0, 1, 2], [3, 4, 5], [6, 7, 8]], [[0, 5, 9], [31, 30, 12], [5, 9, 0]],
+                      [[4, 6, 8], [4, 6, 8], [7, 5, 4]]):
             experts = torch.tensor(picks)
             assert moe.experts.dense_spans(experts) == expert_spans(sum(picks, []), 0)
             ref = moe.routed_reference(x, weights, experts)

@@ -75,8 +75,9 @@ class LLM:
     sampled requests verify one draft). max_model_len: the longest sequence (prompt + output; default the
     config's max_position_embeddings, or what the cache holds if less). max_num_seqs: sequences decoded
     together. kv_cache_tokens: cache positions over all sequences (default: 90% of free GPU memory; on CPU
-    enough for max_num_seqs full sequences, capped at 4 GiB). cuda_graphs: replay plain decode steps from captured CUDA graphs (default: on
-    a CUDA device whenever the model can be captured, see cuda_graphs.py; False is vLLM's enforce_eager).
+    enough for max_num_seqs full sequences, capped at 4 GiB). cuda_graphs: replay plain decode steps from
+    captured CUDA graphs (default: on a CUDA device whenever the model can be captured, see cuda_graphs.py;
+    False is vLLM's enforce_eager).
     """
 
     def __init__(self, model: str | os.PathLike | DeepSeekV3, dtype: torch.dtype | str | None = None,
