@@ -98,8 +98,16 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0: all)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="per reply (default 256)")
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    _add_engine_args(p)
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + reply (default: the config's)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together (default 16)")
+    p.set_defaults(func=_generate)
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine options `generate` and `serve` share (device, dtype, speculation, CUDA graphs)."""
     p.add_argument("--speculative", choices=["mtp"], default=None,
-                   help="draft with the model's MTP module and verify (identical output, faster)")
+                   help="draft with the model's MTP module and verify (identical greedy output, faster)")
     p.add_argument("--num-speculative-tokens", type=int, default=1, metavar="K",
                    help="with --speculative mtp: positions drafted per step, the MTP module chained on its own "
                         "output K-1 times (default 1; 2-3 pay when its drafts are mostly right)")
@@ -111,24 +119,30 @@ def _add_generate(sub) -> None:
                    help="on a GPU, run every decode step eagerly instead of replaying captured CUDA graphs")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
-    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + reply (default: the config's)")
-    p.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together (default 16)")
-    p.set_defaults(func=_generate)
+
+
+def _device(args) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _engine(args, **kwargs):
+    """The LLM those options describe (kwargs: the command's own, such as kv_cache_tokens)."""
+    from .infer import LLM
+
+    return LLM(args.model, dtype=args.dtype, device=_device(args), speculative=args.speculative,
+               speculative_topk=args.speculative_topk, num_speculative_tokens=args.num_speculative_tokens,
+               max_model_len=args.max_model_len, cuda_graphs=False if args.enforce_eager else None,
+               max_num_seqs=args.max_batch_size, seed=args.seed, **kwargs)
 
 
 def _generate(args) -> None:
     import json
 
-    import torch
+    from .infer import SamplingParams
 
-    from .infer import LLM, SamplingParams
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    llm = LLM(args.model, dtype=args.dtype, device=device, speculative=args.speculative,
-              speculative_topk=args.speculative_topk, num_speculative_tokens=args.num_speculative_tokens,
-              max_model_len=args.max_model_len,
-              cuda_graphs=False if args.enforce_eager else None,
-              max_num_seqs=args.max_batch_size, seed=args.seed)
+    llm = _engine(args)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens, seed=args.seed)
     tok = llm.tokenizer
@@ -227,19 +241,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="latent cache size in token positions over all requests (default: GPU 90%% of free "
                         "memory; CPU max-batch-size full contexts, capped at 4 GiB)")
-    p.add_argument("--speculative", choices=["mtp"], default=None,
-                   help="draft with the model's MTP module and verify (identical greedy output, faster)")
-    p.add_argument("--num-speculative-tokens", type=int, default=1, metavar="K",
-                   help="with --speculative mtp: positions drafted per step, the MTP module chained on its own "
-                        "output K-1 times (default 1; 2-3 pay when its drafts are mostly right)")
-    p.add_argument("--speculative-topk", type=int, default=None, metavar="K",
-                   help="with --speculative mtp and one drafted position: greedy requests verify the MTP module's K "
-                        "likeliest next tokens at once (default: 1 or 2, adapting to how often its second guess "
-                        "is the right one)")
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="on a GPU, run every decode step eagerly instead of replaying captured CUDA graphs")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
+    _add_engine_args(p)
     p.add_argument("--seed", type=int, default=None, help="seed of requests that bring none")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log level (default info)")
@@ -250,21 +252,15 @@ def _serve(args) -> None:
     import torch
     import uvicorn
 
-    from .infer import LLM
     from .serve import create_app
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.threads or device == "cpu":
+    if args.threads or _device(args) == "cpu":
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
-    llm = LLM(args.model, dtype=args.dtype, device=device, speculative=args.speculative,
-              speculative_topk=args.speculative_topk, num_speculative_tokens=args.num_speculative_tokens,
-              max_model_len=args.max_model_len,
-              cuda_graphs=False if args.enforce_eager else None,
-              max_num_seqs=args.max_batch_size, kv_cache_tokens=args.kv_cache_tokens, seed=args.seed)
+    llm = _engine(args, kv_cache_tokens=args.kv_cache_tokens)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     app = create_app(llm, name, api_key=args.api_key, max_queue=args.max_queue)
     cache = llm.cache.capacity
-    print(f"serving {name!r} at http://{args.host}:{args.port}/v1 ({device}, {llm.model.dtype}; up to "
+    print(f"serving {name!r} at http://{args.host}:{args.port}/v1 ({llm.model.device}, {llm.model.dtype}; up to "
           f"{args.max_batch_size} requests at once, cache {cache} tokens, context {llm.max_model_len}"
           f"{', API key required' if args.api_key else ''})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
