@@ -38,6 +38,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop", "length", "abort", or None while running
     logprobs: list[TokenLogprob] | None = None  # one per generated token, when params.logprobs asks
     prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (None for the first), when asked
+    num_cached_tokens: int = 0  # prompt positions taken from the prefix cache instead of computed
 
 
 @dataclass
@@ -77,7 +78,9 @@ class LLM:
     together. kv_cache_tokens: cache positions over all sequences (default: 90% of free GPU memory; on CPU
     enough for max_num_seqs full sequences, capped at 4 GiB). cuda_graphs: replay plain decode steps from
     captured CUDA graphs (default: on a CUDA device whenever the model can be captured, see cuda_graphs.py;
-    False is vLLM's enforce_eager).
+    False is vLLM's enforce_eager). enable_prefix_caching: keep full blocks of the cache after their request
+    ends and start later requests whose tokens begin the same way from them (a chat's next turn, a shared
+    system prompt), computing only the rest (default on, as vLLM's; scheduler.py).
     """
 
     def __init__(self, model: str | os.PathLike | DeepSeekV3, dtype: torch.dtype | str | None = None,
@@ -85,7 +88,7 @@ class LLM:
                  tokenizer: Tokenizer | None = None, max_model_len: int | None = None, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 16384, block_size: int = 64, kv_cache_tokens: int | None = None,
                  seed: int | None = None, speculative_topk: int | None = None, num_speculative_tokens: int = 1,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, enable_prefix_caching: bool = True):
         path = None
         if isinstance(model, DeepSeekV3):
             self.model = model.eval()
@@ -130,8 +133,10 @@ class LLM:
         self.speculator = None
         if speculative:
             self.speculator = MTPSpeculator(self.runner, self.sampler, speculative_topk, num_speculative_tokens)
+        # with the MTP module's rows in the cache, a block's rows also depend on the token after it
         self.scheduler = Scheduler(num_blocks, block_size, max_num_seqs, max_num_batched_tokens, self.max_model_len,
-                                   lookahead=self.speculator.lookahead if self.speculator else 1)
+                                   lookahead=self.speculator.lookahead if self.speculator else 1,
+                                   prefix_caching=enable_prefix_caching, tail=n_mtp)
         self.graphs: DecodeGraphs | None = None
         if num_speculative_tokens != 1 and not speculative:
             raise ValueError(f"num_speculative_tokens={num_speculative_tokens} needs speculative='mtp'")
@@ -178,7 +183,9 @@ class LLM:
     def stats(self) -> dict:
         s = {"steps": self.num_steps, "prefill_tokens": self.num_prefill_tokens,
              "decode_tokens": self.num_decode_tokens, "preemptions": self.scheduler.num_preemptions,
-             "cuda_graphs": 0 if self.graphs is None else self.graphs.num_graphs}
+             "cuda_graphs": 0 if self.graphs is None else self.graphs.num_graphs,
+             "prefix_cache_hit_tokens": self.scheduler.num_hit_tokens,
+             "prefix_cache_hit_rate": self.scheduler.num_hit_tokens / max(self.scheduler.num_lookup_tokens, 1)}
         if self.speculator is not None:
             sp = self.speculator.stats
             s.update(drafted=sp.drafted, accepted=sp.accepted, acceptance_rate=sp.acceptance_rate,
@@ -211,7 +218,9 @@ class LLM:
         params = params or SamplingParams()
         ids = self.encode_prompt(prompt)
         rid = next(self._ids)
-        seq = Sequence(seq_id=rid, token_ids=list(ids), num_prompt_tokens=len(ids), params=params)
+        # prompt logprobs need every prompt position computed, so such a request starts from none cached
+        seq = Sequence(seq_id=rid, token_ids=list(ids), num_prompt_tokens=len(ids), params=params,
+                       reuse_prefix=params.prompt_logprobs is None)
         self.scheduler.add(seq)
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
@@ -230,7 +239,7 @@ class LLM:
         return RequestOutput(request_id, req.seq.token_ids[:req.seq.num_prompt_tokens], req.seq.output_ids,
                              req.text, req.seq.finish_reason,
                              logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
-                             prompt_logprobs=req.prompt_logprobs)
+                             prompt_logprobs=req.prompt_logprobs, num_cached_tokens=req.seq.num_prefix_hit or 0)
 
     def release(self, request_id: int) -> RequestOutput:
         """Forget a finished request (the server calls this once it has answered)."""
@@ -273,6 +282,7 @@ class LLM:
             for s, f, t in zip(seqs, feeds, tokens):
                 s.num_cached += len(f)
                 s.token_ids.append(t)
+        self.scheduler.commit(seqs)  # blocks this step filled become reusable prefixes
 
         def row_logits(rows):  # the head again on the rows asked for (only when logprobs are wanted)
             return graph_logits[rows] if h is None else self.runner.logits(h[rows])

@@ -3,16 +3,22 @@ blocks hold their tokens. Unit-tested on its own.
 
 The latent cache is cut into blocks of `block_size` token positions; a sequence owns a list of blocks (its
 block table) covering every position it has computed or is about to. Each step is either a prefill (new
-sequences, their whole prompt at once) or a decode (every running sequence advances by one position, or by
+sequences, their whole prompt at once, less any prefix already in the cache) or a decode (every running sequence advances by one position, or by
 `lookahead` positions when speculative decoding verifies drafts). When a decode step finds no free block,
 the most recently admitted sequence is preempted: its blocks are freed and it goes back to the front of the
-queue, to be recomputed from its tokens when there is room again.
+queue, to be recomputed from its tokens when there is room again (from its cached blocks, if still there).
+
+Prefix caching (`BlockManager`): full blocks stay in the cache after their sequence ends, found again by a
+hash of the tokens up to their end; blocks are shared by reference count, and only full, final blocks are
+ever shared, so no sequence writes to a block another one reads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
-from collections import deque
+from array import array
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -38,6 +44,9 @@ class Sequence:
     draft: list[int] = field(default_factory=list)  # speculative tokens proposed for the next step
     finish_reason: str | None = None
     arrival: int = 0  # admission order, for preemption
+    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its first full blocks
+    reuse_prefix: bool = True  # may start from cached blocks (not when its prompt's logprobs are wanted)
+    num_prefix_hit: int | None = None  # positions found in the prefix cache at its first admission
 
     @property
     def num_tokens(self) -> int:
@@ -49,42 +58,126 @@ class Sequence:
 
 
 class BlockManager:
-    """Hands out cache blocks. Block 0 .. num_blocks-1; a free list, nothing else."""
+    """Hands out cache blocks and, with prefix caching, remembers what full blocks hold.
 
-    def __init__(self, num_blocks: int, block_size: int):
+    Blocks 0 .. num_blocks-1, each with a reference count: the sequences whose block tables hold it. With
+    `prefix_caching`, a full block whose rows are final is registered under a key: a SHA-256 of its tokens,
+    chained through the key of the block before it, so equal keys mean equal token prefixes (a cryptographic
+    hash, as vLLM moved to: a server's users must not be able to forge a collision and read another's
+    latents). A new sequence whose tokens begin with registered blocks takes them, shared, instead of
+    computing them again: a chat's next turn, or requests with one system prompt. A registered block nobody
+    holds stays cached, evicted least recently used first, and only when no never-used block is left.
+
+    `tail`: tokens after a block that its rows also depend on, so its key covers them too. 1 when the cache
+    holds the MTP module's rows: the module's row at position p is computed from token p + 1.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False, tail: int = 0):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of at least one token ({num_blocks=} {block_size=})")
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.free: deque[int] = deque(range(num_blocks))
+        self.prefix_caching, self.tail = prefix_caching, tail
+        self.free: deque[int] = deque(range(num_blocks))  # never registered (or evicted): contents unknown
+        self.refs = [0] * num_blocks
+        self.registry: dict[bytes, int] = {}  # key -> the block that holds those tokens' rows
+        self.key_of: dict[int, bytes] = {}  # the inverse, for registered blocks
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # registered, held by no one; oldest first
 
     def blocks_for(self, num_positions: int) -> int:
         return -(-num_positions // self.block_size)
 
+    @property
+    def num_free(self) -> int:
+        """Blocks a sequence can be given: never used, or cached but held by no one."""
+        return len(self.free) + len(self.evictable)
+
+    def _key(self, parent: bytes, seq: Sequence, b: int) -> bytes:
+        lo = b * self.block_size
+        tokens = array("q", seq.token_ids[lo: lo + self.block_size + self.tail])
+        return hashlib.sha256(parent + tokens.tobytes()).digest()
+
+    def match(self, seq: Sequence) -> list[tuple[int, bytes]]:
+        """The registered blocks seq's tokens begin with, as (block, key): at most enough to leave its last
+        token to compute (a step must feed something to sample from)."""
+        if not self.prefix_caching:
+            return []
+        hits, key = [], b""
+        for b in range((seq.num_tokens - 1) // self.block_size):  # also keeps every key's tail tokens known
+            key = self._key(key, seq, b)
+            block = self.registry.get(key)
+            if block is None:
+                break
+            hits.append((block, key))
+        return hits
+
+    def can_allocate(self, num_positions: int, hits: list[tuple[int, bytes]] = ()) -> bool:
+        """Whether a sequence starting with the cached blocks `hits` can get blocks for num_positions."""
+        new = self.blocks_for(num_positions) - len(hits)
+        return new <= self.num_free - sum(1 for b, _ in hits if b in self.evictable)
+
+    def allocate(self, seq: Sequence, num_positions: int, hits: list[tuple[int, bytes]] = ()) -> None:
+        """Give an unplaced sequence the cached blocks `hits` (their positions count as computed, for the MTP
+        module's rows too), then fresh blocks to cover num_positions."""
+        assert not seq.block_table, "allocate() places a sequence that holds no blocks"
+        for block, _ in hits:
+            self.evictable.pop(block, None)
+            self.refs[block] += 1
+        seq.block_table = [b for b, _ in hits]
+        seq.block_keys = [k for _, k in hits]
+        seq.num_cached = seq.num_mtp_cached = len(hits) * self.block_size
+        self.grow(seq, num_positions)
+
     def can_grow(self, seq: Sequence, num_positions: int) -> bool:
-        return self.blocks_for(num_positions) - len(seq.block_table) <= len(self.free)
+        return self.blocks_for(num_positions) - len(seq.block_table) <= self.num_free
 
     def grow(self, seq: Sequence, num_positions: int) -> None:
         """Make seq's block table cover positions [0, num_positions)."""
         need = self.blocks_for(num_positions) - len(seq.block_table)
-        assert need <= len(self.free), f"{need=} free={len(self.free)}"
-        seq.block_table.extend(self.free.popleft() for _ in range(max(need, 0)))
+        assert need <= self.num_free, f"{need=} free={self.num_free}"
+        for _ in range(max(need, 0)):
+            if self.free:
+                block = self.free.popleft()
+            else:  # evict the least recently used cached block: its rows are about to be overwritten
+                block, _ = self.evictable.popitem(last=False)
+                del self.registry[self.key_of.pop(block)]
+            self.refs[block] = 1
+            seq.block_table.append(block)
+
+    def commit(self, seq: Sequence) -> None:
+        """Register seq's blocks that are now full of final rows (after a step computed them). Rows past
+        num_cached may be drafts that lose; a block counts once every position in it is confirmed and, with
+        a tail, the tokens after it are known."""
+        if not self.prefix_caching:
+            return
+        done = min(seq.num_cached, seq.num_mtp_cached) if self.tail else seq.num_cached
+        done = min(done, seq.num_tokens - self.tail)
+        for b in range(len(seq.block_keys), min(done // self.block_size, len(seq.block_table))):
+            key = self._key(seq.block_keys[-1] if seq.block_keys else b"", seq, b)
+            seq.block_keys.append(key)
+            block = seq.block_table[b]
+            if key not in self.registry and block not in self.key_of:  # else an equal block is cached already
+                self.registry[key], self.key_of[block] = block, key
 
     def release(self, seq: Sequence) -> None:
-        self.free.extend(seq.block_table)
-        seq.block_table = []
+        """seq lets go of its blocks. Registered ones nobody else holds stay cached, its last blocks first in
+        line for eviction (a prefix's first blocks are the likeliest to be asked for again)."""
+        for block in reversed(seq.block_table):
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                if block in self.key_of:
+                    self.evictable[block] = None
+                else:
+                    self.free.append(block)
+        seq.block_table, seq.block_keys = [], []
         seq.num_cached = seq.num_mtp_cached = 0
-
-    @property
-    def num_free(self) -> int:
-        return len(self.free)
 
 
 class Scheduler:
     def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, lookahead: int = 1):
+                 max_model_len: int, lookahead: int = 1, prefix_caching: bool = False, tail: int = 0):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(f"{max_num_seqs=} and {max_num_batched_tokens=} must be >= 1")
-        self.blocks = BlockManager(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching, tail)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -93,6 +186,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._arrivals = itertools.count()
         self.num_preemptions = 0
+        self.num_lookup_tokens = self.num_hit_tokens = 0  # prefix cache: positions looked up, and found
 
     def check_fits(self, num_tokens: int) -> None:
         """A request that could never run (longer than the context, or than the whole cache) is an error."""
@@ -112,18 +206,24 @@ class Scheduler:
 
     def schedule(self) -> tuple[list[Sequence], bool]:
         """-> (the sequences of the next step, whether it is a prefill). Prefill first: admit waiting
-        sequences while slots, the token budget and free blocks allow."""
+        sequences while slots, the token budget and free blocks allow. A sequence whose tokens begin with
+        blocks in the prefix cache starts from them, and its prefill computes only the rest."""
         batch, tokens = [], 0
         while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = seq.num_tokens
+            hits = self.blocks.match(seq) if seq.reuse_prefix else []
+            n = seq.num_tokens - len(hits) * self.blocks.block_size  # tokens to compute
             if batch and tokens + n > self.max_num_batched_tokens:
                 break
-            span = self._span(n)  # a speculative prefill drafts at the positions after the prompt
-            if not self.blocks.can_grow(seq, span):
+            span = self._span(seq.num_tokens)  # a speculative prefill drafts at the positions after the prompt
+            if not self.blocks.can_allocate(span, hits):
                 break
             self.waiting.popleft()
-            self.blocks.grow(seq, span)
+            self.blocks.allocate(seq, span, hits)
+            self.num_lookup_tokens += seq.num_tokens
+            self.num_hit_tokens += seq.num_cached
+            if seq.num_prefix_hit is None:
+                seq.num_prefix_hit = seq.num_cached
             seq.status, seq.arrival = Status.RUNNING, next(self._arrivals)
             batch.append(seq)
             tokens += n
@@ -149,6 +249,11 @@ class Scheduler:
         """Positions a step of a sequence with num_tokens tokens may write: up to its last token plus the
         lookahead, but none at or past the context's end (drafts there are cut: the sequence stops first)."""
         return min(num_tokens - 1 + self.lookahead, self.max_model_len)
+
+    def commit(self, seqs: list[Sequence]) -> None:
+        """After a step: the blocks it filled with final rows become reusable prefixes."""
+        for seq in seqs:
+            self.blocks.commit(seq)
 
     def preempt(self, seq: Sequence) -> None:
         self.blocks.release(seq)
