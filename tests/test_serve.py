@@ -178,6 +178,27 @@ def test_chat_equals_engine_and_streaming_equals_non_streaming(client, ref):
     assert all(ch.usage is None for ch in chunks[:-1])
 
 
+def test_a_repeated_long_prefix_is_served_from_the_prefix_cache(server, client, ref):
+    """A conversation longer than a cache block, asked twice: the second answer is the same, its usage says how
+    many prompt tokens came from the prefix cache (OpenAI's prompt_tokens_details.cached_tokens), and /metrics
+    counts them."""
+    block = server.llm.cache.block_size
+    messages = [{"role": "system", "content": "the cat sat on the mat and the dog ate the bone " * 8},
+                {"role": "user", "content": "hello world"}]
+    n_prompt = len(chat_ids(ref, messages))
+    assert n_prompt > block
+    before = server.metrics()
+    kw = dict(model=MODEL, messages=messages, temperature=0, max_tokens=6)
+    first, second = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    assert first.choices[0].message.content == second.choices[0].message.content
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == block * ((n_prompt - 1) // block)
+    after = server.metrics()
+    hits = after["dsv3_prefix_cache_hits_total"] - before["dsv3_prefix_cache_hits_total"]
+    assert hits == second.usage.prompt_tokens_details.cached_tokens
+    assert after["dsv3_prefix_cache_queries_total"] - before["dsv3_prefix_cache_queries_total"] == 2 * n_prompt
+
+
 def test_completions_string_token_ids_and_n(client, ref):
     want = greedy(ref, "the cat", 8, ignore_eos=True)
     r = client.completions.create(model=MODEL, prompt="the cat", temperature=0, max_tokens=8,

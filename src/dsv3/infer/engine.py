@@ -184,6 +184,7 @@ class LLM:
         s = {"steps": self.num_steps, "prefill_tokens": self.num_prefill_tokens,
              "decode_tokens": self.num_decode_tokens, "preemptions": self.scheduler.num_preemptions,
              "cuda_graphs": 0 if self.graphs is None else self.graphs.num_graphs,
+             "prefix_cache_lookup_tokens": self.scheduler.num_lookup_tokens,
              "prefix_cache_hit_tokens": self.scheduler.num_hit_tokens,
              "prefix_cache_hit_rate": self.scheduler.num_hit_tokens / max(self.scheduler.num_lookup_tokens, 1)}
         if self.speculator is not None:

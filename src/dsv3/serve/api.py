@@ -419,15 +419,17 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
             async def chunks():
                 yield sse(chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None} for j in range(n)], **extra))
-                completion = 0
+                completion = cached = 0
                 async with aclosing(events(job, request)) as outs:
                     async for o in outs:
                         completion += len(o.step.new_token_ids)
+                        if o.final is not None and o.index == 0:  # n choices share one prompt: it counts once
+                            cached = o.final.num_cached_tokens
                         lps = {"content": chat_logprobs(token_text, o.step.logprobs)} if top is not None else None
                         yield sse(chunk([{"index": o.index, "delta": {"content": o.step.new_text}, "logprobs": lps,
                                           "finish_reason": o.step.finish_reason}], **extra))
                 if body.include_usage:
-                    yield sse(chunk([], usage=usage(len(prompt), completion)))
+                    yield sse(chunk([], usage=usage(len(prompt), completion, cached)))
             return streaming(chunks())
 
         done = await finals(job, request)
@@ -437,7 +439,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
                     "logprobs": {"content": chat_logprobs(token_text, done[j].logprobs)} if top is not None else None,
                     "finish_reason": done[j].finish_reason} for j in range(n)]
         return {"id": rid, "object": "chat.completion", "created": t, "model": model_name, "choices": choices,
-                "usage": usage(len(prompt), sum(len(f.token_ids) for f in done.values()))}
+                "usage": usage(len(prompt), sum(len(f.token_ids) for f in done.values()), done[0].num_cached_tokens)}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -502,9 +504,11 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
             extra = {"usage": None} if body.include_usage else {}
 
             async def chunks():
-                started, completion = set(), 0
+                started, completion, cached = set(), 0, 0
                 async with aclosing(events(job, request)) as outs:
                     async for o in outs:
+                        if o.final is not None and o.index % n == 0:  # a prompt counts once, not per choice
+                            cached += o.final.num_cached_tokens
                         text, lp = piece(o.index, o.step, o.index not in started)
                         started.add(o.index)
                         completion += 0 if score_only else len(o.step.new_token_ids)
@@ -513,7 +517,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
                                                 "finish_reason": finish_reason(o.step)}], **extra})
                 if body.include_usage:
                     yield sse({"id": rid, "object": "text_completion", "created": t, "model": model_name,
-                               "choices": [], "usage": usage(n_prompt, completion)})
+                               "choices": [], "usage": usage(n_prompt, completion, cached)})
             return streaming(chunks())
 
         done = await finals(job, request)
@@ -524,8 +528,9 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
             text, lp = piece(k, done[k], True)
             choices.append({"index": k, "text": text, "logprobs": lp, "finish_reason": finish_reason(done[k])})
         completion = 0 if score_only else sum(len(f.token_ids) for f in done.values())
+        cached = sum(f.num_cached_tokens for k, f in done.items() if k % n == 0)  # once per prompt
         return {"id": rid, "object": "text_completion", "created": t, "model": model_name, "choices": choices,
-                "usage": usage(n_prompt, completion)}
+                "usage": usage(n_prompt, completion, cached)}
 
     @app.get("/health")
     async def health():
@@ -569,6 +574,10 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
                stats["steps"])
         metric("preemptions_total", "counter", "Requests preempted (and later recomputed) for lack of cache.",
                stats["preemptions"])
+        metric("prefix_cache_queries_total", "counter", "Token positions looked up in the prefix cache at admission.",
+               stats["prefix_cache_lookup_tokens"])
+        metric("prefix_cache_hits_total", "counter", "Token positions found there (their prefill was skipped).",
+               stats["prefix_cache_hit_tokens"])
         if "drafted" in stats:
             metric("spec_drafts_total", "counter", "MTP drafted positions verified.", stats["drafted"])
             metric("spec_accepted_total", "counter", "MTP drafted positions whose token was kept.", stats["accepted"])
