@@ -19,7 +19,12 @@ def test_prefill_admits_within_slots_budget_and_blocks():
     assert prefill and [q.seq_id for q in batch] == [0, 1, 2]  # three slots; 17 tokens within the budget of 20
     assert [len(q.block_table) for q in batch] == [2, 3, 1] and s.blocks.num_free == 4
     assert [q.seq_id for q in s.waiting] == [3]
+    for q in batch:
+        assert q.num_scheduled == q.num_tokens
+        q.num_cached = q.num_tokens
+        q.token_ids.append(7)
     assert s.schedule() == (batch, False)  # no free slot: the next step decodes the running three
+    assert [q.num_scheduled for q in batch] == [1, 1, 1]
 
 
 def test_prefill_respects_each_limit():
@@ -29,12 +34,13 @@ def test_prefill_respects_each_limit():
         s.add(seq(i, 4))
     batch, _ = s.schedule()
     assert [q.seq_id for q in batch] == [0, 1]
-    # token budget (the first always goes, however long)
+    # token budget: a prompt longer than what is left of it is computed in chunks
     s = Scheduler(num_blocks=100, block_size=4, max_num_seqs=8, max_num_batched_tokens=10, max_model_len=64)
-    for i, n in enumerate([12, 4]):
-        s.add(seq(i, n))
-    assert [q.seq_id for q in s.schedule()[0]] == [0]
-    assert [q.seq_id for q in s.schedule()[0]] == [1]
+    a, b = seq(0, 12), seq(1, 4)
+    s.add(a), s.add(b)
+    assert s.schedule() == ([a], True) and a.num_scheduled == 10 and len(a.block_table) == 3  # blocks for all 12
+    a.num_cached = 10
+    assert s.schedule() == ([a, b], True) and (a.num_scheduled, b.num_scheduled) == (2, 4)  # a's rest, then b
     # blocks
     s = Scheduler(num_blocks=4, block_size=4, max_num_seqs=8, max_num_batched_tokens=100, max_model_len=64)
     for i, n in enumerate([8, 8, 4]):
@@ -102,3 +108,34 @@ def test_block_manager():
     assert q.block_table == [0, 1, 2] and not bm.can_grow(q, 13) and bm.can_grow(q, 12)
     bm.release(q)
     assert bm.num_free == 3
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_before_any_decode():
+    s = Scheduler(num_blocks=100, block_size=4, max_num_seqs=8, max_num_batched_tokens=8, max_model_len=64)
+    running = seq(0, 3)
+    s.add(running)
+    s.schedule()
+    running.num_cached = 3
+    running.token_ids.append(7)
+    long = seq(1, 21)
+    s.add(long)
+    chunks = []
+    while True:
+        batch, prefill = s.schedule()
+        if not prefill:
+            break
+        assert batch == [long]  # the running sequence waits (prefill first), the budget holds
+        chunks.append(long.num_scheduled)
+        long.num_cached += long.num_scheduled
+        if long.num_cached == long.num_tokens:  # fed through its last token: it samples
+            long.token_ids.append(7)
+    assert chunks == [8, 8, 5] and batch == [running, long] and long.num_scheduled == 1
+    # a request that needs its whole prompt in one step (prompt logprobs) is not cut: it goes alone, or waits
+    s = Scheduler(num_blocks=100, block_size=4, max_num_seqs=8, max_num_batched_tokens=8, max_model_len=64)
+    whole, other = seq(0, 21), seq(1, 4)
+    whole.whole_prompt = True
+    s.add(other), s.add(whole)
+    assert s.schedule() == ([other], True)  # 4 of 8 left: not enough for 21
+    other.num_cached = 4
+    other.token_ids.append(7)
+    assert s.schedule() == ([whole], True) and whole.num_scheduled == 21  # a step of its own, over the budget

@@ -219,9 +219,9 @@ class LLM:
         params = params or SamplingParams()
         ids = self.encode_prompt(prompt)
         rid = next(self._ids)
-        # prompt logprobs need every prompt position computed, so such a request starts from none cached
+        # prompt logprobs need every prompt position's logits in one step: no cached prefix, no chunks
         seq = Sequence(seq_id=rid, token_ids=list(ids), num_prompt_tokens=len(ids), params=params,
-                       reuse_prefix=params.prompt_logprobs is None)
+                       whole_prompt=params.prompt_logprobs is not None)
         self.scheduler.add(seq)
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
@@ -257,14 +257,16 @@ class LLM:
         if not seqs:
             return []
         reqs = [self.requests[s.seq_id] for s in seqs]
-        fed = sum(s.num_tokens - s.num_cached for s in seqs)
+        fed = sum(s.num_scheduled for s in seqs)
         starts = [s.num_cached for s in seqs]
         graph_logits = None  # a captured graph's logits of every row (plain decode steps on a GPU)
         if self.speculator is not None:
             new_tokens, token_rows, h, batch = self.speculator.step(seqs, [r.generator for r in reqs],
                                                                     self.cache.block_size)
         else:
-            feeds = [s.token_ids[s.num_cached:] for s in seqs]
+            feeds = [s.token_ids[s.num_cached: s.num_cached + s.num_scheduled] for s in seqs]
+            # a sequence samples once it is fed through its last token (not after a chunk of a longer prompt)
+            sampling = [i for i, (s, f) in enumerate(zip(seqs, feeds)) if s.num_cached + len(f) == s.num_tokens]
             graphed = (self.graphs is not None and not is_prefill and all(len(f) == 1 for f in feeds)
                        and self.graphs.fits(len(seqs), max(starts) + 1))
             batch = build_batch(feeds, starts, [s.block_table for s in seqs], self.cache.block_size,
@@ -276,19 +278,29 @@ class LLM:
                 last_logits = graph_logits
             else:
                 h = self.runner.forward(batch)
-                last_logits = self.runner.logits(batch.last_rows(h))
-            tokens = self.sampler.sample(last_logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
-            new_tokens = [[t] for t in tokens]
-            token_rows = [[end - 1] for end in itertools.accumulate(batch.feed_lens)]
-            for s, f, t in zip(seqs, feeds, tokens):
+                last_logits = None
+                if sampling:
+                    last = batch.last_rows(h)
+                    if len(sampling) < len(seqs):
+                        last = last.index_select(0, torch.tensor(sampling, dtype=torch.long, device=last.device))
+                    last_logits = self.runner.logits(last)
+            tokens = iter(self.sampler.sample(last_logits, [reqs[i].params for i in sampling],
+                                              [reqs[i].generator for i in sampling]).tolist() if sampling else [])
+            ends = list(itertools.accumulate(batch.feed_lens))
+            new_tokens, token_rows = [[] for _ in seqs], [[] for _ in seqs]
+            for i in sampling:
+                new_tokens[i], token_rows[i] = [next(tokens)], [ends[i] - 1]
+            for s, f, t in zip(seqs, feeds, new_tokens):
                 s.num_cached += len(f)
-                s.token_ids.append(t)
+                s.token_ids += t
         self.scheduler.commit(seqs)  # blocks this step filled become reusable prefixes
 
         def row_logits(rows):  # the head again on the rows asked for (only when logprobs are wanted)
             return graph_logits[rows] if h is None else self.runner.logits(h[rows])
         lps, prompt_lps = self._logprobs(reqs, new_tokens, token_rows, starts, batch.feed_lens, row_logits)
-        outs = [self._postprocess(r, toks, lp, plp) for r, toks, lp, plp in zip(reqs, new_tokens, lps, prompt_lps)]
+        # a sequence that only computed a chunk of its prompt has nothing to report yet
+        outs = [self._postprocess(r, toks, lp, plp) for r, toks, lp, plp in zip(reqs, new_tokens, lps, prompt_lps)
+                if toks]
         self.num_steps += 1
         if is_prefill:
             self.num_prefill_tokens += fed
@@ -308,7 +320,7 @@ class LLM:
         for i, (req, toks) in enumerate(zip(reqs, new_tokens)):
             begin, end = end, end + feed_lens[i]
             p = req.params
-            if p.logprobs is not None:
+            if p.logprobs is not None and toks:
                 lps[i] = token_logprobs(row_logits(token_rows[i]), toks, p.logprobs)
             if p.prompt_logprobs is not None and req.prompt_logprobs is None:
                 # the first prefill feeds the whole prompt from position 0: fed row r predicts prompt token r + 1

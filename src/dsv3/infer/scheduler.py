@@ -3,7 +3,9 @@ blocks hold their tokens. Unit-tested on its own.
 
 The latent cache is cut into blocks of `block_size` token positions; a sequence owns a list of blocks (its
 block table) covering every position it has computed or is about to. Each step is either a prefill (new
-sequences, their whole prompt at once, less any prefix already in the cache) or a decode (every running sequence advances by one position, or by
+sequences' prompts, less any prefix already in the cache, at most `max_num_batched_tokens` tokens in all: a
+longer prompt is computed in chunks over several steps, so that no step's activations and attention masks grow
+with the whole prompt) or a decode (every running sequence advances by one position, or by
 `lookahead` positions when speculative decoding verifies drafts). When a decode step finds no free block,
 the most recently admitted sequence is preempted: its blocks are freed and it goes back to the front of the
 queue, to be recomputed from its tokens when there is room again (from its cached blocks, if still there).
@@ -45,7 +47,8 @@ class Sequence:
     finish_reason: str | None = None
     arrival: int = 0  # admission order, for preemption
     block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its first full blocks
-    reuse_prefix: bool = True  # may start from cached blocks (not when its prompt's logprobs are wanted)
+    whole_prompt: bool = False  # its first step computes the whole prompt: no cached prefix, no chunks (prompt logprobs)
+    num_scheduled: int = 0  # tokens the step being run feeds from token_ids[num_cached:] (before any drafts)
     num_prefix_hit: int | None = None  # positions found in the prefix cache at its first admission
 
     @property
@@ -205,31 +208,40 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> tuple[list[Sequence], bool]:
-        """-> (the sequences of the next step, whether it is a prefill). Prefill first: admit waiting
-        sequences while slots, the token budget and free blocks allow. A sequence whose tokens begin with
-        blocks in the prefix cache starts from them, and its prefill computes only the rest."""
-        batch, tokens = [], 0
-        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
+        """-> (the sequences of the next step, whether it is a prefill); each sequence's `num_scheduled` says how
+        many of its tokens the step feeds. Prefill first: the next chunks of prompts already started, then
+        waiting sequences admitted while slots, the token budget and free blocks allow. A sequence whose tokens
+        begin with blocks in the prefix cache starts from them, and its prefill computes only the rest."""
+        batch, budget = [], self.max_num_batched_tokens
+        for seq in self.running:  # prompts computed in chunks: their next chunk
+            pending = seq.num_tokens - seq.num_cached
+            if pending > 1 and budget > 0:
+                seq.num_scheduled = min(pending, budget)
+                budget -= seq.num_scheduled
+                batch.append(seq)
+        admitted = []
+        while self.waiting and budget > 0 and len(self.running) + len(admitted) < self.max_num_seqs:
             seq = self.waiting[0]
-            hits = self.blocks.match(seq) if seq.reuse_prefix else []
+            hits = [] if seq.whole_prompt else self.blocks.match(seq)
             n = seq.num_tokens - len(hits) * self.blocks.block_size  # tokens to compute
-            if batch and tokens + n > self.max_num_batched_tokens:
-                break
+            if seq.whole_prompt and (batch or admitted) and n > budget:
+                break  # computed in one step: waits for a step with room for all of it
             span = self._span(seq.num_tokens)  # a speculative prefill drafts at the positions after the prompt
             if not self.blocks.can_allocate(span, hits):
                 break
             self.waiting.popleft()
             self.blocks.allocate(seq, span, hits)
+            seq.status, seq.arrival = Status.RUNNING, next(self._arrivals)
+            seq.num_scheduled = n if seq.whole_prompt else min(n, budget)
+            budget -= seq.num_scheduled
             self.num_lookup_tokens += seq.num_tokens
             self.num_hit_tokens += seq.num_cached
             if seq.num_prefix_hit is None:
                 seq.num_prefix_hit = seq.num_cached
-            seq.status, seq.arrival = Status.RUNNING, next(self._arrivals)
-            batch.append(seq)
-            tokens += n
-        if batch:
-            self.running.extend(batch)
-            return batch, True
+            admitted.append(seq)
+        if admitted or batch:
+            self.running.extend(admitted)
+            return batch + admitted, True
         # decode: each running sequence feeds its last token (and drafts) at positions num_tokens - 1 onwards
         for seq in sorted(self.running, key=lambda s: s.arrival):
             if seq.status is not Status.RUNNING:
@@ -242,6 +254,7 @@ class Scheduler:
                     break
             if seq.status is Status.RUNNING:
                 self.blocks.grow(seq, need)
+                seq.num_scheduled = seq.num_tokens - seq.num_cached
         self.running = [s for s in self.running if s.status is Status.RUNNING]
         return list(self.running), False
 

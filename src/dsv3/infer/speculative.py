@@ -124,7 +124,10 @@ class MTPSpeculator:
         runner = self.runner
         for s in seqs:  # near the context's end the scheduler leaves no room for every draft: verify fewer
             self._trim(s, len(s.block_table) * block_size - s.num_tokens)
-        feeds = [s.token_ids[s.num_cached:] + s.draft for s in seqs]
+        feeds = [s.token_ids[s.num_cached: s.num_cached + s.num_scheduled] + s.draft for s in seqs]
+        # a sequence given only a chunk of its prompt computes it (and the MTP module's rows for it) and samples
+        # nothing: no token, no drafts
+        sampling = [s.num_cached + s.num_scheduled == s.num_tokens for s in seqs]
         alternatives = [len(s.draft) for s in seqs] if self.depth == 1 else [0]  # a chain: plain positions
         batch = build_batch(feeds, [s.num_cached for s in seqs], [s.block_table for s in seqs], block_size,
                             runner.device, alternatives if max(alternatives) > 1 else None)
@@ -134,10 +137,11 @@ class MTPSpeculator:
         # the head only where verification looks: each sequence's last token and its drafts (not a whole prompt:
         # at V3's vocabulary a long prefill's logits alone would take gigabytes)
         lasts = [end - 1 - len(s.draft) for s, end in zip(seqs, ends)]
-        needed = list(itertools.chain.from_iterable(range(last, end) for last, end in zip(lasts, ends)))
+        spans = [range(last, end) if smp else range(0) for last, end, smp in zip(lasts, ends, sampling)]
+        needed = list(itertools.chain.from_iterable(spans))
         logits = runner.logits(h if len(needed) == ends[-1] else
-                               h.index_select(0, torch.tensor(needed, device=h.device)))
-        offsets = [0, *itertools.accumulate(end - last for last, end in zip(lasts, ends))]
+                               h.index_select(0, torch.tensor(needed, dtype=torch.long, device=h.device)))
+        offsets = [0, *itertools.accumulate(len(r) for r in spans)]
         # greedy verification needs argmaxes only: all of them in one op and one read back (one sync on a GPU)
         argmax = logits.argmax(dim=-1).tolist() if any(p.greedy for p in params) else []
         new_tokens, token_rows, kept_rows, moves = [], [], [], ([], [])
@@ -147,6 +151,11 @@ class MTPSpeculator:
             mine = logits[offsets[i]:offsets[i + 1]]  # the logits of rows last .. last + len(draft)
             best = argmax[offsets[i]:offsets[i + 1]]
             rank = 0  # which of several guesses for one position was kept
+            if not sampling[i]:  # a chunk of a longer prompt: every fed row kept, nothing sampled
+                new_tokens.append([])
+                token_rows.append([])
+                kept_rows.append(prefix)
+                continue
             if not seq.draft:  # prefill: sample from the last position, as plain decoding
                 toks = [int(self.sampler.sample(mine, [params[i]], [generators[i]]))]
             elif self.depth > 1:
@@ -194,6 +203,12 @@ class MTPSpeculator:
         h_mtp = mtp_batch.last_rows(runner.forward_mtp(mtp_batch, h_prev))
         for seq in seqs:
             seq.num_mtp_cached = seq.num_cached
+        if not all(sampling):  # drafts only for the sequences that sampled
+            keep = [i for i, smp in enumerate(sampling) if smp]
+            if not keep:
+                return new_tokens, token_rows, h, batch
+            h_mtp = h_mtp.index_select(0, torch.tensor(keep, device=h_mtp.device))
+            seqs, params, generators = [seqs[i] for i in keep], [params[i] for i in keep], [generators[i] for i in keep]
         self._propose(seqs, params, generators, runner.mtp_logits(h_mtp))
         live = list(range(len(seqs)))
         for j in range(1, self.depth):
