@@ -75,7 +75,9 @@ class LLM:
     request verifies for it at once (default None: 1 or 2, whichever pays on the module's recent record;
     sampled requests verify one draft). max_model_len: the longest sequence (prompt + output; default the
     config's max_position_embeddings, or what the cache holds if less). max_num_seqs: sequences decoded
-    together. kv_cache_tokens: cache positions over all sequences (default: 90% of free GPU memory; on CPU
+    together. max_num_batched_tokens: prompt tokens one prefill step computes at most; a longer prompt is
+    prefilled in chunks over several steps, so that activations and attention masks stay bounded (default 2048
+    on CPU, where smaller chunks are as fast; 8192 on a GPU, where larger GEMMs pay). kv_cache_tokens: cache positions over all sequences (default: 90% of free GPU memory; on CPU
     enough for max_num_seqs full sequences, capped at 4 GiB). cuda_graphs: replay plain decode steps from
     captured CUDA graphs (default: on a CUDA device whenever the model can be captured, see cuda_graphs.py;
     False is vLLM's enforce_eager). enable_prefix_caching: keep full blocks of the cache after their request
@@ -86,7 +88,7 @@ class LLM:
     def __init__(self, model: str | os.PathLike | DeepSeekV3, dtype: torch.dtype | str | None = None,
                  device: torch.device | str | None = None, speculative: str | None = None, *,
                  tokenizer: Tokenizer | None = None, max_model_len: int | None = None, max_num_seqs: int = 16,
-                 max_num_batched_tokens: int = 16384, block_size: int = 64, kv_cache_tokens: int | None = None,
+                 max_num_batched_tokens: int | None = None, block_size: int = 64, kv_cache_tokens: int | None = None,
                  seed: int | None = None, speculative_topk: int | None = None, num_speculative_tokens: int = 1,
                  cuda_graphs: bool | None = None, enable_prefix_caching: bool = True):
         path = None
@@ -134,6 +136,8 @@ class LLM:
         if speculative:
             self.speculator = MTPSpeculator(self.runner, self.sampler, speculative_topk, num_speculative_tokens)
         # with the MTP module's rows in the cache, a block's rows also depend on the token after it
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = 8192 if dev.type == "cuda" else 2048
         self.scheduler = Scheduler(num_blocks, block_size, max_num_seqs, max_num_batched_tokens, self.max_model_len,
                                    lookahead=self.speculator.lookahead if self.speculator else 1,
                                    prefix_caching=enable_prefix_caching, tail=n_mtp)

@@ -40,6 +40,8 @@ class StepBatch:
     mask: torch.Tensor  # (B, 1, T, S) bool: query may attend key (key position <= query position)
     feed_lens: list[int]  # tokens fed per sequence
     uniform: bool = False  # every sequence feeds T tokens: the (B, T) layout is a plain view of the N
+    causal: bool = False  # every sequence feeds positions 0..T-1 (T == S): the mask is plain causal, and the
+    # attention kernel can skip the masked half instead of being handed the mask
     _bias: torch.Tensor | None = field(default=None, repr=False)
     _freqs: torch.Tensor | None = field(default=None, repr=False)
 
@@ -154,7 +156,8 @@ def build_batch(feeds: list[list[int]], starts: list[int], block_tables: list[li
     if not uniform:
         mask[:, 0, :, 0] |= ~q_valid  # padded query rows attend something, so softmax stays finite (discarded)
     batch = StepBatch(input_ids=input_ids_N, positions=positions_N, slots=slots_N, q_index=q_index_BT,
-                      q_valid=q_valid, slot_table=slot_table, mask=mask, feed_lens=lens, uniform=uniform)
+                      q_valid=q_valid, slot_table=slot_table, mask=mask, feed_lens=lens, uniform=uniform,
+                      causal=uniform and T == S and not siblings)
     if torch.device(device).type != "cpu":
         for name in ("input_ids", "positions", "slots", "q_index", "q_valid", "slot_table", "mask"):
             setattr(batch, name, getattr(batch, name).to(device, non_blocking=True))
@@ -162,8 +165,9 @@ def build_batch(feeds: list[list[int]], starts: list[int], block_tables: list[li
 
 
 def mla_naive(attn: MLA, q_nope, q_rope, ctx, mask) -> torch.Tensor:
-    """q_nope (B, T, H, P), q_rope (B, T, H, R); cached rows ctx (B, S, C + R); mask (B, 1, T, S)
-    -> (B, T, H, V), by expanding the latents into per-head keys and values."""
+    """q_nope (B, T, H, P), q_rope (B, T, H, R); cached rows ctx (B, S, C + R); mask (B, 1, T, S), or None
+    when T == S and the mask is plain causal -> (B, T, H, V), by expanding the latents into per-head keys and
+    values."""
     k, v = attn.expand_kv(ctx[..., : attn.kv_lora_rank], ctx[..., attn.kv_lora_rank:])  # (B, S, H, P+R), (B, S, H, V)
     return attention(torch.cat([q_nope, q_rope], dim=-1), k, v, mask, attn.softmax_scale)
 
@@ -214,7 +218,7 @@ class ModelRunner:
             out = mla_absorbed(q_nope, q_rope, ctx, batch.score_bias(attn.n_heads, ctx.dtype), *self.absorbed[layer],
                                attn.softmax_scale)
         else:
-            out = mla_naive(attn, q_nope, q_rope, ctx, batch.mask)
+            out = mla_naive(attn, q_nope, q_rope, ctx, None if batch.causal else batch.mask)
         out = out.flatten(0, 1) if batch.uniform else out[batch.q_valid]  # (N, H, V), back in fed order
         return attn.wo(out.flatten(1))
 

@@ -1,0 +1,112 @@
+"""A long prompt's prefill: time and peak memory of dsv3's engine with chunked prefill (its default), the same
+engine taking the prompt in one step, and transformers' `generate` (one new token), on bench-small's weights
+with the context raised to fit. Each runs in its own process, so that its peak resident memory is its own
+(the peak is reset after the model is loaded and warmed up, and read from /proc/self/status: Linux only).
+
+    python benchmarks/bench_long_prefill.py [--tokens 16384] [--chunk 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+import dsv3  # noqa: E402
+
+
+def rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def worker(args) -> None:
+    torch.manual_seed(0)
+    prompt = torch.randint(0, 4096, (args.tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+    warm = prompt[:64]
+    if args.worker == "transformers":
+        import transformers
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+
+        def run(ids):
+            x = torch.tensor([ids])
+            with torch.no_grad():
+                out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=1, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)
+            return int(out[0, -1])
+    else:
+        from dsv3.infer import LLM, SamplingParams
+        budget = args.chunk if args.worker == "dsv3-chunked" else args.tokens
+        llm = LLM(args.model, max_num_seqs=1, kv_cache_tokens=args.tokens + 128, max_num_batched_tokens=budget,
+                  enable_prefix_caching=False)
+        params = SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True)
+
+        def run(ids):
+            return llm.generate([ids], params)[0].token_ids[0]
+    run(warm)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set size to the current one
+    before = rss_mb("VmRSS")
+    t = time.perf_counter()
+    token = run(prompt)
+    seconds = time.perf_counter() - t
+    print(json.dumps(dict(seconds=seconds, peak_growth_mb=rss_mb("VmHWM") - before, token=token)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=16384, help="prompt length (default 16384)")
+    ap.add_argument("--chunk", type=int, default=2048, help="dsv3's max_num_batched_tokens (default 2048, the CPU default)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    cfg = dsv3.ModelConfig.preset("bench-small")
+    cfg = cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings, args.tokens + 64))
+    torch.manual_seed(0)
+    model = dsv3.DeepSeekV3(cfg)
+    dsv3.init_weights(model, std=0.02)
+    tmp = tempfile.mkdtemp(prefix="bench_long_prefill_")
+    try:
+        dsv3.save_pretrained(model, tmp, dtype=torch.float32)
+        del model
+        print(f"bench-small with a {cfg.max_position_embeddings}-position context, fp32 on CPU, "
+              f"{torch.get_num_threads()} threads; one prompt of {args.tokens} tokens, one new token")
+        results = {}
+        for name in ("dsv3-chunked", "dsv3-whole", "transformers"):
+            out = subprocess.run([sys.executable, __file__, "--worker", name, "--model", tmp, "--tokens",
+                                  str(args.tokens), "--chunk", str(args.chunk)], capture_output=True, text=True)
+            if out.returncode:
+                print(f"{name}: failed\n{out.stderr[-2000:]}")
+                continue
+            results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        label = {"dsv3-chunked": f"dsv3, chunks of {args.chunk}", "dsv3-whole": "dsv3, one step",
+                 "transformers": "transformers generate"}
+        print(f"\n{'':26}{'seconds':>10}{'peak memory growth MB':>24}{'next token':>12}")
+        for name, r in results.items():
+            print(f"{label[name]:26}{r['seconds']:10.2f}{r['peak_growth_mb']:24.0f}{r['token']:12d}")
+        if "dsv3-chunked" in results and "transformers" in results:
+            a, b = results["dsv3-chunked"], results["transformers"]
+            print(f"dsv3 chunked vs transformers: {b['seconds'] / a['seconds']:.2f}x faster, "
+                  f"{b['peak_growth_mb'] / max(a['peak_growth_mb'], 1):.1f}x less peak memory")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
