@@ -62,3 +62,26 @@ def test_a_chunk_reports_nothing_and_prompt_logprobs_are_not_chunked(model):
     a, b = llm.generate(p, want)[0], ref.generate(p, want)[0]
     assert len(a.prompt_logprobs) == len(p) and a.token_ids == b.token_ids
     assert all(abs(x.logprob - y.logprob) <= 1e-4 for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_decoding_goes_on_while_a_long_prompt_is_prefilled(model, mode):
+    """A request already decoding gets tokens in every step while a later long prompt is computed in chunks
+    beside it; both end as they would alone."""
+    greedy = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)  # outlasts the chunks at 3 a step
+    short, long = prompts([6, 60], seed=3)
+    llm = LLM(model, block_size=4, max_num_batched_tokens=10, **MODES[mode])
+    first = llm.add_request(short, greedy)
+    llm.step()  # its prefill
+    second = llm.add_request(long, greedy)
+    steps = 0
+    while llm.requests[second].seq.num_cached < len(long) - 1:
+        outs = llm.step()
+        steps += 1
+        assert first in [o.request_id for o in outs]  # the decode did not wait for the prompt
+    assert steps >= 6  # 60 prompt tokens, at most 10 (less the decode's) a step
+    while llm.has_unfinished():
+        llm.step()
+    alone = LLM(model, block_size=4, **MODES[mode])
+    assert llm.release(first).token_ids == alone.generate(short, greedy)[0].token_ids
+    assert llm.release(second).token_ids == alone.generate(long, greedy)[0].token_ids

@@ -38,7 +38,7 @@ def test_full_final_blocks_are_shared_by_a_later_sequence_with_the_same_prefix()
     c = seq(2, [0, 1, 2, 7, 8])  # differs inside the first block: nothing
     s.add(b), s.add(c)
     batch, prefill = s.schedule()
-    assert prefill and batch == [b, c]
+    assert prefill and batch == [a, b, c]  # a decodes alongside the new prompts
     assert b.block_table[:2] == a.block_table[:2] and b.num_cached == b.num_mtp_cached == 8
     assert b.block_table[2] not in a.block_table and b.num_prefix_hit == 8
     assert c.num_cached == 0 and not set(c.block_table) & set(a.block_table)

@@ -110,7 +110,7 @@ def test_block_manager():
     assert bm.num_free == 3
 
 
-def test_a_long_prompt_is_prefilled_in_chunks_before_any_decode():
+def test_a_long_prompt_is_prefilled_in_chunks_alongside_the_decodes():
     s = Scheduler(num_blocks=100, block_size=4, max_num_seqs=8, max_num_batched_tokens=8, max_model_len=64)
     running = seq(0, 3)
     s.add(running)
@@ -124,13 +124,15 @@ def test_a_long_prompt_is_prefilled_in_chunks_before_any_decode():
         batch, prefill = s.schedule()
         if not prefill:
             break
-        assert batch == [long]  # the running sequence waits (prefill first), the budget holds
+        assert batch == [running, long] and running.num_scheduled == 1  # the decode goes on, first
         chunks.append(long.num_scheduled)
-        long.num_cached += long.num_scheduled
-        if long.num_cached == long.num_tokens:  # fed through its last token: it samples
-            long.token_ids.append(7)
-    assert chunks == [8, 8, 5] and batch == [running, long] and long.num_scheduled == 1
-    # a request that needs its whole prompt in one step (prompt logprobs) is not cut: it goes alone, or waits
+        for q in batch:
+            q.num_cached += q.num_scheduled
+            if q.num_cached == q.num_tokens:  # fed through its last token: it samples
+                q.token_ids.append(7)
+    assert chunks == [7, 7, 7] and batch == [running, long] and long.num_scheduled == 1
+    # a request that needs its whole prompt in one step (prompt logprobs) is not cut: it waits for a step with
+    # no other prompt work, and goes over the budget there (decodes alongside)
     s = Scheduler(num_blocks=100, block_size=4, max_num_seqs=8, max_num_batched_tokens=8, max_model_len=64)
     whole, other = seq(0, 21), seq(1, 4)
     whole.whole_prompt = True
@@ -138,4 +140,4 @@ def test_a_long_prompt_is_prefilled_in_chunks_before_any_decode():
     assert s.schedule() == ([other], True)  # 4 of 8 left: not enough for 21
     other.num_cached = 4
     other.token_ids.append(7)
-    assert s.schedule() == ([whole], True) and whole.num_scheduled == 21  # a step of its own, over the budget
+    assert s.schedule() == ([other, whole], True) and whole.num_scheduled == 21

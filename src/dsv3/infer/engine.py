@@ -261,7 +261,9 @@ class LLM:
         if not seqs:
             return []
         reqs = [self.requests[s.seq_id] for s in seqs]
-        fed = sum(s.num_scheduled for s in seqs)
+        # decoding: fed its last token after earlier samples (the others compute prompt or recomputed tokens)
+        decoding = [s.num_tokens - s.num_cached == 1 and bool(s.output_ids) for s in seqs]
+        prefill_fed = sum(s.num_scheduled for s, d in zip(seqs, decoding) if not d)
         starts = [s.num_cached for s in seqs]
         graph_logits = None  # a captured graph's logits of every row (plain decode steps on a GPU)
         if self.speculator is not None:
@@ -302,14 +304,14 @@ class LLM:
         def row_logits(rows):  # the head again on the rows asked for (only when logprobs are wanted)
             return graph_logits[rows] if h is None else self.runner.logits(h[rows])
         lps, prompt_lps = self._logprobs(reqs, new_tokens, token_rows, starts, batch.feed_lens, row_logits)
-        # a sequence that only computed a chunk of its prompt has nothing to report yet
-        outs = [self._postprocess(r, toks, lp, plp) for r, toks, lp, plp in zip(reqs, new_tokens, lps, prompt_lps)
-                if toks]
+        outs = []
         self.num_steps += 1
-        if is_prefill:
-            self.num_prefill_tokens += fed
-        else:  # the tokens kept (a stop or the length limit may cut a step's several tokens short)
-            self.num_decode_tokens += sum(len(o.new_token_ids) for o in outs)
+        self.num_prefill_tokens += prefill_fed
+        for r, toks, lp, plp, d in zip(reqs, new_tokens, lps, prompt_lps, decoding):
+            if toks:  # (a sequence that only computed a chunk of its prompt has nothing to report yet)
+                outs.append(self._postprocess(r, toks, lp, plp))
+                if d:  # the tokens kept (a stop or the length limit may cut a step's several tokens short)
+                    self.num_decode_tokens += len(outs[-1].new_token_ids)
         return outs
 
     def _logprobs(self, reqs: list[_Request], new_tokens: list[list[int]], token_rows: list[list[int]],

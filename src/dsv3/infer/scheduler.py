@@ -2,12 +2,13 @@
 blocks hold their tokens. Unit-tested on its own.
 
 The latent cache is cut into blocks of `block_size` token positions; a sequence owns a list of blocks (its
-block table) covering every position it has computed or is about to. Each step is either a prefill (new
-sequences' prompts, less any prefix already in the cache, at most `max_num_batched_tokens` tokens in all: a
-longer prompt is computed in chunks over several steps, so that no step's activations and attention masks grow
-with the whole prompt) or a decode (every running sequence advances by one position, or by
-`lookahead` positions when speculative decoding verifies drafts). When a decode step finds no free block,
-the most recently admitted sequence is preempted: its blocks are freed and it goes back to the front of the
+block table) covering every position it has computed or is about to. A step feeds each of its sequences
+some tokens: a decoding sequence its last token (and its drafts, when speculative decoding verifies them, up to
+`lookahead` positions), a new sequence its prompt, less any prefix already in the cache. A step feeds at most
+`max_num_batched_tokens` tokens in all: a longer prompt is computed in chunks over several steps, alongside the
+decoding sequences, so that no step's activations and attention masks grow with the whole prompt and no
+decoding sequence waits for one. When a decoding sequence finds no free block, the most recently admitted
+sequence is preempted: its blocks are freed and it goes back to the front of the
 queue, to be recomputed from its tokens when there is room again (from its cached blocks, if still there).
 
 Prefix caching (`BlockManager`): full blocks stay in the cache after their sequence ends, found again by a
@@ -208,24 +209,48 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> tuple[list[Sequence], bool]:
-        """-> (the sequences of the next step, whether it is a prefill); each sequence's `num_scheduled` says how
-        many of its tokens the step feeds. Prefill first: the next chunks of prompts already started, then
-        waiting sequences admitted while slots, the token budget and free blocks allow. A sequence whose tokens
-        begin with blocks in the prefix cache starts from them, and its prefill computes only the rest."""
-        batch, budget = [], self.max_num_batched_tokens
-        for seq in self.running:  # prompts computed in chunks: their next chunk
+        """-> (the sequences of the next step, whether any of them computes prompt tokens); each sequence's
+        `num_scheduled` says how many of its tokens the step feeds. Within the token budget, in this order:
+        1. every running sequence that is decoding advances by one position (plus its drafts); its blocks grow
+           first, and if none is free the most recently admitted sequence is preempted;
+        2. prompts being prefilled in chunks get their next chunk;
+        3. waiting sequences are admitted while slots, the budget and free blocks allow, each starting from
+           the blocks of its prefix found in the prefix cache and computing the rest (in chunks, if long).
+        So a long prompt never stalls the sequences already decoding: they advance in the same steps as its
+        chunks (as vLLM schedules)."""
+        budget = self.max_num_batched_tokens
+        batch: list[Sequence] = []
+        for seq in sorted(self.running, key=lambda s: s.arrival):  # 1. decodes, oldest first
+            if seq.status is not Status.RUNNING or seq.num_tokens - seq.num_cached != 1:
+                continue  # preempted below, or prefilling
+            need = self._span(seq.num_tokens)
+            while not self.blocks.can_grow(seq, need):
+                victim = max((s for s in self.running if s.status is Status.RUNNING), key=lambda s: s.arrival)
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is Status.RUNNING:
+                self.blocks.grow(seq, need)
+                seq.num_scheduled = 1
+                batch.append(seq)
+        self.running = [s for s in self.running if s.status is Status.RUNNING]
+        batch = [s for s in batch if s.status is Status.RUNNING]
+        budget -= sum(1 + len(s.draft) for s in batch)
+        prefilling = False
+        for seq in self.running:  # 2. prompts computed in chunks: their next chunk
             pending = seq.num_tokens - seq.num_cached
             if pending > 1 and budget > 0:
                 seq.num_scheduled = min(pending, budget)
                 budget -= seq.num_scheduled
                 batch.append(seq)
-        admitted = []
-        while self.waiting and budget > 0 and len(self.running) + len(admitted) < self.max_num_seqs:
+                prefilling = True
+        admitted: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) + len(admitted) < self.max_num_seqs:  # 3.
             seq = self.waiting[0]
             hits = [] if seq.whole_prompt else self.blocks.match(seq)
             n = seq.num_tokens - len(hits) * self.blocks.block_size  # tokens to compute
-            if seq.whole_prompt and (batch or admitted) and n > budget:
-                break  # computed in one step: waits for a step with room for all of it
+            if seq.whole_prompt and n > budget and (prefilling or admitted):
+                break  # computed in one step: over the budget only in a step with no other prompt work
             span = self._span(seq.num_tokens)  # a speculative prefill drafts at the positions after the prompt
             if not self.blocks.can_allocate(span, hits):
                 break
@@ -239,24 +264,9 @@ class Scheduler:
             if seq.num_prefix_hit is None:
                 seq.num_prefix_hit = seq.num_cached
             admitted.append(seq)
-        if admitted or batch:
-            self.running.extend(admitted)
-            return batch + admitted, True
-        # decode: each running sequence feeds its last token (and drafts) at positions num_tokens - 1 onwards
-        for seq in sorted(self.running, key=lambda s: s.arrival):
-            if seq.status is not Status.RUNNING:
-                continue  # preempted below
-            need = self._span(seq.num_tokens)
-            while not self.blocks.can_grow(seq, need):
-                victim = max((s for s in self.running if s.status is Status.RUNNING), key=lambda s: s.arrival)
-                self.preempt(victim)
-                if victim is seq:
-                    break
-            if seq.status is Status.RUNNING:
-                self.blocks.grow(seq, need)
-                seq.num_scheduled = seq.num_tokens - seq.num_cached
-        self.running = [s for s in self.running if s.status is Status.RUNNING]
-        return list(self.running), False
+            batch.append(seq)
+        self.running.extend(admitted)
+        return batch, prefilling or bool(admitted)
 
     def _span(self, num_tokens: int) -> int:
         """Positions a step of a sequence with num_tokens tokens may write: up to its last token plus the
