@@ -3,7 +3,11 @@ engine taking the prompt in one step, and transformers' `generate` (one new toke
 with the context raised to fit. Each runs in its own process, so that its peak resident memory is its own
 (the peak is reset after the model is loaded and warmed up, and read from /proc/self/status: Linux only).
 
-    python benchmarks/bench_long_prefill.py [--tokens 16384] [--chunk 2048]
+Then the stall: a request already decoding when the long prompt arrives. Its longest gap between two tokens
+while the prompt is prefilled, with chunks (decodes share each step with a chunk) and with the prompt in one
+step (every decode waits for the whole prefill). transformers has no continuous batching to compare with.
+
+    python benchmarks/bench_long_prefill.py [--tokens 16384] [--chunk 2048] [--skip-stall]
 """
 
 from __future__ import annotations
@@ -66,10 +70,36 @@ def worker(args) -> None:
     print(json.dumps(dict(seconds=seconds, peak_growth_mb=rss_mb("VmHWM") - before, token=token)))
 
 
+def stall(model_dir: str, tokens: int, budget: int) -> tuple[float, float, int]:
+    """-> (the decoding request's longest gap between tokens in seconds, the long prompt's time to its first
+    token, steps the prefill took) with max_num_batched_tokens = budget."""
+    from dsv3.infer import LLM, SamplingParams
+    llm = LLM(model_dir, max_num_seqs=2, kv_cache_tokens=tokens + 1024, max_num_batched_tokens=budget,
+              enable_prefix_caching=False)
+    g = torch.Generator().manual_seed(2)
+    short = torch.randint(0, 4096, (32,), generator=g).tolist()
+    long = torch.randint(0, 4096, (tokens,), generator=g).tolist()
+    decoding = llm.add_request(short, SamplingParams(temperature=0, max_new_tokens=10 ** 6, ignore_eos=True))
+    for _ in range(3):
+        llm.step()
+    t0 = last = time.perf_counter()
+    arrived = llm.add_request(long, SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True))
+    gap, steps = 0.0, 0
+    while True:
+        outs = llm.step()
+        steps += 1
+        now = time.perf_counter()
+        if any(o.request_id == decoding for o in outs):
+            gap, last = max(gap, now - last), now
+        if any(o.request_id == arrived for o in outs):
+            return max(gap, now - last), now - t0, steps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=16384, help="prompt length (default 16384)")
     ap.add_argument("--chunk", type=int, default=2048, help="dsv3's max_num_batched_tokens (default 2048, the CPU default)")
+    ap.add_argument("--skip-stall", action="store_true", help="skip the decoding-stall measurement")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -104,6 +134,12 @@ def main() -> None:
             a, b = results["dsv3-chunked"], results["transformers"]
             print(f"dsv3 chunked vs transformers: {b['seconds'] / a['seconds']:.2f}x faster, "
                   f"{b['peak_growth_mb'] / max(a['peak_growth_mb'], 1):.1f}x less peak memory")
+        if not args.skip_stall:
+            print(f"\na request decoding when the {args.tokens}-token prompt arrives:")
+            print(f"{'':26}{'longest token gap s':>21}{'prompt TTFT s':>15}{'steps':>7}")
+            for label_, budget in ((f"chunks of {args.chunk}", args.chunk), ("one step", args.tokens)):
+                g, ttft, steps = stall(tmp, args.tokens, budget)
+                print(f"{label_:26}{g:21.2f}{ttft:15.2f}{steps:7d}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -33,7 +33,7 @@ def test_full_final_blocks_are_shared_by_a_later_sequence_with_the_same_prefix()
     assert s.schedule()[0] == [a] and a.num_cached == 0  # nothing cached yet
     computed(a)
     s.commit([a])
-    assert len(a.block_keys) == 2  # positions 0-7 fill two blocks; the third holds 8, 9 and is not full
+    assert a.num_committed == 2  # positions 0-7 fill two blocks; the third holds 8, 9 and is not full
     b = seq(1, [*range(9), 55, 56])  # shares positions 0-8 with a: two full blocks
     c = seq(2, [0, 1, 2, 7, 8])  # differs inside the first block: nothing
     s.add(b), s.add(c)
@@ -52,7 +52,7 @@ def test_a_hit_leaves_the_last_token_to_compute():
     m.allocate(a, 8)
     computed(a)
     m.commit(a)
-    assert len(a.block_keys) == 2
+    assert a.num_committed == 2
     # the same 8 tokens again: the second block would leave nothing to feed, so only the first is taken
     assert [blk for blk, _ in m.match(seq(1, range(8)))] == a.block_table[:1]
     assert [blk for blk, _ in m.match(seq(1, range(9)))] == a.block_table[:2]
@@ -82,7 +82,7 @@ def test_the_mtp_tail_makes_a_block_depend_on_the_next_token():
     m.allocate(a, 9)
     computed(a, sampled=8)  # 9 tokens: the token after the second block is known, so both blocks are final
     m.commit(a)
-    assert len(a.block_keys) == 2
+    assert a.num_committed == 2
     assert len(m.match(seq(1, [*range(8), 5, 6]))) == 1  # the MTP row at position 7 saw token 8, not 5
     assert len(m.match(seq(1, [*range(9), 6]))) == 2
     half = seq(2, range(20, 28))
@@ -91,7 +91,7 @@ def test_the_mtp_tail_makes_a_block_depend_on_the_next_token():
     half.num_mtp_cached = 4
     half.token_ids.append(1)
     m.commit(half)
-    assert len(half.block_keys) == 1
+    assert half.num_committed == 1
 
 
 def test_without_prefix_caching_nothing_is_remembered():
@@ -208,3 +208,22 @@ def test_cached_rows_equal_recomputed_rows_at_a_block_boundary(model, mode):
         hits.append(s.num_prefix_hit)
     assert hits == [16 if mode == "plain" else 12, 0]
     assert rel_err(rows[0], rows[1]) <= 1e-5
+
+
+def test_a_cache_salt_keeps_prefixes_apart(model):
+    llm = LLM(model, block_size=4)
+    p = prompts_of([21], seed=6)[0]
+    params = SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True)
+
+    def hit(salt):
+        rid = llm.add_request(p, params, cache_salt=salt)
+        while llm.has_unfinished():
+            llm.step()
+        return llm.release(rid).num_cached_tokens
+
+    assert [hit(None), hit(None), hit("a"), hit("a"), hit("b"), hit(None)] == [0, 20, 0, 20, 0, 20]
+
+
+def prompts_of(lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 300, (n,), generator=g).tolist() for n in lengths]

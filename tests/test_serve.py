@@ -197,6 +197,10 @@ def test_a_repeated_long_prefix_is_served_from_the_prefix_cache(server, client, 
     hits = after["dsv3_prefix_cache_hits_total"] - before["dsv3_prefix_cache_hits_total"]
     assert hits == second.usage.prompt_tokens_details.cached_tokens
     assert after["dsv3_prefix_cache_queries_total"] - before["dsv3_prefix_cache_queries_total"] == 2 * n_prompt
+    # another tenant's salt: the blocks are out of its reach, until it has computed its own
+    salted = [client.chat.completions.create(**kw, extra_body={"cache_salt": "tenant-b"}) for _ in range(2)]
+    assert [r.usage.prompt_tokens_details.cached_tokens for r in salted] == [0, block * ((n_prompt - 1) // block)]
+    assert salted[0].choices[0].message.content == first.choices[0].message.content
 
 
 def test_completions_string_token_ids_and_n(client, ref):

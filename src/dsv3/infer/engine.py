@@ -135,12 +135,12 @@ class LLM:
         self.speculator = None
         if speculative:
             self.speculator = MTPSpeculator(self.runner, self.sampler, speculative_topk, num_speculative_tokens)
-        # with the MTP module's rows in the cache, a block's rows also depend on the token after it
+        lookahead = self.speculator.lookahead if self.speculator else 1
         if max_num_batched_tokens is None:
-            max_num_batched_tokens = 8192 if dev.type == "cuda" else 2048
+            max_num_batched_tokens = max(8192 if dev.type == "cuda" else 2048, max_num_seqs * lookahead)
+        # with the MTP module's rows in the cache, a block's rows also depend on the token after it (tail)
         self.scheduler = Scheduler(num_blocks, block_size, max_num_seqs, max_num_batched_tokens, self.max_model_len,
-                                   lookahead=self.speculator.lookahead if self.speculator else 1,
-                                   prefix_caching=enable_prefix_caching, tail=n_mtp)
+                                   lookahead=lookahead, prefix_caching=enable_prefix_caching, tail=n_mtp)
         self.graphs: DecodeGraphs | None = None
         if num_speculative_tokens != 1 and not speculative:
             raise ValueError(f"num_speculative_tokens={num_speculative_tokens} needs speculative='mtp'")
@@ -219,13 +219,17 @@ class LLM:
                              "it needs room for at least one new token")
         return ids
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    cache_salt: str | None = None) -> int:
+        """Queue a request; -> its id. cache_salt: requests share prefix-cache blocks only with requests of the
+        same salt (none by default: all share). A server with several tenants gives each its own, so that none
+        can tell from the timing or from `cached_tokens` what another's prompts began with (vLLM's cache_salt)."""
         params = params or SamplingParams()
         ids = self.encode_prompt(prompt)
         rid = next(self._ids)
         # prompt logprobs need every prompt position's logits in one step: no cached prefix, no chunks
         seq = Sequence(seq_id=rid, token_ids=list(ids), num_prompt_tokens=len(ids), params=params,
-                       whole_prompt=params.prompt_logprobs is not None)
+                       whole_prompt=params.prompt_logprobs is not None, cache_salt=cache_salt or None)
         self.scheduler.add(seq)
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
@@ -338,6 +342,7 @@ class LLM:
                     plp += token_logprobs(row_logits(list(range(begin + lo - 1, begin + hi - 1))), prompt[lo:hi],
                                           p.prompt_logprobs)
                 req.prompt_logprobs = prompt_lps[i] = plp
+                req.seq.whole_prompt = False  # done: if preempted, it may come back from cache and in chunks
         return lps, prompt_lps
 
     def _postprocess(self, req: _Request, toks: list[int], lps: list[TokenLogprob] | None = None,

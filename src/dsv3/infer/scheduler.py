@@ -47,7 +47,9 @@ class Sequence:
     draft: list[int] = field(default_factory=list)  # speculative tokens proposed for the next step
     finish_reason: str | None = None
     arrival: int = 0  # admission order, for preemption
-    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its first full blocks
+    prefix_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its first full blocks, as computed
+    num_committed: int = 0  # its first blocks that are registered in the prefix cache (or were found there)
+    cache_salt: str | None = None  # mixed into its keys: only requests with the same salt share its blocks
     whole_prompt: bool = False  # its first step computes the whole prompt: no cached prefix, no chunks (prompt logprobs)
     num_scheduled: int = 0  # tokens the step being run feeds from token_ids[num_cached:] (before any drafts)
     num_prefix_hit: int | None = None  # positions found in the prefix cache at its first admission
@@ -95,19 +97,28 @@ class BlockManager:
         """Blocks a sequence can be given: never used, or cached but held by no one."""
         return len(self.free) + len(self.evictable)
 
-    def _key(self, parent: bytes, seq: Sequence, b: int) -> bytes:
-        lo = b * self.block_size
-        tokens = array("q", seq.token_ids[lo: lo + self.block_size + self.tail])
-        return hashlib.sha256(parent + tokens.tobytes()).digest()
+    def _key(self, seq: Sequence, b: int) -> bytes:
+        """The key of seq's block b (its tokens, and `tail` more, must be known), computed once per sequence:
+        a key depends only on the tokens up to it, and a sequence's tokens only grow."""
+        keys = seq.prefix_keys
+        while len(keys) <= b:
+            if keys:
+                parent = keys[-1]
+            else:  # the chain's root: a salt keeps one tenant's blocks out of another's reach
+                parent = hashlib.sha256(seq.cache_salt.encode()).digest() if seq.cache_salt else b""
+            lo = len(keys) * self.block_size
+            tokens = array("q", seq.token_ids[lo: lo + self.block_size + self.tail])
+            keys.append(hashlib.sha256(parent + tokens.tobytes()).digest())
+        return keys[b]
 
     def match(self, seq: Sequence) -> list[tuple[int, bytes]]:
         """The registered blocks seq's tokens begin with, as (block, key): at most enough to leave its last
         token to compute (a step must feed something to sample from)."""
         if not self.prefix_caching:
             return []
-        hits, key = [], b""
+        hits = []
         for b in range((seq.num_tokens - 1) // self.block_size):  # also keeps every key's tail tokens known
-            key = self._key(key, seq, b)
+            key = self._key(seq, b)
             block = self.registry.get(key)
             if block is None:
                 break
@@ -127,7 +138,7 @@ class BlockManager:
             self.evictable.pop(block, None)
             self.refs[block] += 1
         seq.block_table = [b for b, _ in hits]
-        seq.block_keys = [k for _, k in hits]
+        seq.num_committed = len(hits)
         seq.num_cached = seq.num_mtp_cached = len(hits) * self.block_size
         self.grow(seq, num_positions)
 
@@ -155,12 +166,12 @@ class BlockManager:
             return
         done = min(seq.num_cached, seq.num_mtp_cached) if self.tail else seq.num_cached
         done = min(done, seq.num_tokens - self.tail)
-        for b in range(len(seq.block_keys), min(done // self.block_size, len(seq.block_table))):
-            key = self._key(seq.block_keys[-1] if seq.block_keys else b"", seq, b)
-            seq.block_keys.append(key)
-            block = seq.block_table[b]
-            if key not in self.registry and block not in self.key_of:  # else an equal block is cached already
+        for b in range(seq.num_committed, min(done // self.block_size, len(seq.block_table))):
+            key = self._key(seq, b)
+            if key not in self.registry:  # else an equal block is cached already (computed beside this one)
+                block = seq.block_table[b]
                 self.registry[key], self.key_of[block] = block, key
+            seq.num_committed = b + 1
 
     def release(self, seq: Sequence) -> None:
         """seq lets go of its blocks. Registered ones nobody else holds stay cached, its last blocks first in
@@ -172,7 +183,7 @@ class BlockManager:
                     self.evictable[block] = None
                 else:
                     self.free.append(block)
-        seq.block_table, seq.block_keys = [], []
+        seq.block_table, seq.num_committed = [], 0
         seq.num_cached = seq.num_mtp_cached = 0
 
 
@@ -181,6 +192,10 @@ class Scheduler:
                  max_model_len: int, lookahead: int = 1, prefix_caching: bool = False, tail: int = 0):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(f"{max_num_seqs=} and {max_num_batched_tokens=} must be >= 1")
+        if max_num_batched_tokens < max_num_seqs * lookahead:  # else decodes alone could use up every step
+            raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} must be at least max_num_seqs x the "
+                             f"tokens a decoding sequence may feed per step ({max_num_seqs} x {lookahead}), so that "
+                             "prompts always get part of a step")
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching, tail)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -259,10 +274,11 @@ class Scheduler:
             seq.status, seq.arrival = Status.RUNNING, next(self._arrivals)
             seq.num_scheduled = n if seq.whole_prompt else min(n, budget)
             budget -= seq.num_scheduled
-            self.num_lookup_tokens += seq.num_tokens
-            self.num_hit_tokens += seq.num_cached
-            if seq.num_prefix_hit is None:
+            if seq.num_prefix_hit is None:  # its first admission (not a preempted one's return)
                 seq.num_prefix_hit = seq.num_cached
+                if self.blocks.prefix_caching and not seq.whole_prompt:
+                    self.num_lookup_tokens += seq.num_tokens
+                    self.num_hit_tokens += seq.num_cached
             admitted.append(seq)
             batch.append(seq)
         self.running.extend(admitted)

@@ -66,6 +66,7 @@ class Job:
     params: list[SamplingParams]
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue  # Output, APIError (the engine failed it) or _DISCONNECTED
+    cache_salt: str | None = None  # the request's prefix-cache namespace
     live: dict[int, int] = field(default_factory=dict)  # engine request id -> choice, until it finishes
     cancelled: bool = False
 
@@ -114,8 +115,8 @@ class EngineLoop:
     def alive(self) -> bool:
         return self.thread is not None and self.thread.is_alive() and not self.stopping
 
-    def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> Job:
-        job = Job(prompts, params, asyncio.get_running_loop(), asyncio.Queue())
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams], cache_salt: str | None = None) -> Job:
+        job = Job(prompts, params, asyncio.get_running_loop(), asyncio.Queue(), cache_salt=cache_salt)
         with self.cond:
             if not self.alive:
                 raise APIError(503, "the engine is not running", type="server_error")
@@ -170,7 +171,7 @@ class EngineLoop:
             return
         for i, (prompt, params) in enumerate(zip(job.prompts, job.params)):
             try:
-                rid = self.llm.add_request(prompt, params)
+                rid = self.llm.add_request(prompt, params, cache_salt=job.cache_salt)
             except ValueError as e:  # the handler checked already; the engine's own checks have the last word
                 self._abort(job, count=False)
                 job.post(APIError(400, str(e)))
@@ -406,7 +407,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
         max_new = budget(len(prompt), body.max_new_tokens, "messages")
         n = body.n or 1
         top = (body.top_logprobs or 0) if body.logprobs else None
-        job = engine.submit([prompt] * n, [body.sampling_params(max_new, j, logprobs=top) for j in range(n)])
+        job = engine.submit([prompt] * n, [body.sampling_params(max_new, j, logprobs=top) for j in range(n)],
+                            cache_salt=body.cache_salt)
         rid, t = new_id("chatcmpl"), now()
 
         def chunk(choices: list[dict], **extra) -> dict:
@@ -467,7 +469,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
         top = body.logprobs
         params = [body.sampling_params(max_new[i], j, logprobs=top, prompt_logprobs=top if echo else None)
                   for i in range(len(prompts)) for j in range(n)]
-        job = engine.submit([p for p in prompts for _ in range(n)], params)  # choice index = prompt * n + choice
+        # choice index = prompt * n + choice
+        job = engine.submit([p for p in prompts for _ in range(n)], params, cache_salt=body.cache_salt)
         # the echoed text of a string prompt is the string itself; of token ids, their text
         prompt_texts = [p if isinstance(p, str) else tok.decode(ids) for p, ids in zip(body.prompt, prompts)]
         rid, t = new_id("cmpl"), now()

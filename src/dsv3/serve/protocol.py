@@ -2,7 +2,8 @@
 errors (`{"error": {"message", "type", "param", "code"}}`), and the responses and stream chunks of
 /v1/chat/completions and /v1/completions, built as plain dicts.
 
-Supported beyond OpenAI, as vLLM spells them: `top_k` (0 or -1: no limit) and `ignore_eos`. Known OpenAI
+Supported beyond OpenAI, as vLLM spells them: `top_k` (0 or -1: no limit), `ignore_eos`, and `cache_salt`
+(requests share prefix-cache blocks only with requests of the same salt). Known OpenAI
 parameters this server does not implement (penalties, logit_bias, tools, suffix, best_of > n) are refused
 with a 400 when set to anything but their neutral value; unknown fields are ignored, as vLLM does.
 """
@@ -121,6 +122,7 @@ class _Sampling(_Strict):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = False  # extension: keep going past the end-of-sequence token
+    cache_salt: str | None = Field(None, max_length=1024)  # extension: a prefix-cache namespace (one per tenant)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
