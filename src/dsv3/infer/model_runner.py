@@ -42,8 +42,23 @@ class StepBatch:
     uniform: bool = False  # every sequence feeds T tokens: the (B, T) layout is a plain view of the N
     causal: bool = False  # every sequence feeds positions 0..T-1 (T == S): the mask is plain causal, and the
     # attention kernel can skip the masked half instead of being handed the mask
+    starts: list[int] | None = None  # each sequence's first fed position (ragged steps group by it)
     _bias: torch.Tensor | None = field(default=None, repr=False)
     _freqs: torch.Tensor | None = field(default=None, repr=False)
+    _groups: list | None = field(default=None, repr=False)
+
+    def groups(self, absorb_max_queries: int) -> list["AttentionGroup"]:
+        """A ragged step's sequences grouped for attention, so that none is padded to another's length: the
+        ones feeding at most absorb_max_queries tokens (decodes, drafts) together, for absorbed attention; every
+        longer feed (a prompt or a chunk of one) alone, for naive attention over its own context. Padding a
+        decode to a 2048-token chunk would give it 2048 query rows of attention over the chunk's context."""
+        if self._groups is None:
+            lens, starts = self.feed_lens, self.starts
+            short = [b for b, n in enumerate(lens) if n <= absorb_max_queries]
+            members = ([short] if short else []) + [[b] for b, n in enumerate(lens) if n > absorb_max_queries]
+            self._groups = [AttentionGroup.of(self, m, causal=len(m) == 1 and starts[m[0]] == 0
+                                              and lens[m[0]] > absorb_max_queries) for m in members]
+        return self._groups
 
     def rope(self, rotary) -> torch.Tensor:
         """The rotary factors of the fed positions (N, R/2), computed once per step (the MTP module reuses
@@ -85,6 +100,32 @@ class StepBatch:
         if self.uniform and self.q_index.shape[1] == 1:  # plain decode: every row is a last one
             return x
         return x.index_select(0, self.last_index)
+
+
+@dataclass
+class AttentionGroup:
+    """Some of a ragged step's sequences, cut to their own longest feed T and context S (`StepBatch.groups`)."""
+    rows: torch.Tensor  # (n,) their fed tokens' indices in the step's N, in (sequence, position) order
+    q_index: torch.Tensor  # (B, T) index into the N, padded with 0
+    q_valid: torch.Tensor  # (B, T)
+    slot_table: torch.Tensor  # (B, S)
+    mask: torch.Tensor | None  # (B, 1, T, S); None when a lone sequence feeds positions 0..T-1 (plain causal)
+    _bias: torch.Tensor | None = field(default=None, repr=False)
+
+    @staticmethod
+    def of(batch: StepBatch, members: list[int], causal: bool) -> "AttentionGroup":
+        T = max(batch.feed_lens[b] for b in members)
+        S = max(batch.starts[b] + batch.feed_lens[b] for b in members)
+        idx = torch.tensor(members, device=batch.q_index.device)
+        q_index, q_valid = batch.q_index[idx, :T], batch.q_valid[idx, :T]
+        return AttentionGroup(rows=q_index[q_valid], q_index=q_index, q_valid=q_valid,
+                              slot_table=batch.slot_table[idx, :S],
+                              mask=None if causal else batch.mask[idx, :, :T, :S])
+
+    def score_bias(self, n_heads: int, dtype: torch.dtype) -> torch.Tensor:
+        if self._bias is None or self._bias.dtype != dtype:
+            self._bias = score_bias(self.mask, n_heads, dtype)
+        return self._bias
 
 
 def score_bias(mask: torch.Tensor, n_heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -157,7 +198,7 @@ def build_batch(feeds: list[list[int]], starts: list[int], block_tables: list[li
         mask[:, 0, :, 0] |= ~q_valid  # padded query rows attend something, so softmax stays finite (discarded)
     batch = StepBatch(input_ids=input_ids_N, positions=positions_N, slots=slots_N, q_index=q_index_BT,
                       q_valid=q_valid, slot_table=slot_table, mask=mask, feed_lens=lens, uniform=uniform,
-                      causal=uniform and T == S and not siblings)
+                      causal=uniform and T == S and not siblings, starts=list(starts))
     if torch.device(device).type != "cpu":
         for name in ("input_ids", "positions", "slots", "q_index", "q_valid", "slot_table", "mask"):
             setattr(batch, name, getattr(batch, name).to(device, non_blocking=True))
@@ -208,18 +249,26 @@ class ModelRunner:
         """x (N, D) -> (N, D): write the fed tokens' latents to the cache, attend over each sequence's."""
         q_nope, q_rope, kv_new, k_rope_new = attn.project(x, freqs)  # (N, H, P), (N, H, R), (N, C), (N, R)
         self.cache.write(layer, batch.slots, kv_new, k_rope_new)
-        ctx = self.cache.read(layer, batch.slot_table)  # (B, S, C+R)
         B, T = batch.q_index.shape
-        if batch.uniform:  # decode: one token (or 1 + drafts) per sequence, already in (B, T) order
+        if batch.uniform:  # decode (one token, or 1 + drafts, per sequence) or equal prompts: a plain (B, T) view
+            ctx = self.cache.read(layer, batch.slot_table)  # (B, S, C+R)
             q_nope, q_rope = q_nope.unflatten(0, (B, T)), q_rope.unflatten(0, (B, T))
-        else:
-            q_nope, q_rope = q_nope[batch.q_index], q_rope[batch.q_index]  # (B, T, H, .)
-        if q_nope.shape[1] <= self.absorb_max_queries:
-            out = mla_absorbed(q_nope, q_rope, ctx, batch.score_bias(attn.n_heads, ctx.dtype), *self.absorbed[layer],
-                               attn.softmax_scale)
-        else:
-            out = mla_naive(attn, q_nope, q_rope, ctx, None if batch.causal else batch.mask)
-        out = out.flatten(0, 1) if batch.uniform else out[batch.q_valid]  # (N, H, V), back in fed order
+            if T <= self.absorb_max_queries:
+                out = mla_absorbed(q_nope, q_rope, ctx, batch.score_bias(attn.n_heads, ctx.dtype),
+                                   *self.absorbed[layer], attn.softmax_scale)
+            else:
+                out = mla_naive(attn, q_nope, q_rope, ctx, None if batch.causal else batch.mask)
+            return attn.wo(out.flatten(0, 1).flatten(1))
+        out = q_nope.new_empty(q_nope.shape[0], attn.n_heads, attn.v_dim)  # (N, H, V), in fed order
+        for g in batch.groups(self.absorb_max_queries):  # ragged: no sequence padded to another's length
+            ctx = self.cache.read(layer, g.slot_table)
+            qn, qr = q_nope[g.q_index], q_rope[g.q_index]  # (Bg, Tg, H, .)
+            if qn.shape[1] <= self.absorb_max_queries:
+                o = mla_absorbed(qn, qr, ctx, g.score_bias(attn.n_heads, ctx.dtype), *self.absorbed[layer],
+                                 attn.softmax_scale)
+            else:
+                o = mla_naive(attn, qn, qr, ctx, g.mask)
+            out[g.rows] = o[g.q_valid]
         return attn.wo(out.flatten(1))
 
     def block(self, block, layer: int, x: torch.Tensor, batch: StepBatch, freqs) -> torch.Tensor:
