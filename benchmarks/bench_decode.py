@@ -17,14 +17,11 @@ alongside (the `eager` column), so the graphs' gain is measured in the same run.
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import logging
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -33,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import dsv3  # noqa: E402
 from dsv3.infer import LLM, SamplingParams  # noqa: E402
 from dsv3.infer.cuda_graphs import capture_blocker  # noqa: E402
+from common import bench_small_checkpoint  # noqa: E402
 
 CASES = {"b1": (1, 64), "b4": (4, 64), "long": (1, 2048)}
 
@@ -110,14 +108,7 @@ def main() -> None:
     import transformers
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
-    torch.manual_seed(0)
-    cfg = dsv3.ModelConfig.preset("bench-small")
-    model = dsv3.DeepSeekV3(cfg)
-    dsv3.init_weights(model, std=0.02)
-    tmp = tempfile.mkdtemp(prefix="bench_decode_")
-    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the weights are ~140 MB
-    dsv3.save_pretrained(model, tmp, dtype=torch.float32)
-    del model
+    cfg, tmp = bench_small_checkpoint("bench_decode_")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
     llm = LLM(tmp, dtype=dtype, device=device, max_num_seqs=8, kv_cache_tokens=8 * 4096)
     eager = None

@@ -16,16 +16,15 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import dsv3  # noqa: E402
+from common import bench_small_checkpoint  # noqa: E402
 
 
 def rss_mb(field: str) -> float:
@@ -106,42 +105,33 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    cfg = dsv3.ModelConfig.preset("bench-small")
-    cfg = cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings, args.tokens + 64))
-    torch.manual_seed(0)
-    model = dsv3.DeepSeekV3(cfg)
-    dsv3.init_weights(model, std=0.02)
-    tmp = tempfile.mkdtemp(prefix="bench_long_prefill_")
-    try:
-        dsv3.save_pretrained(model, tmp, dtype=torch.float32)
-        del model
-        print(f"bench-small with a {cfg.max_position_embeddings}-position context, fp32 on CPU, "
-              f"{torch.get_num_threads()} threads; one prompt of {args.tokens} tokens, one new token")
-        results = {}
-        for name in ("dsv3-chunked", "dsv3-whole", "transformers"):
-            out = subprocess.run([sys.executable, __file__, "--worker", name, "--model", tmp, "--tokens",
-                                  str(args.tokens), "--chunk", str(args.chunk)], capture_output=True, text=True)
-            if out.returncode:
-                print(f"{name}: failed\n{out.stderr[-2000:]}")
-                continue
-            results[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        label = {"dsv3-chunked": f"dsv3, chunks of {args.chunk}", "dsv3-whole": "dsv3, one step",
-                 "transformers": "transformers generate"}
-        print(f"\n{'':26}{'seconds':>10}{'peak memory growth MB':>24}{'next token':>12}")
-        for name, r in results.items():
-            print(f"{label[name]:26}{r['seconds']:10.2f}{r['peak_growth_mb']:24.0f}{r['token']:12d}")
-        if "dsv3-chunked" in results and "transformers" in results:
-            a, b = results["dsv3-chunked"], results["transformers"]
-            print(f"dsv3 chunked vs transformers: {b['seconds'] / a['seconds']:.2f}x faster, "
-                  f"{b['peak_growth_mb'] / max(a['peak_growth_mb'], 1):.1f}x less peak memory")
-        if not args.skip_stall:
-            print(f"\na request decoding when the {args.tokens}-token prompt arrives:")
-            print(f"{'':26}{'longest token gap s':>21}{'prompt TTFT s':>15}{'steps':>7}")
-            for label_, budget in ((f"chunks of {args.chunk}", args.chunk), ("one step", args.tokens)):
-                g, ttft, steps = stall(tmp, args.tokens, budget)
-                print(f"{label_:26}{g:21.2f}{ttft:15.2f}{steps:7d}")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    context = max(dsv3.ModelConfig.preset("bench-small").max_position_embeddings, args.tokens + 64)
+    cfg, tmp = bench_small_checkpoint("bench_long_prefill_", max_position_embeddings=context)
+    print(f"bench-small with a {cfg.max_position_embeddings}-position context, fp32 on CPU, "
+          f"{torch.get_num_threads()} threads; one prompt of {args.tokens} tokens, one new token")
+    results = {}
+    for name in ("dsv3-chunked", "dsv3-whole", "transformers"):
+        out = subprocess.run([sys.executable, __file__, "--worker", name, "--model", tmp, "--tokens",
+                              str(args.tokens), "--chunk", str(args.chunk)], capture_output=True, text=True)
+        if out.returncode:
+            print(f"{name}: failed\n{out.stderr[-2000:]}")
+            continue
+        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    label = {"dsv3-chunked": f"dsv3, chunks of {args.chunk}", "dsv3-whole": "dsv3, one step",
+             "transformers": "transformers generate"}
+    print(f"\n{'':26}{'seconds':>10}{'peak memory growth MB':>24}{'next token':>12}")
+    for name, r in results.items():
+        print(f"{label[name]:26}{r['seconds']:10.2f}{r['peak_growth_mb']:24.0f}{r['token']:12d}")
+    if "dsv3-chunked" in results and "transformers" in results:
+        a, b = results["dsv3-chunked"], results["transformers"]
+        print(f"dsv3 chunked vs transformers: {b['seconds'] / a['seconds']:.2f}x faster, "
+              f"{b['peak_growth_mb'] / max(a['peak_growth_mb'], 1):.1f}x less peak memory")
+    if not args.skip_stall:
+        print(f"\na request decoding when the {args.tokens}-token prompt arrives:")
+        print(f"{'':26}{'longest token gap s':>21}{'prompt TTFT s':>15}{'steps':>7}")
+        for label_, budget in ((f"chunks of {args.chunk}", args.chunk), ("one step", args.tokens)):
+            g, ttft, steps = stall(tmp, args.tokens, budget)
+            print(f"{label_:26}{g:21.2f}{ttft:15.2f}{steps:7d}")
 
 
 if __name__ == "__main__":

@@ -15,21 +15,18 @@ from the last repeat would make the first turn free too); the engines run in tur
 from __future__ import annotations
 
 import argparse
-import atexit
 import copy
 import logging
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-import dsv3  # noqa: E402
 from dsv3.infer import LLM, SamplingParams  # noqa: E402
+from common import bench_small_checkpoint  # noqa: E402
 
 
 def conversation(vocab: int, args, seed: int) -> tuple[list[int], list[list[int]]]:
@@ -116,14 +113,7 @@ def main() -> None:
     import transformers
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
-    torch.manual_seed(0)
-    cfg = dsv3.ModelConfig.preset("bench-small")
-    model = dsv3.DeepSeekV3(cfg)
-    dsv3.init_weights(model, std=0.02)
-    tmp = tempfile.mkdtemp(prefix="bench_prefix_")
-    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
-    dsv3.save_pretrained(model, tmp, dtype=torch.float32)
-    del model
+    cfg, tmp = bench_small_checkpoint("bench_prefix_")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
     length = args.system + args.turns * (args.user + args.reply)
     kw = dict(max_num_seqs=1, kv_cache_tokens=4 * length, block_size=16)

@@ -197,7 +197,7 @@ def run(args, env: dict, levels: list[int], model_dir: str) -> None:
     engine_tok_s = sum(len(o.token_ids) for o in outs) / engine_s
 
     base = next((r["tok_s"] for r in rows if r["clients"] == 1), rows[0]["tok_s"])
-    print(f"\n| clients | output tok/s | vs one at a time | latency p50 / p99 s | TTFT p50 / p99 s |")
+    print("\n| clients | output tok/s | vs one at a time | latency p50 / p99 s | TTFT p50 / p99 s |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['clients']} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | {r['latency_p50']:.2f} / "

@@ -10,14 +10,11 @@ the model FLOPs utilisation (MFU) against the device's measured matmul peak in t
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import logging
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -25,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import dsv3  # noqa: E402
+from common import bench_small_checkpoint  # noqa: E402
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
@@ -68,13 +66,7 @@ def main() -> None:
     import transformers
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
-    cfg = dsv3.ModelConfig.preset("bench-small").replace(num_nextn_predict_layers=0)
-    torch.manual_seed(0)
-    model = dsv3.DeepSeekV3(cfg)
-    dsv3.init_weights(model, std=0.02)
-    d = tempfile.mkdtemp(prefix="bench_train_")
-    atexit.register(shutil.rmtree, d, ignore_errors=True)  # the weights are ~140 MB
-    dsv3.save_pretrained(model, d, dtype=torch.float32)
+    cfg, d = bench_small_checkpoint("bench_train_", num_nextn_predict_layers=0)
     peak = matmul_peak(device, dtype)
     print(f"bench-small without MTP ({cfg.num_params() / 1e6:.1f}M parameters, {cfg.num_active_params() / 1e6:.1f}M "
           f"active), {args.dtype} on {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "

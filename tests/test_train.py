@@ -16,7 +16,6 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import dsv3
 from dsv3.ckpt.state import list_checkpoints
