@@ -52,17 +52,23 @@ def test_chunked_sampling_is_the_same_draw(model):
     assert [o.token_ids for o in outs[0]] == [o.token_ids for o in outs[1]]
 
 
-def test_a_chunk_reports_nothing_and_prompt_logprobs_are_not_chunked(model):
-    llm = LLM(model, block_size=4, max_num_seqs=2, max_num_batched_tokens=8)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_chunk_reports_nothing_and_prompt_logprobs_come_with_the_last(model, mode):
+    llm = LLM(model, block_size=4, max_num_seqs=2, max_num_batched_tokens=8, **MODES[mode])
     p = prompts([30], seed=2)[0]
-    rid = llm.add_request(p, SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True))
+    want = SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True, prompt_logprobs=2)
+    rid = llm.add_request(p, want)
     reported = [llm.step() for _ in range(4)]  # 8 + 8 + 8 + 6 prompt tokens: the first token with the last chunk
     assert reported[:3] == [[], [], []] and [o.request_id for o in reported[3]] == [rid]
-    ref = LLM(model, block_size=4)
-    want = SamplingParams(temperature=0, max_new_tokens=2, prompt_logprobs=0)
-    a, b = llm.generate(p, want)[0], ref.generate(p, want)[0]
-    assert len(a.prompt_logprobs) == len(p) and a.token_ids == b.token_ids
-    assert all(abs(x.logprob - y.logprob) <= 1e-4 for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]))
+    assert len(reported[3][0].prompt_logprobs) == len(p)
+    while llm.has_unfinished():
+        llm.step()
+    a = llm.release(rid)
+    b = LLM(model, block_size=4, **MODES[mode]).generate(p, want)[0]  # the prompt in one step
+    assert a.token_ids == b.token_ids and len(a.prompt_logprobs) == len(p) and a.prompt_logprobs[0] is None
+    for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+        assert x.token_id == y.token_id and abs(x.logprob - y.logprob) <= 1e-4
+        assert [t for t, _ in x.top] == [t for t, _ in y.top]
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -131,13 +131,3 @@ def test_a_long_prompt_is_prefilled_in_chunks_alongside_the_decodes():
             if q.num_cached == q.num_tokens:  # fed through its last token: it samples
                 q.token_ids.append(7)
     assert chunks == [7, 7, 7] and batch == [running, long] and long.num_scheduled == 1
-    # a request that needs its whole prompt in one step (prompt logprobs) is not cut: it waits for a step with
-    # no other prompt work, and goes over the budget there (decodes alongside)
-    s = Scheduler(num_blocks=100, block_size=4, max_num_seqs=8, max_num_batched_tokens=8, max_model_len=64)
-    whole, other = seq(0, 21), seq(1, 4)
-    whole.whole_prompt = True
-    s.add(other), s.add(whole)
-    assert s.schedule() == ([other], True)  # 4 of 8 left: not enough for 21
-    other.num_cached = 4
-    other.token_ids.append(7)
-    assert s.schedule() == ([other, whole], True) and whole.num_scheduled == 21

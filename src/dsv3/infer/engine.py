@@ -63,6 +63,7 @@ class _Request:
     stop_ids: set[int] = field(default_factory=set)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    partial_prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # while prefilled in chunks
 
 
 class LLM:
@@ -227,9 +228,9 @@ class LLM:
         params = params or SamplingParams()
         ids = self.encode_prompt(prompt)
         rid = next(self._ids)
-        # prompt logprobs need every prompt position's logits in one step: no cached prefix, no chunks
+        # prompt logprobs need every prompt position's logits: no cached prefix (chunks are fine)
         seq = Sequence(seq_id=rid, token_ids=list(ids), num_prompt_tokens=len(ids), params=params,
-                       whole_prompt=params.prompt_logprobs is not None, cache_salt=cache_salt or None)
+                       reuse_prefix=params.prompt_logprobs is None, cache_salt=cache_salt or None)
         self.scheduler.add(seq)
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
@@ -333,16 +334,21 @@ class LLM:
             if p.logprobs is not None and toks:
                 lps[i] = token_logprobs(row_logits(token_rows[i]), toks, p.logprobs)
             if p.prompt_logprobs is not None and req.prompt_logprobs is None:
-                # the first prefill feeds the whole prompt from position 0: fed row r predicts prompt token r + 1
-                assert starts[i] == 0, f"prompt logprobs need the prefill from position 0, not {starts[i]}"
-                prompt = req.seq.token_ids[: req.seq.num_prompt_tokens]
-                plp: list[TokenLogprob | None] = [None]
-                for lo in range(1, len(prompt), 1024):  # in chunks: (rows, vocab) logits of a long prompt are big
-                    hi = min(lo + 1024, len(prompt))
-                    plp += token_logprobs(row_logits(list(range(begin + lo - 1, begin + hi - 1))), prompt[lo:hi],
-                                          p.prompt_logprobs)
-                req.prompt_logprobs = prompt_lps[i] = plp
-                req.seq.whole_prompt = False  # done: if preempted, it may come back from cache and in chunks
+                # the prefill feeds the prompt from position 0, in one step or in chunks: the row fed at position
+                # q predicts prompt token q + 1; the list is handed out with the step that completes it
+                n_prompt, start = req.seq.num_prompt_tokens, starts[i]
+                if start == 0:  # (again, if a preemption sent it back before the prompt was done)
+                    req.partial_prompt_logprobs = [None]
+                assert len(req.partial_prompt_logprobs) == start + 1, "prompt logprobs need every prompt position"
+                prompt = req.seq.token_ids[:n_prompt]
+                last = min(start + feed_lens[i] + 1, n_prompt)  # this step's rows predict prompt tokens start+1..last-1
+                for lo in range(start + 1, last, 1024):  # in slices: (rows, vocab) logits of a long prompt are big
+                    hi = min(lo + 1024, last)
+                    rows = list(range(begin + lo - 1 - start, begin + hi - 1 - start))
+                    req.partial_prompt_logprobs += token_logprobs(row_logits(rows), prompt[lo:hi], p.prompt_logprobs)
+                if last == n_prompt:
+                    req.prompt_logprobs = prompt_lps[i] = req.partial_prompt_logprobs
+                    req.seq.reuse_prefix = True  # done: if preempted, it may come back from cached blocks
         return lps, prompt_lps
 
     def _postprocess(self, req: _Request, toks: list[int], lps: list[TokenLogprob] | None = None,

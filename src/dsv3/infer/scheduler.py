@@ -50,7 +50,7 @@ class Sequence:
     prefix_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its first full blocks, as computed
     num_committed: int = 0  # its first blocks that are registered in the prefix cache (or were found there)
     cache_salt: str | None = None  # mixed into its keys: only requests with the same salt share its blocks
-    whole_prompt: bool = False  # its first step computes the whole prompt: no cached prefix, no chunks (prompt logprobs)
+    reuse_prefix: bool = True  # may start from cached blocks (not while its prompt's logprobs are wanted)
     num_scheduled: int = 0  # tokens the step being run feeds from token_ids[num_cached:] (before any drafts)
     num_prefix_hit: int | None = None  # positions found in the prefix cache at its first admission
 
@@ -262,21 +262,19 @@ class Scheduler:
         admitted: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) + len(admitted) < self.max_num_seqs:  # 3.
             seq = self.waiting[0]
-            hits = [] if seq.whole_prompt else self.blocks.match(seq)
+            hits = self.blocks.match(seq) if seq.reuse_prefix else []
             n = seq.num_tokens - len(hits) * self.blocks.block_size  # tokens to compute
-            if seq.whole_prompt and n > budget and (prefilling or admitted):
-                break  # computed in one step: over the budget only in a step with no other prompt work
             span = self._span(seq.num_tokens)  # a speculative prefill drafts at the positions after the prompt
             if not self.blocks.can_allocate(span, hits):
                 break
             self.waiting.popleft()
             self.blocks.allocate(seq, span, hits)
             seq.status, seq.arrival = Status.RUNNING, next(self._arrivals)
-            seq.num_scheduled = n if seq.whole_prompt else min(n, budget)
+            seq.num_scheduled = min(n, budget)
             budget -= seq.num_scheduled
             if seq.num_prefix_hit is None:  # its first admission (not a preempted one's return)
                 seq.num_prefix_hit = seq.num_cached
-                if self.blocks.prefix_caching and not seq.whole_prompt:
+                if self.blocks.prefix_caching and seq.reuse_prefix:
                     self.num_lookup_tokens += seq.num_tokens
                     self.num_hit_tokens += seq.num_cached
             admitted.append(seq)
