@@ -273,6 +273,20 @@ def _serve(args) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
+def _add_bench(sub) -> None:
+    from .bench import __doc__ as doc, add_args
+    p = sub.add_parser("bench", help="measure the engine's latency or throughput on a model directory",
+                       description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    _add_engine_args(p)
+    p.set_defaults(func=_bench)
+
+
+def _bench(args) -> None:
+    from .bench import run
+    run(args, _engine)
+
+
 def _add_train(sub) -> None:
     from .train.train import __doc__ as doc, add_args
     p = sub.add_parser("train", help="pretrain with the V3 recipe (resumable)", description=doc,
@@ -324,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_generate(sub)
     _add_serve(sub)
+    _add_bench(sub)
     _add_plot(sub)
     _add_experiment(sub)
     _add_convert(sub)

@@ -1,0 +1,151 @@
+"""`dsv3 bench`: how fast the engine runs a model directory on this machine, as `vllm bench` measures it.
+
+    dsv3 bench latency --model DIR [--batch-size 1] [--input-len 128] [--output-len 128] [--iters 3]
+    dsv3 bench throughput --model DIR [--num-prompts 64] [--input-len 128] [--output-len 128]
+
+latency: one batch of prompts at a time, greedy with every token generated (no end-of-sequence stop): the
+time to first token (prefill plus one token), the time per output token after it, decode and end-to-end
+tokens/s, as medians over --iters runs after one warm-up. throughput: --num-prompts requests submitted at
+once; requests/s and tokens/s over the whole run. Prompts are random token ids (seeded), so any model
+directory works, tokenizer or not; each run gets fresh ones, so the prefix cache never makes a later run
+cheaper than the first. The engine options are `dsv3 generate`'s (device, dtype, speculative decoding...).
+The benchmarks/ scripts compare against other implementations; this measures one model where it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+
+def add_args(p) -> None:
+    p.add_argument("mode", choices=["latency", "throughput"],
+                   help="latency: one batch at a time; throughput: many requests at once")
+    p.add_argument("--model", required=True, help="model directory (config.json, *.safetensors)")
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (default 128)")
+    p.add_argument("--output-len", type=int, default=128, help="tokens generated per request (default 128)")
+    p.add_argument("--batch-size", type=int, default=1, help="latency: requests per batch (default 1)")
+    p.add_argument("--iters", type=int, default=3, help="latency: timed runs after one warm-up (default 3)")
+    p.add_argument("--num-prompts", type=int, default=64, help="throughput: requests in all (default 64)")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="sequences decoded together (default: --batch-size for latency, 16 for throughput)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output (default: input-len + output-len)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="latent cache size in token positions (default: the engine's)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON to PATH")
+
+
+def _prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, length), generator=g).tolist()
+
+
+def _sync(llm) -> None:
+    if llm.model.device.type == "cuda":
+        torch.cuda.synchronize(llm.model.device)
+
+
+def _timed(llm, prompts, params) -> float:
+    _sync(llm)
+    t = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    _sync(llm)
+    return time.perf_counter() - t
+
+
+def latency(llm, args) -> dict:
+    from .infer import SamplingParams
+    B, n_in, n_out = args.batch_size, args.input_len, args.output_len
+    full = SamplingParams(temperature=0, max_new_tokens=n_out, ignore_eos=True)
+    first = SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True)
+    vocab = llm.config.vocab_size
+    _timed(llm, _prompts(vocab, B, n_in, args.seed + 10_000), full)  # warm-up
+    ttfts, totals = [], []
+    for i in range(args.iters):
+        ttfts.append(_timed(llm, _prompts(vocab, B, n_in, args.seed + 2 * i), first))
+        totals.append(_timed(llm, _prompts(vocab, B, n_in, args.seed + 2 * i + 1), full))
+        print(f"  run {i + 1}/{args.iters}: {totals[-1]:.3f} s, first token {ttfts[-1]:.3f} s", file=sys.stderr)
+    ttft, total = statistics.median(ttfts), statistics.median(totals)
+    decode_s = max(total - ttft, 1e-9)
+    return {"mode": "latency", "batch_size": B, "input_len": n_in, "output_len": n_out, "iters": args.iters,
+            "latency_s": total, "latency_s_all": totals, "ttft_s": ttft, "ttft_s_all": ttfts,
+            "time_per_output_token_ms": 1000 * decode_s / max(n_out - 1, 1),
+            "decode_tokens_per_s": B * (n_out - 1) / decode_s, "end_to_end_tokens_per_s": B * n_out / total}
+
+
+def throughput(llm, args) -> dict:
+    from .infer import SamplingParams
+    params = SamplingParams(temperature=0, max_new_tokens=args.output_len, ignore_eos=True)
+    vocab = llm.config.vocab_size
+    llm.generate(_prompts(vocab, 1, args.input_len, args.seed + 10_000), params, use_tqdm=False)  # warm-up
+    prompts = _prompts(vocab, args.num_prompts, args.input_len, args.seed)
+    _sync(llm)
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=True)
+    _sync(llm)
+    seconds = time.perf_counter() - t
+    n_out = sum(len(o.token_ids) for o in outs)
+    return {"mode": "throughput", "num_prompts": args.num_prompts, "input_len": args.input_len,
+            "output_len": args.output_len, "seconds": seconds, "requests_per_s": len(outs) / seconds,
+            "output_tokens_per_s": n_out / seconds,
+            "total_tokens_per_s": (n_out + args.num_prompts * args.input_len) / seconds}
+
+
+def run(args, engine) -> dict:
+    """engine(args, **kwargs) -> the LLM (cli._engine: the shared engine options)."""
+    for name in ("input_len", "output_len", "batch_size", "iters", "num_prompts"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.max_batch_size is None:
+        args.max_batch_size = args.batch_size if args.mode == "latency" else 16
+    if args.max_model_len is None:
+        args.max_model_len = args.input_len + args.output_len
+    llm = engine(args, kv_cache_tokens=args.kv_cache_tokens)
+    dev = llm.model.device
+    print(f"{args.model}: {llm.model.dtype} on {dev}"
+          f"{'' if dev.type != 'cpu' else f', {torch.get_num_threads()} threads'}, torch {torch.__version__}; "
+          f"speculative {args.speculative or 'off'}, CUDA graphs {'on' if llm.graphs is not None else 'off'}",
+          file=sys.stderr)
+    result = latency(llm, args) if args.mode == "latency" else throughput(llm, args)
+    stats = llm.stats
+    result.update(device=str(dev), dtype=str(llm.model.dtype).removeprefix("torch."), model=args.model,
+                  speculative=args.speculative, steps=stats["steps"], preemptions=stats["preemptions"],
+                  kv_cache_bytes_per_token=llm.kv_cache_bytes_per_token)
+    if args.speculative:
+        result.update(acceptance_rate=stats["acceptance_rate"], tokens_per_forward=stats["tokens_per_forward"])
+    _report(result)
+    if args.json:
+        from .ckpt.io import atomic_write_text
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _report(r: dict) -> None:
+    if r["mode"] == "latency":
+        lines = [f"batch {r['batch_size']}, {r['input_len']} prompt tokens, {r['output_len']} output tokens "
+                 f"(medians of {r['iters']} runs)",
+                 f"  latency             {r['latency_s']:10.3f} s",
+                 f"  time to first token {r['ttft_s']:10.3f} s",
+                 f"  per output token    {r['time_per_output_token_ms']:10.2f} ms",
+                 f"  decode              {r['decode_tokens_per_s']:10.1f} tokens/s",
+                 f"  end to end          {r['end_to_end_tokens_per_s']:10.1f} tokens/s"]
+    else:
+        lines = [f"{r['num_prompts']} requests of {r['input_len']} prompt and {r['output_len']} output tokens "
+                 f"in {r['seconds']:.2f} s",
+                 f"  {r['requests_per_s']:.2f} requests/s, {r['output_tokens_per_s']:.1f} output tokens/s, "
+                 f"{r['total_tokens_per_s']:.1f} tokens/s in all"]
+    if r.get("speculative"):
+        lines.append(f"  MTP drafts accepted {r['acceptance_rate']:.0%}, {r['tokens_per_forward']:.2f} tokens per "
+                     "verifying forward")
+    lines.append(f"  cache {r['kv_cache_bytes_per_token']} bytes per token; {r['steps']} engine steps, "
+                 f"{r['preemptions']} preemptions")
+    print("\n".join(lines))
