@@ -21,12 +21,16 @@ def model_dir(tmp_path_factory):
     return d
 
 
+def bench(model_dir, tmp_path, *args) -> dict:
+    """Run `dsv3 bench ARGS` on the tiny model; -> the figures it wrote as JSON."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", *args, "--model", str(model_dir), "--json", str(out), "--device", "cpu"]) == 0
+    return json.loads(out.read_text())
+
+
 def test_latency(model_dir, tmp_path, capsys):
-    out = tmp_path / "latency.json"
-    rc = main(["bench", "latency", "--model", str(model_dir), "--batch-size", "2", "--input-len", "9",
-               "--output-len", "5", "--iters", "2", "--json", str(out), "--device", "cpu"])
-    assert rc == 0
-    r = json.loads(out.read_text())
+    r = bench(model_dir, tmp_path, "latency", "--batch-size", "2", "--input-len", "9", "--output-len", "5",
+              "--iters", "2")
     assert (r["mode"], r["batch_size"], r["input_len"], r["output_len"]) == ("latency", 2, 9, 5)
     assert len(r["latency_s_all"]) == len(r["ttft_s_all"]) == 2
     assert 0 < r["ttft_s"] and 0 < r["latency_s"]
@@ -37,11 +41,8 @@ def test_latency(model_dir, tmp_path, capsys):
 
 
 def test_throughput_with_speculation(model_dir, tmp_path, capsys):
-    out = tmp_path / "throughput.json"
-    rc = main(["bench", "throughput", "--model", str(model_dir), "--num-prompts", "5", "--input-len", "7",
-               "--output-len", "4", "--speculative", "mtp", "--json", str(out), "--device", "cpu"])
-    assert rc == 0
-    r = json.loads(out.read_text())
+    r = bench(model_dir, tmp_path, "throughput", "--num-prompts", "5", "--input-len", "7", "--output-len", "4",
+              "--speculative", "mtp")
     assert r["mode"] == "throughput" and r["num_prompts"] == 5 and r["speculative"] == "mtp"
     assert r["output_tokens_per_s"] == pytest.approx(5 * 4 / r["seconds"])
     assert 0 <= r["acceptance_rate"] <= 1 and r["tokens_per_forward"] >= 1

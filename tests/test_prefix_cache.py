@@ -23,6 +23,15 @@ def computed(s: Sequence, sampled: int = 99) -> None:
     s.token_ids.append(sampled)
 
 
+def committed(m: BlockManager, tokens, positions: int, sampled: int = 99) -> Sequence:
+    """A sequence placed in m's blocks for `positions`, its tokens computed, and its full blocks committed."""
+    s = seq(0, tokens)
+    m.allocate(s, positions)
+    computed(s, sampled)
+    m.commit(s)
+    return s
+
+
 # ---- the block manager -------------------------------------------------------------------------------------
 
 def test_full_final_blocks_are_shared_by_a_later_sequence_with_the_same_prefix():
@@ -48,10 +57,7 @@ def test_full_final_blocks_are_shared_by_a_later_sequence_with_the_same_prefix()
 
 def test_a_hit_leaves_the_last_token_to_compute():
     m = BlockManager(num_blocks=8, block_size=4, prefix_caching=True)
-    a = seq(0, range(8))
-    m.allocate(a, 8)
-    computed(a)
-    m.commit(a)
+    a = committed(m, range(8), 8)
     assert a.num_committed == 2
     # the same 8 tokens again: the second block would leave nothing to feed, so only the first is taken
     assert [blk for blk, _ in m.match(seq(1, range(8)))] == a.block_table[:1]
@@ -60,10 +66,7 @@ def test_a_hit_leaves_the_last_token_to_compute():
 
 def test_blocks_stay_cached_after_release_and_are_evicted_lru_only_when_needed():
     m = BlockManager(num_blocks=4, block_size=2, prefix_caching=True)
-    a = seq(0, range(5))
-    m.allocate(a, 5)
-    computed(a)
-    m.commit(a)
+    a = committed(m, range(5), 5)
     cached = a.block_table[:2]
     m.release(a)
     assert m.num_free == 4 and list(m.evictable) == [cached[1], cached[0]]  # the prefix's head evicted last
@@ -78,10 +81,7 @@ def test_blocks_stay_cached_after_release_and_are_evicted_lru_only_when_needed()
 
 def test_the_mtp_tail_makes_a_block_depend_on_the_next_token():
     m = BlockManager(num_blocks=8, block_size=4, prefix_caching=True, tail=1)
-    a = seq(0, range(8))
-    m.allocate(a, 9)
-    computed(a, sampled=8)  # 9 tokens: the token after the second block is known, so both blocks are final
-    m.commit(a)
+    a = committed(m, range(8), 9, sampled=8)  # 9 tokens: the token after the second block is known: both final
     assert a.num_committed == 2
     assert len(m.match(seq(1, [*range(8), 5, 6]))) == 1  # the MTP row at position 7 saw token 8, not 5
     assert len(m.match(seq(1, [*range(9), 6]))) == 2
@@ -96,11 +96,7 @@ def test_the_mtp_tail_makes_a_block_depend_on_the_next_token():
 
 def test_without_prefix_caching_nothing_is_remembered():
     m = BlockManager(num_blocks=4, block_size=2)
-    a = seq(0, range(5))
-    m.allocate(a, 5)
-    computed(a)
-    m.commit(a)
-    m.release(a)
+    m.release(committed(m, range(5), 5))
     assert not m.registry and not m.evictable and m.num_free == 4 and m.match(seq(1, range(5))) == []
 
 
