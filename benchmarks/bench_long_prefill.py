@@ -97,7 +97,8 @@ def stall(model_dir: str, tokens: int, budget: int) -> tuple[float, float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=16384, help="prompt length (default 16384)")
-    ap.add_argument("--chunk", type=int, default=2048, help="dsv3's max_num_batched_tokens (default 2048, the CPU default)")
+    ap.add_argument("--chunk", type=int, default=2048,
+                    help="dsv3's max_num_batched_tokens (default 2048, the CPU default)")
     ap.add_argument("--skip-stall", action="store_true", help="skip the decoding-stall measurement")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help=argparse.SUPPRESS)

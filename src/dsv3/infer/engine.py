@@ -76,10 +76,11 @@ class LLM:
     request verifies for it at once (default None: 1 or 2, whichever pays on the module's recent record;
     sampled requests verify one draft). max_model_len: the longest sequence (prompt + output; default the
     config's max_position_embeddings, or what the cache holds if less). max_num_seqs: sequences decoded
-    together. max_num_batched_tokens: prompt tokens one prefill step computes at most; a longer prompt is
-    prefilled in chunks over several steps, so that activations and attention masks stay bounded (default 2048
-    on CPU, where smaller chunks are as fast; 8192 on a GPU, where larger GEMMs pay). kv_cache_tokens: cache positions over all sequences (default: 90% of free GPU memory; on CPU
-    enough for max_num_seqs full sequences, capped at 4 GiB). cuda_graphs: replay plain decode steps from
+    together. max_num_batched_tokens: tokens one step feeds at most, decodes (and their drafts) first; a longer
+    prompt is prefilled in chunks over several steps, so that activations and attention masks stay bounded
+    (default 2048 on CPU, where smaller chunks are as fast; 8192 on a GPU, where larger GEMMs pay; at least
+    max_num_seqs x the positions a decode may feed). kv_cache_tokens: cache positions over all sequences
+    (default: 90% of free GPU memory; on CPU enough for max_num_seqs full sequences, capped at 4 GiB). cuda_graphs: replay plain decode steps from
     captured CUDA graphs (default: on a CUDA device whenever the model can be captured, see cuda_graphs.py;
     False is vLLM's enforce_eager). enable_prefix_caching: keep full blocks of the cache after their request
     ends and start later requests whose tokens begin the same way from them (a chat's next turn, a shared
