@@ -80,9 +80,9 @@ class LLM:
     prompt is prefilled in chunks over several steps, so that activations and attention masks stay bounded
     (default 2048 on CPU, where smaller chunks are as fast; 8192 on a GPU, where larger GEMMs pay; at least
     max_num_seqs x the positions a decode may feed). kv_cache_tokens: cache positions over all sequences
-    (default: 90% of free GPU memory; on CPU enough for max_num_seqs full sequences, capped at 4 GiB). cuda_graphs: replay plain decode steps from
-    captured CUDA graphs (default: on a CUDA device whenever the model can be captured, see cuda_graphs.py;
-    False is vLLM's enforce_eager). enable_prefix_caching: keep full blocks of the cache after their request
+    (default: 90% of free GPU memory; on CPU enough for max_num_seqs full sequences, capped at 4 GiB).
+    cuda_graphs: replay plain decode steps from captured CUDA graphs (default: on a CUDA device whenever the
+    model can be captured, see cuda_graphs.py; False is vLLM's enforce_eager). enable_prefix_caching: keep full blocks of the cache after their request
     ends and start later requests whose tokens begin the same way from them (a chat's next turn, a shared
     system prompt), computing only the rest (default on, as vLLM's; scheduler.py).
     """
