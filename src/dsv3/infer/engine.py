@@ -82,9 +82,10 @@ class LLM:
     max_num_seqs x the positions a decode may feed). kv_cache_tokens: cache positions over all sequences
     (default: 90% of free GPU memory; on CPU enough for max_num_seqs full sequences, capped at 4 GiB).
     cuda_graphs: replay plain decode steps from captured CUDA graphs (default: on a CUDA device whenever the
-    model can be captured, see cuda_graphs.py; False is vLLM's enforce_eager). enable_prefix_caching: keep full blocks of the cache after their request
-    ends and start later requests whose tokens begin the same way from them (a chat's next turn, a shared
-    system prompt), computing only the rest (default on, as vLLM's; scheduler.py).
+    model can be captured, see cuda_graphs.py; False is vLLM's enforce_eager). enable_prefix_caching: keep
+    full blocks of the cache after their request ends and start later requests whose tokens begin the same
+    way from them (a chat's next turn, a shared system prompt), computing only the rest (default on, as
+    vLLM's; scheduler.py).
     """
 
     def __init__(self, model: str | os.PathLike | DeepSeekV3, dtype: torch.dtype | str | None = None,
