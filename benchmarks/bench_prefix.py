@@ -46,12 +46,12 @@ def run_dsv3(llm: LLM, system, messages, reply: int):
         prompt = history + msg
         t = time.perf_counter()
         rid = llm.add_request(prompt, params)
-        first = True
-        while llm.requests[rid].seq.status.value != "finished":
-            outs = llm.step()
-            if first and any(o.request_id == rid for o in outs):
+        finished = False
+        while not finished:
+            mine = [o for o in llm.step() if o.request_id == rid]
+            if mine and len(ttft) < len(replies) + 1:  # its first output: the first token
                 ttft.append(time.perf_counter() - t)
-                first = False
+            finished = any(o.finished for o in mine)
         out = llm.release(rid)
         computed += len(prompt)
         replies.append(out.token_ids)

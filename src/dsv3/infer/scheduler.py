@@ -248,8 +248,8 @@ class Scheduler:
                 self.blocks.grow(seq, need)
                 seq.num_scheduled = 1
                 batch.append(seq)
+        # (a victim is always newer than the sequence growing, so none of those already in the batch)
         self.running = [s for s in self.running if s.status is Status.RUNNING]
-        batch = [s for s in batch if s.status is Status.RUNNING]
         budget -= sum(1 + len(s.draft) for s in batch)
         prefilling = False
         for seq in self.running:  # 2. prompts computed in chunks: their next chunk
