@@ -6,7 +6,9 @@ Both models are loaded from the same checkpoint directory (a random bench-small 
 For every shape the script prints tokens/s of each (the median of the timed runs), their ratio, and how
 far each is from the compute floor: the model's FLOPs per forward divided by a fp32 matmul peak measured
 here with a large torch.mm (before and after the runs; the higher is used). A second table shows the
-spread of the runs (best / median / worst), which is large on a shared machine.
+spread of the runs (best / median / worst), which is large on a shared machine. The first line names the
+machine (CPU model and ISA flags, threads, torch and its BLAS); --json stores it too. Neither side caches
+anything between forwards (transformers runs with use_cache=False), so the ratio is like for like.
 
     python benchmarks/bench_forward.py                      # all cores, 1x512, 4x256, 8x128
     python benchmarks/bench_forward.py --threads 1 --repeats 5 --shapes 1x128,2x512 --json out.json
@@ -27,6 +29,7 @@ import warnings
 import torch
 import transformers
 
+from common import print_machine  # puts src/ on the path first
 import dsv3
 from dsv3.ckpt import model_bytes
 
@@ -209,6 +212,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
+    machine = print_machine()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -246,7 +250,8 @@ def main() -> None:
     print_tables(results)
 
     if args.json:
-        out = {"benchmark": "forward", "preset": "bench-small", "dtype": "float32", "threads": args.threads,
+        out = {"benchmark": "forward", "machine": machine, "preset": "bench-small", "dtype": "float32",
+               "threads": args.threads,
                "repeats": args.repeats, "warmup": args.warmup, "matmul_peak_flops": peak,
                "matmul_peak_before_flops": peak_before, "matmul_peak_after_flops": peak_after,
                "active_matmul_params": parts, "torch": torch.__version__,

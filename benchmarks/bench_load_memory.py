@@ -18,7 +18,9 @@ would inherit the parent's high-water mark. Each child also reports VmHWM (the s
 its own address space only) as a check.
 
 The model: bench-small widened to hidden 1024 with 32 experts of 512 (about 0.93 GB in fp32, MTP
-module included), random weights, written once to a temporary directory in fp32, bf16 and FP8.
+module included), random weights, written once to a temporary directory in fp32, bf16 and FP8. The first line
+printed names the machine (from the child that writes the checkpoints: the parent imports no torch); --json
+stores it too.
 
     python benchmarks/bench_load_memory.py [--json OUT]
 """
@@ -60,10 +62,12 @@ def status_kib(field: str) -> int:
 
 
 def child_write(path: str) -> None:
-    """Build the random model and write it in fp32, bf16 and FP8 under path/{fp32,bf16,fp8}."""
+    """Build the random model and write it in fp32, bf16 and FP8 under path/{fp32,bf16,fp8}; print one JSON line:
+    the machine (dsv3.bench.machine_info) and its line."""
     import torch
 
     import dsv3
+    from dsv3.bench import machine_info, machine_line
 
     cfg = dsv3.ModelConfig.preset("bench-small").replace(**LOAD_BENCH_CONFIG)
     model = dsv3.DeepSeekV3(cfg)
@@ -71,6 +75,8 @@ def child_write(path: str) -> None:
     dsv3.save_pretrained(model, os.path.join(path, "fp32"), dtype=torch.float32)
     dsv3.save_pretrained(model, os.path.join(path, "bf16"), dtype=torch.bfloat16)
     dsv3.save_pretrained(model, os.path.join(path, "fp8"), dtype=torch.bfloat16, fp8=True)
+    info = machine_info()
+    print(json.dumps({"machine": info, "line": machine_line(info)}))
 
 
 def child_load(loader: str, path: str, dtype_name: str) -> None:
@@ -130,7 +136,9 @@ def run_all(json_out: str | None) -> None:
     """Write the checkpoints, measure every case in its own process, print the table."""
     with tempfile.TemporaryDirectory(prefix="dsv3-bench-load-") as root:
         start = time.perf_counter()
-        run_child("--child-write", root)
+        written = json.loads(run_child("--child-write", root).strip().splitlines()[-1])
+        machine = written["machine"]
+        print(written["line"])
         print(f"wrote the random model in fp32, bf16 and FP8 to {root} in {time.perf_counter() - start:.0f} s; "
               "each load below runs in a fresh process\n")
         results = []
@@ -176,7 +184,8 @@ def run_all(json_out: str | None) -> None:
 
     if json_out:
         with open(json_out, "w", encoding="utf-8") as f:
-            json.dump({"benchmark": "load_memory", "target_ratio": TARGET_RATIO, "config": LOAD_BENCH_CONFIG,
+            json.dump({"benchmark": "load_memory", "machine": machine, "target_ratio": TARGET_RATIO,
+                       "config": LOAD_BENCH_CONFIG,
                        "results": results}, f, indent=2)
         print(f"wrote {json_out}")
 

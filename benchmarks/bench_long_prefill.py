@@ -7,7 +7,10 @@ Then the stall: a request already decoding when the long prompt arrives. Its lon
 while the prompt is prefilled, with chunks (decodes share each step with a chunk) and with the prompt in one
 step (every decode waits for the whole prefill). transformers has no continuous batching to compare with.
 
-    python benchmarks/bench_long_prefill.py [--tokens 16384] [--chunk 2048] [--skip-stall]
+Like for like: dsv3 runs with its prefix cache off (transformers has none; the warm-up's 64 tokens are the
+prompt's own first ones, which a cache would otherwise serve). The first line printed names the machine.
+
+    python benchmarks/bench_long_prefill.py [--tokens 16384] [--chunk 2048] [--skip-stall] [--json out.json]
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import dsv3  # noqa: E402
-from common import bench_small_checkpoint  # noqa: E402
+from common import bench_small_checkpoint, print_machine  # noqa: E402
 
 
 def rss_mb(field: str) -> float:
@@ -100,16 +103,19 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=2048,
                     help="dsv3's max_num_batched_tokens (default 2048, the CPU default)")
     ap.add_argument("--skip-stall", action="store_true", help="skip the decoding-stall measurement")
+    ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
         return
+    machine = print_machine()
     context = max(dsv3.ModelConfig.preset("bench-small").max_position_embeddings, args.tokens + 64)
     cfg, tmp = bench_small_checkpoint("bench_long_prefill_", max_position_embeddings=context)
     print(f"bench-small with a {cfg.max_position_embeddings}-position context, fp32 on CPU, "
-          f"{torch.get_num_threads()} threads; one prompt of {args.tokens} tokens, one new token")
+          f"{torch.get_num_threads()} threads; one prompt of {args.tokens} tokens, one new token; dsv3's prefix "
+          "cache off (transformers has none)")
     results = {}
     for name in ("dsv3-chunked", "dsv3-whole", "transformers"):
         out = subprocess.run([sys.executable, __file__, "--worker", name, "--model", tmp, "--tokens",
@@ -127,12 +133,18 @@ def main() -> None:
         a, b = results["dsv3-chunked"], results["transformers"]
         print(f"dsv3 chunked vs transformers: {b['seconds'] / a['seconds']:.2f}x faster, "
               f"{b['peak_growth_mb'] / max(a['peak_growth_mb'], 1):.1f}x less peak memory")
+    stalls = {}
     if not args.skip_stall:
-        print(f"\na request decoding when the {args.tokens}-token prompt arrives:")
+        print(f"\na request decoding when the {args.tokens}-token prompt arrives (dsv3, prefix cache off):")
         print(f"{'':26}{'longest token gap s':>21}{'prompt TTFT s':>15}{'steps':>7}")
         for label_, budget in ((f"chunks of {args.chunk}", args.chunk), ("one step", args.tokens)):
             g, ttft, steps = stall(tmp, args.tokens, budget)
+            stalls[label_] = dict(longest_gap_s=g, ttft_s=ttft, steps=steps)
             print(f"{label_:26}{g:21.2f}{ttft:15.2f}{steps:7d}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(machine=machine, tokens=args.tokens, chunk=args.chunk, prefill=results, stall=stalls), f,
+                      indent=2)
 
 
 if __name__ == "__main__":

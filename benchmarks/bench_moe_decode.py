@@ -6,14 +6,16 @@ so a machine where it picks a slower one shows up here.
 
 Each MoE layer is a fresh random one (std 0.02) of the preset's shapes, several of them in turn so that their
 weights are not in cache (as in a real decode step, where the other layers' weights pass through between two
-visits), with the gate's own routing of random tokens.
+visits), with the gate's own routing of random tokens. The first line printed names the machine.
 
     python benchmarks/bench_moe_decode.py [--presets bench-small,tiny] [--tokens 1,2,3,4,8,16] [--repeats 20]
+                                          [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -23,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import dsv3  # noqa: E402
 from dsv3.model.moe import MoE  # noqa: E402
+from common import print_machine  # noqa: E402
 
 
 def layers_for(preset: str, count: int) -> list[MoE]:
@@ -72,7 +75,13 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,2,3,4,6,8,16")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--layers", type=int, default=6, help="MoE layers cycled through (default 6)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = print_machine()
+    rows = []
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}; times per layer, medians of {args.repeats}")
     with torch.inference_mode():
         for preset in args.presets.split(","):
@@ -93,6 +102,10 @@ def main() -> None:
                 cells = "".join(f"{times[k] * 1e6:{w}.0f}" if k in times else f"{'-':>{w}}"
                                 for k, w in (("grouped", 11), ("dense", 10), ("token", 10)))
                 print(f"  {n:>6}{cells}  {pick}" + ("" if pick == best else f" (measured faster here: {best})"))
+                rows.append(dict(preset=preset, tokens=n, seconds=times, path_taken=pick, fastest=best))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(machine=machine, repeats=args.repeats, layers=args.layers, rows=rows), f, indent=2)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,20 @@ the whole conversation's time, the mean time to first token of the turns after t
 help), and the share of prompt tokens the engine computed. Each repeat uses a fresh conversation (a cache warm
 from the last repeat would make the first turn free too); the engines run in turns within a repeat.
 
+This benchmark compares caches on purpose, so every row and every ratio says what each side reuses: dsv3 with
+its prefix cache on or off, transformers passing the previous turn's KV cache back in or recomputing the
+whole conversation. The like-for-like ratios are the pairs that reuse the same thing (both nothing, both the
+conversation so far); the others show what reuse is worth. The first line printed names the machine.
+
     python benchmarks/bench_prefix.py [--system 512] [--turns 6] [--user 64] [--reply 32] [--repeats 3]
+                                      [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import os
 import statistics
@@ -26,7 +33,17 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from dsv3.infer import LLM, SamplingParams  # noqa: E402
-from common import bench_small_checkpoint  # noqa: E402
+from common import bench_small_checkpoint, print_machine  # noqa: E402
+
+ON, OFF = "dsv3, prefix cache on", "dsv3, prefix cache off"
+HF_REUSE, HF_RECOMPUTE = "transformers, KV cache passed back", "transformers, recomputes all"
+COMPARISONS = [  # (ours, peer, what the pair compares)
+    (OFF, HF_RECOMPUTE, "like for like: neither reuses the conversation"),
+    (ON, HF_REUSE, "like for like: both reuse the conversation so far"),
+    (ON, OFF, "dsv3's prefix cache, on against off"),
+    (HF_REUSE, HF_RECOMPUTE, "transformers' cache passed back, against recomputing"),
+    (ON, HF_RECOMPUTE, "not like for like: only dsv3 reuses"),
+]
 
 
 def conversation(vocab: int, args, seed: int) -> tuple[list[int], list[list[int]]]:
@@ -107,9 +124,11 @@ def main() -> None:
     ap.add_argument("--reply", type=int, default=32, help="reply tokens per turn (default 32)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    machine = print_machine()
     import transformers
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
@@ -122,10 +141,10 @@ def main() -> None:
           f"{transformers.__version__}; a conversation: system {args.system}, {args.turns} turns of {args.user} "
           f"new tokens and a {args.reply}-token reply ({length} tokens at the end); block size 16")
 
-    engines = {"dsv3 prefix cache": lambda s, m: run_dsv3(on, s, m, args.reply),
-               "dsv3 no prefix cache": lambda s, m: run_dsv3(off, s, m, args.reply),
-               "transformers, cache reused": lambda s, m: run_hf(hf, s, m, args.reply, reuse=True),
-               "transformers, recomputed": lambda s, m: run_hf(hf, s, m, args.reply, reuse=False)}
+    engines = {ON: lambda s, m: run_dsv3(on, s, m, args.reply),
+               OFF: lambda s, m: run_dsv3(off, s, m, args.reply),
+               HF_REUSE: lambda s, m: run_hf(hf, s, m, args.reply, reuse=True),
+               HF_RECOMPUTE: lambda s, m: run_hf(hf, s, m, args.reply, reuse=False)}
     warm = conversation(cfg.vocab_size, copy.copy(args), seed=999)
     for fn in engines.values():
         fn(*warm)
@@ -137,22 +156,27 @@ def main() -> None:
             out = fn(system, messages)
             replies[name] = out[0]
             results[name].append(out)
-        same = all(rep == replies["dsv3 prefix cache"] for rep in replies.values())
+        same = all(rep == replies[ON] for rep in replies.values())
         print(f"repeat {r}: replies identical across engines: {same}")
 
     total_prompt = sum(args.system + t * (args.user + args.reply) + args.user for t in range(args.turns))
-    print(f"\n{'':28}{'conversation s':>16}{'TTFT ms (turns 2+)':>20}{'prompt computed':>17}")
+    print(f"\n{'':36}{'conversation s':>16}{'TTFT ms (turns 2+)':>20}{'prompt computed':>17}")
     rows = {}
     for name, runs in results.items():
         total = statistics.median(r[1] for r in runs)
         ttft = statistics.median(statistics.mean(r[2][1:]) for r in runs)
         computed = runs[-1][3]
-        rows[name] = (total, ttft)
-        print(f"{name:28}{total:16.3f}{1000 * ttft:20.1f}{computed / total_prompt:16.0%}")
-    ours = rows["dsv3 prefix cache"]
-    for peer in ("dsv3 no prefix cache", "transformers, cache reused", "transformers, recomputed"):
-        print(f"dsv3 prefix cache vs {peer}: conversation {rows[peer][0] / ours[0]:.2f}x, "
-              f"time to first token {rows[peer][1] / ours[1]:.2f}x")
+        rows[name] = dict(conversation_s=total, ttft_s=ttft, prompt_computed=computed / total_prompt)
+        print(f"{name:36}{total:16.3f}{1000 * ttft:20.1f}{computed / total_prompt:16.0%}")
+    print("\nspeed-ups (the second's time over the first's):")
+    ratios = []
+    for a, b, what in COMPARISONS:
+        conv, ttft = rows[b]["conversation_s"] / rows[a]["conversation_s"], rows[b]["ttft_s"] / rows[a]["ttft_s"]
+        ratios.append(dict(engine=a, peer=b, compares=what, conversation=conv, ttft=ttft))
+        print(f"  {a} vs {b} ({what}): conversation {conv:.2f}x, time to first token {ttft:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(machine=machine, args=vars(args), rows=rows, ratios=ratios), f, indent=2)
 
 
 if __name__ == "__main__":

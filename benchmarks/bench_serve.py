@@ -10,6 +10,12 @@ token (the first chunk after the prefill), p50 and p99. One client = one request
 server stopped, the engine alone (`LLM.generate` over all requests at once, no HTTP) gives the ceiling the
 server can approach.
 
+Like for like: the server keeps its prefix cache on (as users run it), but each level sends its requests under
+its own `cache_salt`, so no level is served prompts an earlier level (or the warm-up) left in the cache; the
+engine alone gets a fresh engine, warmed up on other prompts. The prompt tokens served from a cache are
+counted (usage.prompt_tokens_details.cached_tokens) and printed: 0 everywhere. The server and the engine
+alone run with the same torch thread count. The first line printed names the machine.
+
     python benchmarks/bench_serve.py [--clients 1,4,16] [--requests 32] [--max-tokens 64] [--json out.json]
 """
 
@@ -34,6 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import dsv3  # noqa: E402
 from dsv3.infer import LLM, SamplingParams  # noqa: E402
 from dsv3.tokenizer import train_bpe  # noqa: E402
+from common import print_machine  # noqa: E402
 
 MODEL = "bench-small"
 
@@ -77,11 +84,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> dict:
+async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, salt: str) -> dict:
     body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}, "cache_salt": salt}
     t0 = time.perf_counter()
-    ttft, tokens = None, 0
+    ttft, tokens, cached = None, 0, 0
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
@@ -95,11 +102,13 @@ async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int) -
                 ttft = time.perf_counter() - t0
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    return {"latency": time.perf_counter() - t0, "ttft": ttft, "tokens": tokens}
+                cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return {"latency": time.perf_counter() - t0, "ttft": ttft, "tokens": tokens, "cached": cached}
 
 
-async def run_level(url: str, prompts: list[str], clients: int, max_tokens: int) -> dict:
-    """`clients` workers take the requests in order, each sending its next one when the last is answered."""
+async def run_level(url: str, prompts: list[str], clients: int, max_tokens: int, salt: str) -> dict:
+    """`clients` workers take the requests in order, each sending its next one when the last is answered; all
+    under one cache_salt, the level's own, so the prefix cache holds nothing of theirs when the level starts."""
     queue: asyncio.Queue = asyncio.Queue()
     for p in prompts:
         queue.put_nowait(p)
@@ -108,7 +117,7 @@ async def run_level(url: str, prompts: list[str], clients: int, max_tokens: int)
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
         async def worker():
             while not queue.empty():
-                results.append(await one_request(client, queue.get_nowait(), max_tokens))
+                results.append(await one_request(client, queue.get_nowait(), max_tokens, salt))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
@@ -121,6 +130,7 @@ async def run_level(url: str, prompts: list[str], clients: int, max_tokens: int)
         return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
     return {"clients": clients, "requests": len(prompts), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+            "cached_prompt_tokens": sum(r["cached"] for r in results),
             "latency_p50": pct("latency", 0.5), "latency_p99": pct("latency", 0.99),
             "ttft_p50": pct("ttft", 0.5), "ttft_p99": pct("ttft", 0.99)}
 
@@ -133,14 +143,16 @@ def main() -> None:
     ap.add_argument("--prompt-chars", type=int, default=300, help="prompt length in characters (~100 tokens)")
     ap.add_argument("--max-batch-size", type=int, default=16, help="the server's --max-batch-size")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads of the server and of the engine-alone run (default: torch's; 1 is steady on "
-                         "a shared 2-core VM and leaves a core to the event loop and the clients)")
+                    help="torch threads of the server and of the engine-alone run (default: `dsv3 serve`'s, all "
+                         "cores but one; 1 is steady on a shared 2-core VM and leaves a core to the event loop and "
+                         "the clients)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
     env = dict(os.environ)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    args.threads = args.threads or max(1, (os.cpu_count() or 2) - 1)  # the server's default, given to both
+    torch.set_num_threads(args.threads)
+    env["OMP_NUM_THREADS"] = str(args.threads)
+    args.machine = print_machine()
     levels = [int(c) for c in args.clients.split(",")]
 
     tmp = tempfile.mkdtemp(prefix="bench_serve_")
@@ -155,15 +167,16 @@ def run(args, env: dict, levels: list[int], model_dir: str) -> None:
     prompts = make_prompts(texts, args.requests, args.prompt_chars)
     cfg = dsv3.ModelConfig.from_hf(model_dir)
     print(f"bench-small ({cfg.num_params() / 1e6:.1f}M parameters), fp32, CPU, {os.cpu_count()} cores, "
-          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; {args.requests} requests per "
-          f"level, ~{args.prompt_chars} characters of prompt, {args.max_tokens} tokens out each; server "
-          f"--max-batch-size {args.max_batch_size}", flush=True)
+          f"{args.threads} torch threads (server and engine alone), torch {torch.__version__}; {args.requests} "
+          f"requests per level, ~{args.prompt_chars} characters of prompt, {args.max_tokens} tokens out each; "
+          f"server --max-batch-size {args.max_batch_size}, prefix cache on, one cache_salt per level", flush=True)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "dsv3", "serve", "--model", model_dir, "--port", str(port),
                                "--max-batch-size", str(args.max_batch_size), "--max-queue", "1024",
-                               "--max-model-len", "1024", "--log-level", "warning"], env=env)
+                               "--max-model-len", "1024", "--log-level", "warning", "--threads", str(args.threads)],
+                              env=env)
     rows = []
     try:
         deadline = time.monotonic() + 300
@@ -178,11 +191,12 @@ def run(args, env: dict, levels: list[int], model_dir: str) -> None:
             if time.monotonic() > deadline:
                 raise SystemExit("the server did not start")
             time.sleep(0.2)
-        asyncio.run(run_level(url, prompts[:4], 4, 4))  # warm-up
+        asyncio.run(run_level(url, prompts[:4], 4, 4, "warm-up"))
         for c in levels:
-            row = asyncio.run(run_level(url, prompts, c, args.max_tokens))
+            row = asyncio.run(run_level(url, prompts, c, args.max_tokens, f"level-{c}-clients"))
             rows.append(row)
-            print(f"  {c:>2} clients: {row['tok_s']:7.1f} tok/s  ({row['wall_s']:.1f}s)", flush=True)
+            print(f"  {c:>2} clients: {row['tok_s']:7.1f} tok/s  ({row['wall_s']:.1f}s; "
+                  f"{row['cached_prompt_tokens']} prompt tokens from the prefix cache)", flush=True)
     finally:
         server.terminate()
         server.wait(60)
@@ -190,11 +204,13 @@ def run(args, env: dict, levels: list[int], model_dir: str) -> None:
     # the engine alone, all requests submitted at once: what the server could reach without HTTP
     llm = LLM(model_dir, max_model_len=1024, max_num_seqs=args.max_batch_size)
     params = SamplingParams(temperature=0, max_new_tokens=args.max_tokens, ignore_eos=True)
-    llm.generate(prompts[:4], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))  # warm-up
+    warm = [p[len(p) // 2:] + p[:len(p) // 2] for p in prompts[:4]]  # rotated: none begins as a timed prompt
+    llm.generate(warm, SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
     engine_s = time.perf_counter() - t0
     engine_tok_s = sum(len(o.token_ids) for o in outs) / engine_s
+    engine_cached = sum(o.num_cached_tokens for o in outs)
 
     base = next((r["tok_s"] for r in rows if r["clients"] == 1), rows[0]["tok_s"])
     print("\n| clients | output tok/s | vs one at a time | latency p50 / p99 s | TTFT p50 / p99 s |")
@@ -204,12 +220,16 @@ def run(args, env: dict, levels: list[int], model_dir: str) -> None:
               f"{r['latency_p99']:.2f} | {r['ttft_p50']:.3f} / {r['ttft_p99']:.3f} |")
     print(f"| engine alone, no HTTP (LLM.generate, batch {args.max_batch_size}) | {engine_tok_s:.1f} | "
           f"{engine_tok_s / base:.2f}x | | |")
+    print(f"prompt tokens served from the prefix cache: {', '.join(str(r['cached_prompt_tokens']) for r in rows)} "
+          f"(levels), {engine_cached} (engine alone)")
     top = max(rows, key=lambda r: r["clients"])
     print(f"\n{top['clients']} concurrent clients: {top['tok_s'] / base:.2f}x the output tokens/s of one at a time; "
           f"the server reaches {100 * top['tok_s'] / engine_tok_s:.0f}% of the engine's own batched throughput")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "engine_tok_s": engine_tok_s, "args": vars(args)}, f, indent=2)
+            json.dump({"machine": args.machine, "rows": rows, "engine_tok_s": engine_tok_s,
+                       "engine_cached_prompt_tokens": engine_cached,
+                       "args": {k: v for k, v in vars(args).items() if k != "machine"}}, f, indent=2)
 
 
 if __name__ == "__main__":

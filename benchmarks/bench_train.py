@@ -1,7 +1,8 @@
 """One training step (forward, next-token loss, backward, AdamW) on bench-small: dsv3 against transformers'
 DeepseekV3ForCausalLM, same weights (saved once, loaded by both), same batches, same process; fp32 on CPU by
 default, any device and dtype by flag. MTP and balance losses are off so both compute the same thing. Also
-the model FLOPs utilisation (MFU) against the device's measured matmul peak in that dtype.
+the model FLOPs utilisation (MFU) against the device's measured matmul peak in that dtype. The first line
+names the machine (CPU model and ISA flags, threads, torch and its BLAS, the GPU); --json stores it too.
 
     python benchmarks/bench_train.py [--shapes 8x256,4x512] [--steps 5] [--threads N] [--json out.json]
     python benchmarks/bench_train.py --device cuda --dtype bfloat16 --shapes 16x1024     # on a GPU
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import dsv3  # noqa: E402
-from common import bench_small_checkpoint  # noqa: E402
+from common import bench_small_checkpoint, print_machine  # noqa: E402
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
@@ -63,6 +64,7 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
+    machine = print_machine(device)
     import transformers
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
@@ -123,7 +125,7 @@ def main() -> None:
         print(f"  {'MFU':18}{row['mfu_dsv3']:10.1%}{row['mfu_hf']:14.1%}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"peak_flops": peak, "rows": rows}, f, indent=2)
+            json.dump({"machine": machine, "peak_flops": peak, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""What the benchmarks share: bench-small's weights (seeded, random), saved once to a temporary model directory
-that both dsv3 and transformers load, and removed when the process exits."""
+"""What the benchmarks share: the line naming the machine that every script prints first (and stores in its
+JSON), and bench-small's weights (seeded, random), saved once to a temporary model directory that both dsv3
+and transformers load, and removed when the process exits."""
 
 from __future__ import annotations
 
@@ -13,6 +14,16 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import dsv3  # noqa: E402
+from dsv3.bench import machine_info, machine_line  # noqa: E402
+
+
+def print_machine(device=None) -> dict:
+    """Print the machine a figure comes from (CPU model and ISA flags, threads, torch and its BLAS, the GPU when
+    `device` is a CUDA one) -> dsv3.bench.machine_info(), for the script's JSON. Call it after setting the
+    thread count."""
+    info = machine_info(device)
+    print(machine_line(info), flush=True)
+    return info
 
 
 def bench_small_checkpoint(prefix: str, **overrides) -> tuple[dsv3.ModelConfig, str]:

@@ -10,16 +10,145 @@ once; requests/s and tokens/s over the whole run. Prompts are random token ids (
 directory works, tokenizer or not; each run gets fresh ones, so the prefix cache never makes a later run
 cheaper than the first. The engine options are `dsv3 generate`'s (device, dtype, speculative decoding...).
 The benchmarks/ scripts compare against other implementations; this measures one model where it runs.
+Every figure depends on the machine: the report starts with `machine_line()` (CPU model and ISA flags,
+threads, torch and its BLAS, the GPU when one is used), and the JSON holds `machine_info()` under "machine".
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import platform
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 
-import torch
+# torch is imported inside the functions: `machine_info` and the CLI's argument parser need no heavy imports.
+
+# The instruction-set extensions that decide which CPU kernels run (fp32 FMA width, bf16 and AMX matmuls).
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def _size_bytes(text: str) -> int | None:
+    """'32 MiB (1 instance)', '32768K', '1.5 MiB' -> bytes; None if unreadable."""
+    m = re.match(r"\s*([\d.]+)\s*([KMG]?)(i?B)?", text)
+    if not m:
+        return None
+    return int(float(m.group(1)) * {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}[m.group(2)])
+
+
+def _key_values(text: str, sep: str = ":") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, found, value = line.partition(sep)
+        if found and key.strip() and key.strip() not in out:  # the first of a repeated key (one per CPU)
+            out[key.strip()] = value.strip()
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu() -> dict:
+    """The CPU as lscpu names it; /proc/cpuinfo and sysfs where lscpu is missing (both Linux; elsewhere
+    `platform`). Computed once: it does not change while the process runs."""
+    lscpu: dict[str, str] = {}
+    if shutil.which("lscpu"):
+        try:
+            out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10,
+                                 env={**os.environ, "LC_ALL": "C"})
+            lscpu = _key_values(out.stdout) if out.returncode == 0 else {}
+        except (OSError, subprocess.SubprocessError):
+            lscpu = {}
+    cpuinfo: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpuinfo = _key_values(f.read())
+    except OSError:
+        pass
+    flags = set((lscpu.get("Flags") or cpuinfo.get("flags") or cpuinfo.get("Features") or "").split())
+    info = {"cpu": lscpu.get("Model name") or cpuinfo.get("model name") or platform.processor() or platform.machine(),
+            "cpu_family": lscpu.get("CPU family") or cpuinfo.get("cpu family"),
+            "cpu_model": lscpu.get("Model") or cpuinfo.get("model"),
+            "cpu_flags": [f for f in ISA_FLAGS if f in flags], "arch": platform.machine()}
+    if lscpu.get("Hypervisor vendor"):
+        info["hypervisor"] = lscpu["Hypervisor vendor"]
+    l3 = _size_bytes(lscpu["L3 cache"]) if lscpu.get("L3 cache") else None
+    if l3 is None:  # sysfs: the L3 seen by CPU 0
+        root = "/sys/devices/system/cpu/cpu0/cache"
+        for index in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+            try:
+                with open(f"{root}/{index}/level") as f:
+                    if f.read().strip() != "3":
+                        continue
+                with open(f"{root}/{index}/size") as f:
+                    l3 = _size_bytes(f.read())
+            except OSError:
+                continue
+    info["l3_cache_bytes"] = l3
+    return info
+
+
+def _blas(config: str) -> str:
+    """The BLAS torch was built with, from torch.__config__.show(): 'MKL 2024.2', 'OpenBLAS', ..."""
+    m = re.search(r"BLAS_INFO=([^,\s]+)", config)
+    name = m.group(1) if m else "unknown"
+    if name == "mkl":
+        v = re.search(r"Math Kernel Library Version ([\w.]+)", config)
+        return "MKL" + (f" {v.group(1)}" if v else "")
+    return {"open": "OpenBLAS", "openblas": "OpenBLAS", "accelerate": "Accelerate"}.get(name, name)
+
+
+def machine_info(device=None) -> dict:
+    """What a figure measured here depends on: the CPU (lscpu's model name, family and model, the ISA flags
+    of ISA_FLAGS it has, L3 size, hypervisor), logical and usable CPUs, torch's threads, torch's version,
+    BLAS and CPU kernel level, and the GPU's name when `device` is a CUDA device. Every benchmark prints it
+    (`machine_line`) and stores it in its JSON."""
+    import torch
+
+    info = dict(_cpu())
+    info["logical_cpus"] = os.cpu_count()
+    if hasattr(os, "sched_getaffinity"):
+        info["usable_cpus"] = len(os.sched_getaffinity(0))
+    info["torch_threads"] = torch.get_num_threads()
+    info["torch"] = torch.__version__
+    info["blas"] = _blas(torch.__config__.show())
+    try:
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # older torch
+        pass
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dev)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def machine_line(info: dict | None = None) -> str:
+    """One readable line of `machine_info()` (computed here if not given), e.g. 'machine: AMD EPYC (family
+    25, model 1; avx2 fma), KVM guest, L3 32 MiB, 2 logical CPUs, 2 torch threads; torch 2.13.0+cpu, MKL
+    2024.2, CPU kernels AVX2'."""
+    m = machine_info() if info is None else info
+    cpu = m.get("cpu") or "unknown CPU"
+    ident = ", ".join(f"{k} {m[f'cpu_{k}']}" for k in ("family", "model") if m.get(f"cpu_{k}"))
+    flags = " ".join(m.get("cpu_flags") or []) or "none of " + "/".join(ISA_FLAGS)
+    parts = [f"{cpu} ({ident + '; ' if ident else ''}{flags})"]
+    if m.get("hypervisor"):
+        parts.append(f"{m['hypervisor']} guest")
+    if m.get("l3_cache_bytes"):
+        parts.append(f"L3 {m['l3_cache_bytes'] / 2 ** 20:.0f} MiB")
+    cpus = f"{m.get('logical_cpus')} logical CPUs"
+    if m.get("usable_cpus") not in (None, m.get("logical_cpus")):
+        cpus += f" ({m['usable_cpus']} usable)"
+    parts += [cpus, f"{m.get('torch_threads')} torch threads"]
+    line = "machine: " + ", ".join(parts) + f"; torch {m.get('torch')}, {m.get('blas')}"
+    if m.get("cpu_capability"):
+        line += f", CPU kernels {m['cpu_capability']}"
+    if m.get("gpu"):
+        line += f"; GPU {m['gpu']} (CUDA {m.get('cuda')})"
+    return line
 
 
 def add_args(p) -> None:
@@ -43,11 +172,13 @@ def add_args(p) -> None:
 
 
 def _prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]]:
+    import torch
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, length), generator=g).tolist()
 
 
 def _sync(llm) -> None:
+    import torch
     if llm.model.device.type == "cuda":
         torch.cuda.synchronize(llm.model.device)
 
@@ -100,6 +231,7 @@ def throughput(llm, args) -> dict:
 
 def run(args, engine) -> dict:
     """engine(args, **kwargs) -> the LLM (cli._engine: the shared engine options)."""
+    import torch
     for name in ("input_len", "output_len", "batch_size", "iters", "num_prompts"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
@@ -111,15 +243,20 @@ def run(args, engine) -> dict:
         args.max_model_len = args.input_len + args.output_len
     llm = engine(args, kv_cache_tokens=args.kv_cache_tokens)
     dev = llm.model.device
+    machine = machine_info(dev)
+    caching = bool(getattr(args, "enable_prefix_caching", True))
     print(f"{args.model}: {llm.model.dtype} on {dev}"
           f"{'' if dev.type != 'cpu' else f', {torch.get_num_threads()} threads'}, torch {torch.__version__}; "
-          f"speculative {args.speculative or 'off'}, CUDA graphs {'on' if llm.graphs is not None else 'off'}",
-          file=sys.stderr)
+          f"speculative {args.speculative or 'off'}, CUDA graphs {'on' if llm.graphs is not None else 'off'}, "
+          f"prefix cache {'on' if caching else 'off'} (fresh random prompts every run: it "
+          "cannot hit)", file=sys.stderr)
     result = latency(llm, args) if args.mode == "latency" else throughput(llm, args)
     stats = llm.stats
     result.update(device=str(dev), dtype=str(llm.model.dtype).removeprefix("torch."), model=args.model,
                   speculative=args.speculative, steps=stats["steps"], preemptions=stats["preemptions"],
-                  kv_cache_bytes_per_token=llm.kv_cache_bytes_per_token)
+                  kv_cache_bytes_per_token=llm.kv_cache_bytes_per_token,
+                  enable_prefix_caching=caching,
+                  prefix_cache_hit_tokens=stats["prefix_cache_hit_tokens"], machine=machine)
     if args.speculative:
         result.update(acceptance_rate=stats["acceptance_rate"], tokens_per_forward=stats["tokens_per_forward"])
     _report(result)
@@ -130,22 +267,24 @@ def run(args, engine) -> dict:
 
 
 def _report(r: dict) -> None:
+    lines = [machine_line(r["machine"])]
     if r["mode"] == "latency":
-        lines = [f"batch {r['batch_size']}, {r['input_len']} prompt tokens, {r['output_len']} output tokens "
-                 f"(medians of {r['iters']} runs)",
-                 f"  latency             {r['latency_s']:10.3f} s",
-                 f"  time to first token {r['ttft_s']:10.3f} s",
-                 f"  per output token    {r['time_per_output_token_ms']:10.2f} ms",
-                 f"  decode              {r['decode_tokens_per_s']:10.1f} tokens/s",
-                 f"  end to end          {r['end_to_end_tokens_per_s']:10.1f} tokens/s"]
+        lines += [f"batch {r['batch_size']}, {r['input_len']} prompt tokens, {r['output_len']} output tokens "
+                  f"(medians of {r['iters']} runs)",
+                  f"  latency             {r['latency_s']:10.3f} s",
+                  f"  time to first token {r['ttft_s']:10.3f} s",
+                  f"  per output token    {r['time_per_output_token_ms']:10.2f} ms",
+                  f"  decode              {r['decode_tokens_per_s']:10.1f} tokens/s",
+                  f"  end to end          {r['end_to_end_tokens_per_s']:10.1f} tokens/s"]
     else:
-        lines = [f"{r['num_prompts']} requests of {r['input_len']} prompt and {r['output_len']} output tokens "
-                 f"in {r['seconds']:.2f} s",
-                 f"  {r['requests_per_s']:.2f} requests/s, {r['output_tokens_per_s']:.1f} output tokens/s, "
-                 f"{r['total_tokens_per_s']:.1f} tokens/s in all"]
+        lines += [f"{r['num_prompts']} requests of {r['input_len']} prompt and {r['output_len']} output tokens "
+                  f"in {r['seconds']:.2f} s",
+                  f"  {r['requests_per_s']:.2f} requests/s, {r['output_tokens_per_s']:.1f} output tokens/s, "
+                  f"{r['total_tokens_per_s']:.1f} tokens/s in all"]
     if r.get("speculative"):
         lines.append(f"  MTP drafts accepted {r['acceptance_rate']:.0%}, {r['tokens_per_forward']:.2f} tokens per "
                      "verifying forward")
     lines.append(f"  cache {r['kv_cache_bytes_per_token']} bytes per token; {r['steps']} engine steps, "
-                 f"{r['preemptions']} preemptions")
+                 f"{r['preemptions']} preemptions; prefix cache {'on' if r['enable_prefix_caching'] else 'off'}, "
+                 f"{r['prefix_cache_hit_tokens']} prompt tokens served from it")
     print("\n".join(lines))
