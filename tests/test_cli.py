@@ -259,7 +259,10 @@ def test_quantize_fp8_ue8m0_scales_are_powers_of_two(bf16_dir, x, tmp_path, caps
     assert config_of(out)["quantization_config"] == {**OFFICIAL_QUANT, "scale_fmt": "ue8m0"}
     loaded = dsv3.load_pretrained(out)
     assert loaded.layers[0].attn.wq_b.is_fp8
-    assert torch.equal(logits(loaded, x), logits(dsv3.load_pretrained(out, fp8=False), x))
+    # bf16, the FP8 experts run per expert and the dequantised ones grouped: the same weights (test_ckpt checks
+    # dequantisation at load exactly), but an elementwise op over other slices may round an element one float32
+    # ulp apart and so flip a bf16 rounding (2^-8): a few bf16 ulps of the logits, not bit-equality
+    assert rel_err(logits(loaded, x), logits(dsv3.load_pretrained(out, fp8=False), x)) <= 2e-2
 
 
 # ---- convert -------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ import torch
 from dsv3.model.layers import Linear, linear
 from dsv3.quant import fp8
 
+from conftest import rel_err
+
 
 @pytest.mark.parametrize("shape", [(256, 384), (200, 136), (7, 300), (3, 130, 129)])
 def test_weight_round_trip_and_block_scales(shape):
@@ -81,5 +83,6 @@ def test_fp8_linear_equals_dequantised_linear():
     dense = fp8.weight_dequant(q, s, torch.float32)
     assert torch.equal(lin(x), linear(x, dense))  # the FP8 layer is exactly the dequantised one
     assert torch.allclose(lin(x), torch.nn.functional.linear(x, dense), atol=1e-5)
-    assert torch.equal(lin(x[:1]), torch.nn.functional.linear(x[:1], dense))
+    # one row: `linear` may pick another product layout than F.linear (a GEMV, a split): float32 reassociation
+    assert rel_err(lin(x[:1]), torch.nn.functional.linear(x[:1], dense)) <= 1e-5
     assert torch.equal(lin.dense_weight(torch.float32), fp8.weight_dequant(q, s, torch.float32))

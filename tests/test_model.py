@@ -83,7 +83,8 @@ def test_bias_selects_but_never_weights():
     assert torch.allclose(w, chosen / chosen.sum(1, keepdim=True))
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+# grouped GEMMs vs a loop of F.linear: the same float32 sums in other orders (1e-5); bf16: a few roundings of 2^-8
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("grad", [False, True])
 def test_grouped_moe_equals_per_expert_loop(dtype, tol, fp8, grad):
@@ -105,7 +106,7 @@ def test_grouped_moe_equals_per_expert_loop(dtype, tol, fp8, grad):
 
 
 @pytest.mark.parametrize("pack", [False, True])
-def test_decode_paths_of_the_moe_equal_per_expert_loop(pack, dtype=torch.float32, tol=1e-6):
+def test_decode_paths_of_the_moe_equal_per_expert_loop(pack, dtype=torch.float32, tol=1e-5):
     """CPU decode runs a single token's K experts one by one, and a few tokens' through every expert weighted
     by a dense gate matrix; both must give what the per-expert loop gives, with and without the packed
     w1|w3, added into a given output (the shared experts' one)."""
@@ -154,7 +155,7 @@ def test_dense_decode_skips_unpicked_experts_in_runs():
             for pack in (False, True):
                 if pack:
                     moe.experts.pack_projections()
-                assert rel_err(moe.experts.forward_dense(x, weights, experts), ref) <= 1e-6
+                assert rel_err(moe.experts.forward_dense(x, weights, experts), ref) <= 1e-5
         spread = torch.arange(0, 2 * (DENSE_DECODE_MAX_SPANS + 1), 2).view(-1, 1).expand(-1, 3)
         assert moe.experts.decode_path(torch.randn(len(spread), c.hidden_size), spread) is None
 
@@ -299,8 +300,10 @@ def test_rmsnorm_cpu_inference_path_equals_fused(scale):
     ref = F.rms_norm(x.double(), (96,), norm.weight.double(), 1e-6)
     with torch.no_grad():
         fast = norm(x)
-    assert rel_err(fast, ref) <= 1e-6
-    assert rel_err(norm(x), ref) <= 1e-6  # the grad-enabled path (F.rms_norm) agrees
+    # float32 against a float64 reference: a few ulps, whose size depends on the CPU's reduction order; a wrong eps
+    # term moves the result by 5e-5 or more (at scale 1e-5)
+    assert rel_err(fast, ref) <= 1e-5
+    assert rel_err(norm(x), ref) <= 1e-5  # the grad-enabled path (F.rms_norm) agrees
 
 
 def test_pack_projections_keeps_values_names_and_falls_back_after_a_cast():
@@ -318,7 +321,8 @@ def test_pack_projections_keeps_values_names_and_falls_back_after_a_cast():
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     with torch.no_grad():
-        assert rel_err(model(ids), ref) <= 1e-6
+        # packed GEMMs take other kernels (and, on another CPU, other summation orders): float32 reassociation
+        assert rel_err(model(ids), ref) <= 1e-5
         x = torch.randn(3, c.hidden_size)  # a few rows: the skinny-GEMM layout through the packed weights
         assert rel_err(moe(x), moe.routed_reference(x, *moe.gate(x)[:2]) + moe.shared_experts.w2(
             F.silu(moe.shared_experts.w1(x)) * moe.shared_experts.w3(x))) <= 1e-5
@@ -391,7 +395,7 @@ def test_moe_with_shared_experts_gradients_equal_reference():
 
     out, gx, gp = grads(lambda: moe(x))
     out_ref, gx_ref, gp_ref = grads(reference)
-    assert rel_err(out, out_ref) <= 1e-6 and rel_err(gx, gx_ref) <= 1e-5
+    assert rel_err(out, out_ref) <= 1e-5 and rel_err(gx, gx_ref) <= 1e-5  # grouped vs per-expert GEMMs
     for name in gp:
         assert rel_err(gp[name], gp_ref[name]) <= 1e-5, name
 
@@ -413,6 +417,6 @@ def test_linear_layouts_equal_f_linear(shape, monkeypatch):
             calls.clear()
             y = layers.linear(x, w, bias=bias)
             ref = F.linear(x, w, bias)
-            assert y.shape == ref.shape and rel_err(y, ref) <= 1e-6
+            assert y.shape == ref.shape and rel_err(y, ref) <= 1e-5
             assert bool(calls) == (rows == 1 and w.numel() >= layers.SPLIT_MIN_WEIGHT
                                    and out_features % (2 * torch.get_num_threads()) == 0)

@@ -70,7 +70,7 @@ def test_fp8_checkpoint_matches_transformers_on_dequantized_weights(tmp_path, qu
         # FP8 is a (slightly) different model: ~3% weight error, compounded through random layers
         b_full = model(x)
         assert 1e-3 < ((a - b_full).norm() / b_full.norm()).item() < 0.25
-    assert rel_err(a, a2) <= 1e-6
+    assert rel_err(a, a2) <= 1e-5  # same weights; the FP8 experts run per expert, the plain ones grouped
     b = hf_logits(deq_dir, x)
     assert rel_err(a, b) <= TOL, rel_err(a, b)
 

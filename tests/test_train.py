@@ -76,7 +76,8 @@ def test_sequence_wise_balance_loss_matches_the_formula():
                 f[e] += E / (K * T)
         P = (scores[b] / scores[b].sum(-1, keepdim=True)).mean(0)
         want += (f * P).sum() / B
-    assert balance_loss(scores, experts, E).item() == pytest.approx(want.item(), rel=1e-6)
+    # the same float32 sums in another order (vectorised vs the loops above): reassociation, 1e-5
+    assert balance_loss(scores, experts, E).item() == pytest.approx(want.item(), rel=1e-5)
     # perfectly balanced routing with uniform affinities gives the minimum, 1
     uni = torch.ones(1, 4, 4)
     assert balance_loss(uni, torch.tensor([[[0], [1], [2], [3]]]), 4).item() == pytest.approx(1.0)
