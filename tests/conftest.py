@@ -3,6 +3,7 @@ randomised too, so a swapped or dropped tensor shows in the logits)."""
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -52,6 +53,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _kernel_cache(tmp_path_factory):
+    """Engines calibrate their CPU kernels into a cache of the test session's own, not the user's."""
+    old = os.environ.get("DSV3_CACHE_DIR")
+    os.environ["DSV3_CACHE_DIR"] = str(tmp_path_factory.mktemp("dsv3-cache"))
+    yield
+    if old is None:
+        os.environ.pop("DSV3_CACHE_DIR", None)
+    else:
+        os.environ["DSV3_CACHE_DIR"] = old
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from dsv3 import DeepSeekV3, ModelConfig, init_weights
 from dsv3.model import Gate, MoE, apply_rope, mtp_loss, rope_inv_freq
-from dsv3.model.moe import DENSE_DECODE_GAP_BYTES, DENSE_DECODE_MAX_SPANS, expert_spans
 
 from conftest import random_model, rel_err, tiny_config
 
@@ -103,61 +102,6 @@ def test_grouped_moe_equals_per_expert_loop(dtype, tol, fp8, grad):
     with torch.set_grad_enabled(grad):
         weights, experts, _ = moe.gate(x)
         assert rel_err(moe.routed(x, weights, experts), moe.routed_reference(x, weights, experts)) <= tol
-
-
-@pytest.mark.parametrize("pack", [False, True])
-def test_decode_paths_of_the_moe_equal_per_expert_loop(pack, dtype=torch.float32, tol=1e-5):
-    """CPU decode runs a single token's K experts one by one, and a few tokens' through every expert weighted
-    by a dense gate matrix; both must give what the per-expert loop gives, with and without the packed
-    w1|w3, added into a given output (the shared experts' one)."""
-    c = tiny_config()
-    model = random_model(c).to(dtype)
-    if pack:
-        model.pack_projections()
-    moe: MoE = model.layers[1].ffn
-    with torch.no_grad():
-        for n in (1, 2, 5, 16):
-            x = torch.randn(n, c.hidden_size, dtype=dtype)
-            weights, experts, _ = moe.gate(x)
-            ref = moe.routed_reference(x, weights, experts)
-            # tiny experts: the dense path for a few tokens; one token its own
-            assert moe.experts.decode_path(x, experts) == ("token" if n == 1 else "dense")
-            forward = moe.experts.forward_token if n == 1 else moe.experts.forward_dense
-            assert rel_err(forward(x, weights, experts), ref) <= tol
-            base = torch.randn(n, c.hidden_size, dtype=dtype)
-            assert rel_err(moe.routed(x, weights, experts, base.clone()), ref + base) <= tol
-        x17 = torch.randn(17, c.hidden_size, dtype=dtype)
-        assert moe.experts.decode_path(x17, moe.gate(x17)[1]) is None  # prefill-sized
-        assert moe.experts.decode_path(x.bfloat16(), experts) is None  # measured in float32 only
-    assert moe.experts.decode_path(x, experts) is None  # with grad: never (training takes the grouped GEMMs)
-
-
-def test_dense_decode_skips_unpicked_experts_in_runs():
-    """forward_dense reads runs of consecutive experts: gaps of unpicked experts heavier than
-    DENSE_DECODE_GAP_BYTES split a run, lighter ones are read; and it equals the per-expert loop however the
-    picks fall. Too many runs and the grouped GEMMs take over."""
-    assert expert_spans([5, 1, 2, 9, 2], max_gap=0) == [(1, 3), (5, 6), (9, 10)]
-    assert expert_spans([5, 1, 2, 9, 2], max_gap=2) == [(1, 6), (9, 10)]
-    assert expert_spans([7, 0], max_gap=6) == [(0, 8)]
-    c = tiny_config(n_routed_experts=32, moe_intermediate_size=1024, n_group=1, topk_group=1, num_experts_per_tok=3)
-    moe = MoE(c, None)
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    assert moe.experts.expert_bytes >= DENSE_DECODE_GAP_BYTES  # every gap splits
-    with torch.no_grad():
-        x = torch.randn(3, c.hidden_size)
-        weights = torch.rand(3, 3)
-        for picks in ([[0, 1, 2], [3, 4, 5], [6, 7, 8]], [[0, 5, 9], [31, 30, 12], [5, 9, 0]],
-                      [[4, 6, 8], [4, 6, 8], [7, 5, 4]]):
-            experts = torch.tensor(picks)
-            assert moe.experts.dense_spans(experts) == expert_spans(sum(picks, []), 0)
-            ref = moe.routed_reference(x, weights, experts)
-            for pack in (False, True):
-                if pack:
-                    moe.experts.pack_projections()
-                assert rel_err(moe.experts.forward_dense(x, weights, experts), ref) <= 1e-5
-        spread = torch.arange(0, 2 * (DENSE_DECODE_MAX_SPANS + 1), 2).view(-1, 1).expand(-1, 3)
-        assert moe.experts.decode_path(torch.randn(len(spread), c.hidden_size), spread) is None
 
 
 def test_grouped_moe_gradients_equal_per_expert_loop():
@@ -398,25 +342,3 @@ def test_moe_with_shared_experts_gradients_equal_reference():
     assert rel_err(out, out_ref) <= 1e-5 and rel_err(gx, gx_ref) <= 1e-5  # grouped vs per-expert GEMMs
     for name in gp:
         assert rel_err(gp[name], gp_ref[name]) <= 1e-5, name
-
-
-@pytest.mark.parametrize("shape", [(1, 512), (1, 1, 512), (4, 512), (2, 2, 512), (3, 512), (1, 300)])
-def test_linear_layouts_equal_f_linear(shape, monkeypatch):
-    """`linear` picks among F.linear, (W x^T)^T and, for one row through a large weight, a row-split batched
-    GEMV on CPUs; each must give F.linear's values and shape, with and without bias."""
-    from dsv3.model import layers
-    calls = []
-    bmm = torch.bmm
-    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(1) or bmm(*a, **k))
-    x = torch.randn(*shape)
-    rows = x.numel() // shape[-1]
-    for out_features in (2048, 300):  # with K = 512: 1M and 150K elements, both split for one row; K = 300: 90K, not
-        w = torch.randn(out_features, shape[-1]) * 0.05
-        b = torch.randn(out_features)
-        for bias in (None, b):
-            calls.clear()
-            y = layers.linear(x, w, bias=bias)
-            ref = F.linear(x, w, bias)
-            assert y.shape == ref.shape and rel_err(y, ref) <= 1e-5
-            assert bool(calls) == (rows == 1 and w.numel() >= layers.SPLIT_MIN_WEIGHT
-                                   and out_features % (2 * torch.get_num_threads()) == 0)

@@ -122,7 +122,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens one prefill step computes at most; longer prompts are prefilled in chunks, "
                         "which bounds activation and attention-mask memory (default 2048 on CPU, 8192 on GPU)")
     p.add_argument("--enforce-eager", action="store_true",
-                   help="on a GPU, run every decode step eagerly instead of replaying captured CUDA graphs")
+                   help="run the plain PyTorch reference: on a GPU every decode step eagerly instead of replaying "
+                        "captured CUDA graphs, on a CPU plain matrix products instead of the layouts timed fastest "
+                        "on this machine")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
 
@@ -140,6 +142,7 @@ def _engine(args, **kwargs):
     return LLM(args.model, dtype=args.dtype, device=_device(args), speculative=args.speculative,
                speculative_topk=args.speculative_topk, num_speculative_tokens=args.num_speculative_tokens,
                max_model_len=args.max_model_len, cuda_graphs=False if args.enforce_eager else None,
+               cpu_kernels=False if args.enforce_eager else None,
                enable_prefix_caching=args.enable_prefix_caching, max_num_batched_tokens=args.max_num_batched_tokens,
                max_num_seqs=args.max_batch_size, seed=args.seed, **kwargs)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from ..ckpt.pretrained import load_pretrained
 from ..model.model import DeepSeekV3
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
+from . import cpu_kernels as cpu_kernels_lib
 from .cuda_graphs import DecodeGraphs, capture_blocker
 from .kv_cache import LatentCache
 from .model_runner import ModelRunner, build_batch
@@ -85,7 +87,9 @@ class LLM:
     model can be captured, see cuda_graphs.py; False is vLLM's enforce_eager). enable_prefix_caching: keep
     full blocks of the cache after their request ends and start later requests whose tokens begin the same
     way from them (a chat's next turn, a shared system prompt), computing only the rest (default on, as
-    vLLM's; scheduler.py).
+    vLLM's; scheduler.py). cpu_kernels: on a CPU, take each decode-sized matrix product in the layout timed
+    fastest on this machine (cpu_kernels.py; timed once per machine and cached; default on for CPU models);
+    False runs the plain PyTorch reference.
     """
 
     def __init__(self, model: str | os.PathLike | DeepSeekV3, dtype: torch.dtype | str | None = None,
@@ -93,7 +97,8 @@ class LLM:
                  tokenizer: Tokenizer | None = None, max_model_len: int | None = None, max_num_seqs: int = 16,
                  max_num_batched_tokens: int | None = None, block_size: int = 64, kv_cache_tokens: int | None = None,
                  seed: int | None = None, speculative_topk: int | None = None, num_speculative_tokens: int = 1,
-                 cuda_graphs: bool | None = None, enable_prefix_caching: bool = True):
+                 cuda_graphs: bool | None = None, enable_prefix_caching: bool = True,
+                 cpu_kernels: bool | None = None):
         path = None
         if isinstance(model, DeepSeekV3):
             self.model = model.eval()
@@ -139,6 +144,16 @@ class LLM:
         if speculative:
             self.speculator = MTPSpeculator(self.runner, self.sampler, speculative_topk, num_speculative_tokens)
         lookahead = self.speculator.lookahead if self.speculator else 1
+        self.kernels: cpu_kernels_lib.Calibration | None = None
+        if cpu_kernels is None:
+            cpu_kernels = dev.type == "cpu"
+        if cpu_kernels:
+            if dev.type != "cpu":
+                raise ValueError(f"cpu_kernels=True needs a model on the CPU, not on {dev.type}")
+            self.kernels = cpu_kernels_lib.install(self.model, max_num_seqs * lookahead,
+                                                   progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        else:
+            cpu_kernels_lib.uninstall(self.model)
         if max_num_batched_tokens is None:
             max_num_batched_tokens = max(8192 if dev.type == "cuda" else 2048, max_num_seqs * lookahead)
         # with the MTP module's rows in the cache, a block's rows also depend on the token after it (tail)

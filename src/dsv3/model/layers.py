@@ -38,54 +38,12 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-SKINNY_ROWS = 64
-# Below this many elements the plain layout is as fast (and its output contiguous). Measured at 2-4 rows on
-# tiny's shapes (18K-64K elements): 1.2-1.4x faster in the transposed form, 1.03x on tiny's MTP decode.
-SKINNY_MIN_WEIGHT = 1 << 14
-# A matrix-vector product (one row) over a large weight: split the weight's rows into a batch (two chunks per
-# thread) and take one batched GEMM, which gives each thread its own contiguous chunks to stream. MKL reads a
-# single tall matrix at 9-14 GB/s on this CPU, the split one at 13-19 (a (4096, 512) head: 967 -> 554 us;
-# bench-small batch-1 decode 1.11x faster end to end). No gain below 128K elements; for 2-4 rows the isolated
-# head gained too (1036 -> 680 us), but batch-4 decode did not (0.98x), so only one row is split.
-SPLIT_MIN_WEIGHT = 1 << 17
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T (+ b), for a plain weight or an FP8 one with its block scales.
-
-    FP8 reference path: dequantise to the activation dtype, then a normal GEMM (weight-only FP8: the numbers
-    of the model `fp8-cast-bf16` makes). On CPUs, for 2..SKINNY_ROWS rows (decode), the product is taken as
-    (W x^T)^T: MKL streams W 1.5-4x faster in that layout when x has few rows. For many rows (training,
-    prefill), and for small weights (SKINNY_MIN_WEIGHT), the plain layout wins once the transposed output's
-    later copies are counted. One row through a large weight is a
-    row-split batched GEMV (SPLIT_MIN_WEIGHT).
-    """
+    """y = x W^T (+ b), for a plain weight or an FP8 one with its block scales (dequantised to the activation
+    dtype, then a normal GEMM: weight-only FP8, the numbers of the model `fp8-cast-bf16` makes)."""
     if scale is not None:
         weight = fp8.weight_dequant(weight, scale, x.dtype)
-    rows = x.numel() // max(x.shape[-1], 1)
-    if x.device.type == "cpu" and rows == 1 and weight.numel() >= SPLIT_MIN_WEIGHT and weight.is_contiguous():
-        parts = 2 * torch.get_num_threads()
-        if weight.shape[0] % parts == 0:
-            x_1K = x.reshape(1, x.shape[-1])
-            if not x_1K.is_contiguous():
-                x_1K = x_1K.contiguous()
-            # x_1K.t() has strides (1, K): MKL streams that layout; a (K, 1) tensor with strides (1, 1), which
-            # holds the same numbers, takes a path 3-4x slower
-            y = torch.bmm(weight.view(parts, -1, weight.shape[1]), x_1K.t().expand(parts, -1, 1)).view(1, -1)
-            if bias is not None:
-                y = y + bias
-            return y.view(*x.shape[:-1], weight.shape[0])
-    if x.device.type == "cpu" and x.dim() >= 2 and 1 < rows <= SKINNY_ROWS and weight.numel() >= SKINNY_MIN_WEIGHT:
-        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        if not x2.is_contiguous():  # x2.t() must be a transposed view: MKL is 2-3x slower on a contiguous one
-            x2 = x2.contiguous()
-        y = torch.mm(weight, x2.t()).t()
-        if bias is not None:
-            y = y + bias
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
-    if x.device.type == "cpu" and 1 < rows <= SKINNY_ROWS and x.stride(-1) != 1:
-        x = x.contiguous()  # a column-major input (a skinny product's output): MKL's x W^T is ~1.5x slower on it
     return F.linear(x, weight, bias)
 
 
@@ -99,6 +57,9 @@ class Linear(KeepDtype):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.register_buffer("weight_scale_inv", None)
+        # an inference engine may install a faster way to take the same product on its device (the CPU
+        # kernels of infer/cpu_kernels.py): kernel(x, weight, bias); None is the plain path
+        self.kernel = None
 
     @property
     def is_fp8(self) -> bool:
@@ -121,6 +82,8 @@ class Linear(KeepDtype):
         return self.weight if dtype is None else self.weight.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and not torch.is_grad_enabled():
+            return self.kernel(x, self.weight, self.bias)
         return linear(x, self.weight, self.weight_scale_inv, self.bias)
 
     def extra_repr(self) -> str:
@@ -142,6 +105,11 @@ class PackedWeights:
             start += p.shape[dim]
         self.params = params
         self.ptrs = [p.data_ptr() for p in params]
+        self.kernel = None  # as Linear.kernel: an engine's faster product for this (2-D) matrix, or None
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T for the packed (2-D) matrix W."""
+        return F.linear(x, self.tensor) if self.kernel is None else self.kernel(x, self.tensor)
 
     def intact(self) -> bool:
         """Every parameter still a view of the packed tensor (moving, casting or replacing any of them gives
@@ -156,16 +124,16 @@ def pack(module: nn.Module, name: str, params: list[nn.Parameter], dim: int = 0)
         setattr(module, name, PackedWeights(params, dim))
 
 
-def packed(module: nn.Module, name: str) -> torch.Tensor | None:
-    """The packed tensor `module.<name>` if the packed path may be taken: no gradient wanted (the packed copy
-    is outside autograd) and the parameters still live in it. A stale pack is dropped, freeing its memory."""
+def packed(module: nn.Module, name: str) -> PackedWeights | None:
+    """`module.<name>` if the packed path may be taken: no gradient wanted (the packed copy is outside
+    autograd) and the parameters still live in it. A stale pack is dropped, freeing its memory."""
     current = getattr(module, name)
     if current is None or torch.is_grad_enabled():
         return None
     if not current.intact():
         setattr(module, name, None)
         return None
-    return current.tensor
+    return current
 
 
 class RMSNorm(nn.Module):
@@ -221,6 +189,6 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w13 = packed(self, "w13")
         if w13 is not None:
-            gate, up = linear(x, w13).chunk(2, dim=-1)
+            gate, up = w13.matmul(x).chunk(2, dim=-1)
             return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from .layers import KeepDtype, Linear, MLP, PackedWeights, RMSNorm, cast, linear, pack, packed
+from .layers import KeepDtype, Linear, MLP, PackedWeights, RMSNorm, cast, pack, packed
 from .moe import MoE
 from .mtp import MTPModule
 
@@ -116,7 +116,7 @@ class MLA(nn.Module):
         (..., C) normalised and k_rope (..., R) rotated. freqs (..., R/2) per position."""
         wqkv_a = packed(self, "wqkv_a")
         if wqkv_a is not None:
-            q_a, kv, k_rope = linear(x, wqkv_a).split([self.q_lora_rank, self.kv_lora_rank, self.rope_dim], -1)
+            q_a, kv, k_rope = wqkv_a.matmul(x).split([self.q_lora_rank, self.kv_lora_rank, self.rope_dim], -1)
             q = self.wq_b(self.q_norm(q_a))
         else:
             q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))

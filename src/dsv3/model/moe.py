@@ -17,28 +17,6 @@ from .layers import KeepDtype, PackedWeights, cast, linear, pack, packed
 
 _GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.8
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what grouped_mm accepts
-# CPU decode in float32: running the experts a few tokens hit on *every* one of those tokens
-# (`Experts.forward_dense`) beats dispatching each token to its own experts. Batched GEMMs of the form bmm(W, X)
-# stream each expert's weights at about twice the bandwidth of per-expert GEMMs, in a third of the ops; measured
-# on bench-small and tiny (benchmarks/bench_moe_decode.py). The batches are runs of consecutive experts: a gap
-# of unpicked experts lighter than DENSE_DECODE_GAP_BYTES is read rather than split off (two more GEMM calls
-# cost about as much), and with more than DENSE_DECODE_MAX_SPANS runs the grouped GEMMs take over.
-DENSE_DECODE_MAX_TOKENS = 16
-DENSE_DECODE_GAP_BYTES = 1 << 20
-DENSE_DECODE_MAX_SPANS = 8
-
-
-def expert_spans(picked: list[int], max_gap: int) -> list[tuple[int, int]]:
-    """Runs [lo, hi) of consecutive experts that cover every picked one: a run ends at a gap of more than
-    max_gap unpicked experts (reading a short gap costs less than one more batched GEMM per weight)."""
-    hit = sorted(set(picked))
-    spans = [[hit[0], hit[0] + 1]]
-    for e in hit[1:]:
-        if e - spans[-1][1] > max_gap:
-            spans.append([e, e + 1])
-        else:
-            spans[-1][1] = e + 1
-    return [(lo, hi) for lo, hi in spans]
 
 
 class Gate(KeepDtype):
@@ -96,16 +74,19 @@ class Experts(KeepDtype):
     """The routed experts' SwiGLU weights, stacked: w1 (gate_proj) and w3 (up_proj) of shape (E, I, D), w2
     (down_proj) of shape (E, D, I). Optionally FP8 with (E, ceil(.. / 128), ceil(.. / 128)) block scales."""
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int, topk: int):
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
         self.n_experts, self.dim, self.inter_dim = n_experts, dim, inter_dim
-        self.topk = topk
         self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         for name in ("w1", "w2", "w3"):
             self.register_buffer(f"{name}_scale_inv", None)
         self.w13: PackedWeights | None = None  # (E, 2I, D): w1 and w3 stacked per expert, after pack_projections()
+        # an inference engine may install faster paths for the experts of a few tokens on its device
+        # (infer/cpu_kernels.py): kernel(experts, x_ND, weights_NK, experts_NK, out_ND) -> out_ND, or None to
+        # leave them to `MoE.routed`'s grouped GEMMs
+        self.kernel = None
 
     def pack_projections(self) -> None:
         """Keep each expert's w1 and w3 in one (2I, D) matrix (w1, w3 become views): one grouped GEMM, not two."""
@@ -147,88 +128,13 @@ class Experts(KeepDtype):
         offs = counts_E.cumsum(0, dtype=torch.int32)
         w13 = packed(self, "w13")
         if w13 is not None:
-            gate, up = F.grouped_mm(x_SD, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+            gate, up = F.grouped_mm(x_SD, w13.tensor.transpose(1, 2), offs=offs).chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.silu(F.grouped_mm(x_SD, self.w1.transpose(1, 2), offs=offs))
             h = h * F.grouped_mm(x_SD, self.w3.transpose(1, 2), offs=offs)
         y = F.grouped_mm(h, self.w2.transpose(1, 2), offs=offs)
         return _ContiguousGrad.apply(y) if torch.is_grad_enabled() else y
-
-    def decode_path(self, x_ND: torch.Tensor, experts_NK: torch.Tensor) -> str | None:
-        """The faster way to run these tokens at CPU inference (float32, measured there): "token" for a single
-        token (`forward_token`), "dense" for a few tokens whose experts fall in a few runs (`forward_dense`);
-        None for the grouped GEMMs."""
-        N = x_ND.shape[0]
-        if self.is_fp8 or x_ND.device.type != "cpu" or x_ND.dtype != torch.float32 or torch.is_grad_enabled():
-            return None
-        if N == 1:
-            return "token"
-        if N > DENSE_DECODE_MAX_TOKENS:
-            return None
-        return "dense" if len(self.dense_spans(experts_NK)) <= DENSE_DECODE_MAX_SPANS else None
-
-    def dense_spans(self, experts_NK: torch.Tensor) -> list[tuple[int, int]]:
-        """The runs [lo, hi) of experts `forward_dense` reads for these picks."""
-        return expert_spans(experts_NK.flatten().tolist(), DENSE_DECODE_GAP_BYTES // self.expert_bytes)
-
-    def forward_token(self, x_1D: torch.Tensor, weights_1K: torch.Tensor, experts_1K: torch.Tensor,
-                      out_1D: torch.Tensor | None = None) -> torch.Tensor:
-        """One token (decode at batch 1): its K experts one after another as matrix-vector products, added into
-        out_1D with their gate weights. No dispatch, and no expert read but the K it uses: `linear` streams
-        each (row-split for large experts). Inference only."""
-        out_1D = torch.zeros_like(x_1D) if out_1D is None else out_1D
-        w13, I = packed(self, "w13"), self.inter_dim
-        for g, e in zip(weights_1K[0].tolist(), experts_1K[0].tolist()):
-            if w13 is not None:
-                h = linear(x_1D, w13[e])
-                gate, up = h[:, :I], h[:, I:]
-            else:
-                gate, up = linear(x_1D, self.w1[e]), linear(x_1D, self.w3[e])
-            out_1D.add_(linear(F.silu(gate) * up, self.w2[e]), alpha=g)
-        return out_1D
-
-    def forward_dense(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor,
-                      out_ND: torch.Tensor | None = None) -> torch.Tensor:
-        """Every expert the tokens hit, on every token, then each token's outputs summed with its gate weights
-        (zero for the experts it did not pick): out_ND + sum_k w_k expert_k(x). No dispatch, a handful of ops,
-        and each expert's weights read once by a batched GEMM whose right operand is column-major per expert
-        (MKL's fast form, ~2x the bandwidth of x @ W^T). The batches are runs of consecutive experts
-        (`expert_spans`): an expert no token picked is skipped when a run can end there, read otherwise.
-        Wasteful unless the tokens are few (decode: `decode_path`).
-        Inference only."""
-        E, N, I = self.n_experts, x_ND.shape[0], self.inter_dim
-        if x_ND.stride(-1) != 1:  # a column-major x (the output of a skinny `linear`) makes x^T the slow layout
-            x_ND = x_ND.contiguous()  # (measured 3x slower: 497 vs 169 us on tiny's experts at 2 tokens)
-        spans = self.dense_spans(experts_NK)
-        R = sum(hi - lo for lo, hi in spans)  # experts read
-
-        def per_expert(w_E: torch.Tensor, x_R: torch.Tensor) -> torch.Tensor:
-            """bmm of the read experts' weights w_E[spans] with x_R (R, ., N): one batched GEMM per span."""
-            if len(spans) == 1:
-                lo, hi = spans[0]
-                return torch.bmm(w_E if R == E else w_E[lo:hi], x_R)
-            out = x_R.new_empty(R, w_E.shape[1], N)
-            off = 0
-            for lo, hi in spans:
-                torch.bmm(w_E[lo:hi], x_R[off:off + hi - lo], out=out[off:off + hi - lo])
-                off += hi - lo
-            return out
-
-        x_RDN = x_ND.t().expand(R, -1, N)
-        w13 = packed(self, "w13")
-        if w13 is not None:
-            gate_RIN, up_RIN = per_expert(w13, x_RDN).split(I, dim=1)
-        else:
-            gate_RIN, up_RIN = per_expert(self.w1, x_RDN), per_expert(self.w3, x_RDN)
-        # each token's gate weight (zero for an expert it did not pick) scales the expert's hidden state: the
-        # gated sum over experts is then a plain sum of the down projections
-        g_EN = weights_NK.new_zeros(N, E).scatter_(1, experts_NK, weights_NK).t()
-        g_RN = g_EN if R == E else torch.cat([g_EN[lo:hi] for lo, hi in spans])
-        h_RIN = x_ND.new_empty(R, N, I).transpose(1, 2)  # column-major again, for the next bmm
-        torch.mul(F.silu(gate_RIN) * cast(g_RN.unsqueeze(1), gate_RIN.dtype), up_RIN, out=h_RIN)
-        y_DN = per_expert(self.w2, h_RIN).sum(dim=0)
-        return y_DN.t() if out_ND is None else out_ND.add_(y_DN.t())
 
     def forward_loop(self, x_SD: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
         """The reference: a loop over experts, each a dense GEMM on its own tokens (and the FP8 path, its
@@ -268,8 +174,7 @@ class MoE(nn.Module):
         super().__init__()
         self.n_experts, self.topk = config.n_routed_experts, config.num_experts_per_tok
         self.gate = Gate(config)
-        self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size,
-                               config.num_experts_per_tok)
+        self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
         self.shared_experts = shared_experts
         # Instrumentation for training, switched on by the trainer (inference leaves both off):
         self.record_loads = False  # count the tokens routed to each expert into tokens_per_expert
@@ -293,11 +198,11 @@ class MoE(nn.Module):
     def routed(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor,
                out_ND: torch.Tensor | None = None) -> torch.Tensor:
         """-> out_ND (zeros if not given) plus each token's gate-weighted routed experts' outputs."""
-        path = None if self.record_loads else self.experts.decode_path(x_ND, experts_NK)
-        if path == "token":
-            return self.experts.forward_token(x_ND, weights_NK, experts_NK, out_ND)
-        if path == "dense":
-            return self.experts.forward_dense(x_ND, weights_NK, experts_NK, out_ND)
+        kernel = self.experts.kernel
+        if kernel is not None and not self.record_loads and not torch.is_grad_enabled():
+            y = kernel(self.experts, x_ND, weights_NK, experts_NK, torch.zeros_like(x_ND) if out_ND is None else out_ND)
+            if y is not None:
+                return y
         x_SD, token_S, weight_S, counts_E = self.dispatch(x_ND, weights_NK, experts_NK)
         y_SD = self.experts(x_SD, counts_E)
         return self.combine(y_SD, token_S, weight_S, torch.zeros_like(x_ND) if out_ND is None else out_ND)
