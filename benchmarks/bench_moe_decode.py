@@ -1,8 +1,8 @@
-"""The routed experts at decode sizes on CPU, float32, inference mode: the grouped GEMMs (dispatch by expert),
-every hit expert on every token through batched GEMMs over runs of experts (`Experts.forward_dense`), and for
-one token its K experts one by one (`Experts.forward_token`). The path `MoE.routed` takes
-(`Experts.decode_path`, for the first layer's routing of random tokens) is printed beside each measurement,
-so a machine where it picks a slower one shows up here.
+"""The routed experts at decode sizes on CPU, float32, inference mode: the grouped GEMMs (dispatch by expert,
+the reference), every hit expert on every token through batched GEMMs over runs of experts ("dense",
+`cpu_kernels.experts_dense`), and for one token its K experts one by one ("loop", `cpu_kernels.experts_loop`).
+The path the engine's calibration chose on this machine (`cpu_kernels.Calibration`, cached per machine) is
+printed beside each measurement, so a choice that the measurements here contradict shows up.
 
 Each MoE layer is a fresh random one (std 0.02) of the preset's shapes, several of them in turn so that their
 weights are not in cache (as in a real decode step, where the other layers' weights pass through between two
@@ -24,6 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import dsv3  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from dsv3.infer import cpu_kernels as ck  # noqa: E402
 from dsv3.model.moe import MoE  # noqa: E402
 from common import print_machine  # noqa: E402
 
@@ -62,11 +64,12 @@ def grouped(moe: MoE, x, w, e):
 
 
 def dense(moe: MoE, x, w, e):
-    return moe.experts.forward_dense(x, w, e)
+    return ck.ExpertsKernel({b: "dense" for b in ck.EXPERT_TOKEN_BUCKETS}, F.linear)(
+        moe.experts, x, w, e, torch.zeros_like(x))
 
 
 def token(moe: MoE, x, w, e):
-    return moe.experts.forward_token(x, w, e)
+    return ck.experts_loop(moe.experts, x, w, e, torch.zeros_like(x), F.linear)
 
 
 def main() -> None:
@@ -87,20 +90,24 @@ def main() -> None:
         for preset in args.presets.split(","):
             layers = layers_for(preset, args.layers)
             ex = layers[0].experts
+            topk = dsv3.ModelConfig.preset(preset).num_experts_per_tok
             mb = 3 * ex.dim * ex.inter_dim * 4 / 2**20
-            print(f"\n{preset}: {ex.n_experts} experts of {mb:.2f} MB, top-{ex.topk}")
-            print(f"  {'tokens':>6} {'grouped us':>11} {'dense us':>9} {'token us':>9}  path taken")
+            cal = ck.Calibration(ck.machine_key(torch.float32))
+            chosen = cal.experts_choice([m.experts for m in layers], topk, F.linear, list(ck.EXPERT_TOKEN_BUCKETS), 2 * ck.llc_bytes())
+            print(f"\n{preset}: {ex.n_experts} experts of {mb:.2f} MB, top-{topk}")
+            print(f"  {'tokens':>6} {'grouped us':>11} {'dense us':>9} {'loop us':>9}  path the calibration chose")
             for n in (int(t) for t in args.tokens.split(",")):
                 for _ in range(2):  # the first pass warms up
                     times = {"grouped": time_per_layer(layers, grouped, n, args.repeats),
                              "dense": time_per_layer(layers, dense, n, args.repeats)}
                     if n == 1:
-                        times["token"] = time_per_layer(layers, token, n, args.repeats)
-                x = torch.randn(n, ex.dim)
-                pick = ex.decode_path(x, layers[0].gate(x)[1]) or "grouped"
+                        times["loop"] = time_per_layer(layers, token, n, args.repeats)
+                pick = chosen.get(ck.bucket(n, ck.EXPERT_TOKEN_BUCKETS), "grouped")
+                if pick == "dense" and "dense" not in times:
+                    pick = "grouped"
                 best = min(times, key=times.get)
                 cells = "".join(f"{times[k] * 1e6:{w}.0f}" if k in times else f"{'-':>{w}}"
-                                for k, w in (("grouped", 11), ("dense", 10), ("token", 10)))
+                                for k, w in (("grouped", 11), ("dense", 10), ("loop", 10)))
                 print(f"  {n:>6}{cells}  {pick}" + ("" if pick == best else f" (measured faster here: {best})"))
                 rows.append(dict(preset=preset, tokens=n, seconds=times, path_taken=pick, fastest=best))
     if args.json:
