@@ -30,7 +30,9 @@ def prompts(lengths, seed=0):
 def test_chunked_equals_whole(model, mode, caching):
     ps = prompts([37, 5, 23, 2, 50])
     greedy = SamplingParams(temperature=0, max_new_tokens=9, ignore_eos=True, logprobs=0)
-    kw = dict(block_size=4, kv_cache_tokens=1024, enable_prefix_caching=caching, max_num_seqs=2, **MODES[mode])
+    # (both draft every step, so that their drafting stats compare)
+    kw = dict(block_size=4, kv_cache_tokens=1024, enable_prefix_caching=caching, max_num_seqs=2, **MODES[mode],
+              speculative_policy="always")
     whole = LLM(model, max_num_batched_tokens=4096, **kw)
     chunked = LLM(model, max_num_batched_tokens=9, **kw)  # 2 decodes of up to 4 positions (a chain of 2) and 1
     a, b = chunked.generate(ps, greedy), whole.generate(ps, greedy)

@@ -17,6 +17,9 @@ from dsv3.tokenizer import train_bpe
 from conftest import random_model, rel_err, tiny_config
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
+# Tests of the drafting machinery draft every step (the adaptive policy, the default, would decide by the clock
+# whether drafting pays: tests/test_speculative_policy.py drives it with a fake one)
+ALWAYS = dict(speculative="mtp", speculative_policy="always")
 
 
 @torch.no_grad()
@@ -132,7 +135,7 @@ def test_speculative_greedy_is_identical_to_plain_greedy(vocab, topk, k):
     ps = prompts(vocab, [5, 9, 2, 14], seed=3)
     params = SamplingParams(temperature=0, max_new_tokens=25, ignore_eos=True)
     plain = LLM(model, block_size=4, kv_cache_tokens=512).generate(ps, params)
-    spec_llm = LLM(model, speculative="mtp", speculative_topk=topk, num_speculative_tokens=k, block_size=4,
+    spec_llm = LLM(model, **ALWAYS, speculative_topk=topk, num_speculative_tokens=k, block_size=4,
                    kv_cache_tokens=512)
     spec = spec_llm.generate(ps, params)
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
@@ -153,7 +156,7 @@ def test_speculative_greedy_is_identical_to_plain_greedy(vocab, topk, k):
     if k > 1:  # under cache pressure (preemptions; drafts written past each sequence's end): the same tokens
         short = [p[:6] for p in ps]
         want = [o.token_ids for o in LLM(model, block_size=4, kv_cache_tokens=512).generate(short, params)]
-        tight = LLM(model, speculative="mtp", num_speculative_tokens=k, block_size=4, kv_cache_tokens=64)
+        tight = LLM(model, **ALWAYS, num_speculative_tokens=k, block_size=4, kv_cache_tokens=64)
         assert [o.token_ids for o in tight.generate(short, params)] == want and tight.stats["preemptions"] > 0
 
 
@@ -166,7 +169,7 @@ def test_speculation_runs_to_the_end_of_the_context(k, topk):
     model = random_model(c, std=0.2, seed=5)
     ps, params = [[1, 2, 3, 0, 1], [2, 2]], SamplingParams(temperature=0, max_new_tokens=100, ignore_eos=True)
     want = [o.token_ids for o in LLM(model, block_size=4, max_num_seqs=1).generate(ps, params)]
-    llm = LLM(model, speculative="mtp", num_speculative_tokens=k, speculative_topk=topk, block_size=4, max_num_seqs=1)
+    llm = LLM(model, **ALWAYS, num_speculative_tokens=k, speculative_topk=topk, block_size=4, max_num_seqs=1)
     outs = llm.generate(ps, params)
     assert [o.token_ids for o in outs] == want and [len(o.token_ids) for o in outs] == [27, 30]
     assert all(o.finish_reason == "length" for o in outs) and llm.stats["accepted"] > 0
@@ -202,7 +205,7 @@ def test_chained_drafts_sampled_reproducible_and_errors():
     model = random_model(c, std=0.2, seed=5)
     ps = prompts(6, [4, 6], seed=4)
     params = [SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=30, ignore_eos=True, seed=s) for s in (1, 2)]
-    runs = [LLM(model, speculative="mtp", num_speculative_tokens=3, block_size=4, kv_cache_tokens=256)
+    runs = [LLM(model, **ALWAYS, num_speculative_tokens=3, block_size=4, kv_cache_tokens=256)
             for _ in range(2)]
     a, b = (llm.generate(ps + [ps[0]], params + [SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True)])
             for llm in runs)
@@ -254,7 +257,7 @@ def test_speculative_topk_one_guess_per_sampled_request():
     """Sampled requests verify a single draft (the exact accept/reject rule), whatever speculative_topk."""
     c = tiny_config(vocab_size=8)
     model = random_model(c, std=0.2, seed=5)
-    llm = LLM(model, speculative="mtp", speculative_topk=3, block_size=4, kv_cache_tokens=512)
+    llm = LLM(model, **ALWAYS, speculative_topk=3, block_size=4, kv_cache_tokens=512)
     ps = prompts(8, [4, 6], seed=4)
     params = [SamplingParams(temperature=0.8, max_new_tokens=20, ignore_eos=True, seed=1),
               SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)]
@@ -270,8 +273,8 @@ def test_speculative_sampling_is_reproducible_and_plausible():
     model = random_model(c, std=0.2, seed=5)
     ps = prompts(8, [4, 6], seed=4)
     params = [SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=30, ignore_eos=True, seed=s) for s in (1, 2)]
-    a = LLM(model, speculative="mtp", block_size=4, kv_cache_tokens=256).generate(ps, params)
-    b = LLM(model, speculative="mtp", block_size=4, kv_cache_tokens=256).generate(ps, params)
+    a = LLM(model, **ALWAYS, block_size=4, kv_cache_tokens=256).generate(ps, params)
+    b = LLM(model, **ALWAYS, block_size=4, kv_cache_tokens=256).generate(ps, params)
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     assert all(len(o.token_ids) == 30 for o in a)
 
@@ -350,9 +353,10 @@ def test_logprobs_are_the_raw_model_distribution(speculative):
     model = random_model(c, std=0.2, seed=5)
     ps = prompts(c.vocab_size, [6, 3, 9], seed=6)
     if speculative == "mtp-chain":
-        llm = LLM(model, speculative="mtp", num_speculative_tokens=3, block_size=4, kv_cache_tokens=256)
+        llm = LLM(model, **ALWAYS, num_speculative_tokens=3, block_size=4, kv_cache_tokens=256)
     else:
-        llm = LLM(model, speculative=speculative, speculative_topk=3, block_size=4, kv_cache_tokens=256)
+        llm = LLM(model, speculative=speculative, speculative_policy="always", speculative_topk=3, block_size=4,
+                  kv_cache_tokens=256)
     params = [SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True, logprobs=3, prompt_logprobs=2),
               SamplingParams(temperature=0.7, top_k=4, max_new_tokens=12, ignore_eos=True, logprobs=0, seed=1),
               SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)]

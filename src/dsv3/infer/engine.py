@@ -28,7 +28,7 @@ from .kv_cache import LatentCache
 from .model_runner import ModelRunner, build_batch
 from .sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
 from .scheduler import Scheduler, Sequence, Status
-from .speculative import MTPSpeculator
+from .speculative import DraftPolicy, MTPSpeculator
 
 
 @dataclass
@@ -76,8 +76,11 @@ class LLM:
     more than one and the MTP module drafts a chain, run once per position (speculative.py).
     speculative_topk: with one drafted position, how many of the MTP module's most likely tokens a greedy
     request verifies for it at once (default None: 1 or 2, whichever pays on the module's recent record;
-    sampled requests verify one draft). max_model_len: the longest sequence (prompt + output; default the
-    config's max_position_embeddings, or what the cache holds if less). max_num_seqs: sequences decoded
+    sampled requests verify one draft). speculative_policy: when to draft: "adaptive" (default) times plain
+    and drafting steps as it runs and drafts only while that is faster at the batch size (speculative.py;
+    requests with a seed and a temperature then decode plainly, so that the seed fixes their tokens),
+    "always" drafts every step, or a DraftPolicy. max_model_len: the longest sequence (prompt + output;
+    default the config's max_position_embeddings, or what the cache holds if less). max_num_seqs: sequences decoded
     together. max_num_batched_tokens: tokens one step feeds at most, decodes (and their drafts) first; a longer
     prompt is prefilled in chunks over several steps, so that activations and attention masks stay bounded
     (default 2048 on CPU, where smaller chunks are as fast; 8192 on a GPU, where larger GEMMs pay; at least
@@ -97,6 +100,7 @@ class LLM:
                  tokenizer: Tokenizer | None = None, max_model_len: int | None = None, max_num_seqs: int = 16,
                  max_num_batched_tokens: int | None = None, block_size: int = 64, kv_cache_tokens: int | None = None,
                  seed: int | None = None, speculative_topk: int | None = None, num_speculative_tokens: int = 1,
+                 speculative_policy: str | DraftPolicy = "adaptive",
                  cuda_graphs: bool | None = None, enable_prefix_caching: bool = True,
                  cpu_kernels: bool | None = None):
         path = None
@@ -141,8 +145,14 @@ class LLM:
         self.runner = ModelRunner(self.model, self.cache)
         self.sampler = Sampler(dev, seed)
         self.speculator = None
+        if speculative_policy not in ("adaptive", "always") and not isinstance(speculative_policy, DraftPolicy):
+            raise ValueError(f"speculative_policy={speculative_policy!r}: expected 'adaptive', 'always' or a "
+                             "DraftPolicy")
         if speculative:
-            self.speculator = MTPSpeculator(self.runner, self.sampler, speculative_topk, num_speculative_tokens)
+            policy = (speculative_policy if isinstance(speculative_policy, DraftPolicy)
+                      else DraftPolicy(always=speculative_policy == "always"))
+            self.speculator = MTPSpeculator(self.runner, self.sampler, speculative_topk, num_speculative_tokens,
+                                            policy)
         lookahead = self.speculator.lookahead if self.speculator else 1
         self.kernels: cpu_kernels_lib.Calibration | None = None
         if cpu_kernels is None:
@@ -211,10 +221,12 @@ class LLM:
              "prefix_cache_hit_rate": self.scheduler.num_hit_tokens / max(self.scheduler.num_lookup_tokens, 1)}
         if self.speculator is not None:
             sp = self.speculator.stats
+            policy = self.speculator.policy.stats()
             s.update(drafted=sp.drafted, accepted=sp.accepted, acceptance_rate=sp.acceptance_rate,
                      verify_forwards=sp.decode_forwards,
                      tokens_per_forward=sp.tokens_per_forward, accepted_by_rank=list(sp.accepted_by_rank),
-                     accepted_by_depth=list(sp.accepted_by_depth))
+                     accepted_by_depth=list(sp.accepted_by_depth),
+                     drafting_fraction=policy["drafting_fraction"], draft_policy=policy)
         return s
 
     # ---- requests --------------------------------------------------------------------------------------
@@ -279,6 +291,8 @@ class LLM:
 
     # ---- the step ----------------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        if self.speculator is not None:  # the draft policy weighs whole steps
+            self.speculator.begin_step()
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
@@ -334,6 +348,8 @@ class LLM:
                 outs.append(self._postprocess(r, toks, lp, plp))
                 if d:  # the tokens kept (a stop or the length limit may cut a step's several tokens short)
                     self.num_decode_tokens += len(outs[-1].new_token_ids)
+        if self.speculator is not None:
+            self.speculator.end_step()
         return outs
 
     def _logprobs(self, reqs: list[_Request], new_tokens: list[list[int]], token_rows: list[list[int]],

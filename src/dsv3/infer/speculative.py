@@ -27,11 +27,22 @@ by the next step's MTP pass.
 Then MTP module 1 runs over the positions the main model has just confirmed, p, with the main model's h_p
 and the token t_{p+1}, extending its own latent cache, and its prediction at the last of them gives the
 next drafts.
+
+Drafting does not always pay: a verify step of several rows, the module's forward and the drafting cost
+more than a plain step, and on a CPU, or with a module that is often wrong, they can cost more than the
+kept drafts save. `DraftPolicy` measures both kinds of step as the engine runs and drafts only while it pays,
+per batch size. A step that does not draft is a plain step: no drafts fed, no MTP forward. The module's
+cache then falls behind the main model's; the main model's hidden states of the positions it missed are
+kept (the module at p needs h_p and t_{p+1}), and it catches up over all of them in one forward when
+drafting resumes, or when the main model completes a cache block (so that the prefix cache can register the
+block, whose rows must include the module's, and so that no sequence keeps more than a block of them).
 """
 
 from __future__ import annotations
 
 import itertools
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -43,9 +54,15 @@ from .scheduler import Sequence
 
 # What verifying one more guess costs, as a share of the tokens a step yields: an extra row in the main
 # forward and a step layout the MTP module can no longer reuse. Measured on CPU (tiny, batch 1, where a step
-# is dispatch-bound): 6-9% of a cycle. On a GPU the extra row is nearly free, so this errs towards fewer guesses.
+# is dispatch-bound). On a GPU the extra row is nearly free, so this errs towards fewer guesses.
 EXTRA_GUESS_COST = 0.08
 HIT_RATE_DECAY = 0.95  # the hit rates are averages over roughly the last 20 verified positions
+
+# DraftPolicy
+AGE_DECAY = 0.97  # per decode step, how much a measurement's weight in an estimate shrinks (~the last 30 steps)
+PROBE_STEPS = 3  # drafting steps per probe while drafting loses: enough to measure a steady drafting step
+MIN_WAIT, MAX_WAIT = 8, 256  # plain steps between probes: doubling from MIN_WAIT while probes keep losing
+PLAIN_EVERY = 64  # while drafting pays, one plain step in this many keeps the plain estimate current
 
 
 @dataclass
@@ -66,10 +83,159 @@ class SpecStats:
         return self.decode_tokens / self.decode_forwards if self.decode_forwards else 0.0
 
 
+@dataclass
+class Estimate:
+    """A mean of measurements in which each counts the less the more decode steps ago it was taken: a probe
+    after a long wait replaces a stale value instead of nudging it."""
+    total: float = 0.0
+    weight: float = 0.0
+    seen: int = 0
+
+    def add(self, x: float) -> None:
+        self.seen += 1
+        if self.seen > 1:  # the first of a kind may pay one-time costs (allocations, cold caches): left out
+            self.total, self.weight = self.total + x, self.weight + 1
+
+    def age(self) -> None:
+        self.total, self.weight = self.total * AGE_DECAY, self.weight * AGE_DECAY
+
+    @property
+    def value(self) -> float | None:
+        return self.total / self.weight if self.weight > 0 else None
+
+
+@dataclass
+class StepCosts:
+    """One batch-size bucket's estimates (seconds) and its probing state."""
+    plain: Estimate = field(default_factory=Estimate)  # a decode step that verified no drafts, less any MTP work
+    verify: Estimate = field(default_factory=Estimate)  # a decode step that verified drafts, less its MTP work
+    draft: Estimate = field(default_factory=Estimate)  # the MTP work of a drafting step: module forward, drafts
+    probe: int = 0  # drafting steps left in the current probe
+    wait: int = MIN_WAIT  # plain steps before the next probe
+    next_wait: int = 2 * MIN_WAIT
+    streak: int = 0  # drafting steps decided since the last plain one
+
+
+class DraftPolicy:
+    """Whether the next decode step drafts: while a drafting step's tokens per second beat a plain step's at
+    that batch size, both measured as the engine runs.
+
+    A decode step's time (the engine's whole step) is split into its MTP work (the module's forward over the
+    newly confirmed positions, and drafting) and the rest (the main model's forward, sampling or verifying,
+    the engine's bookkeeping). Per batch-size bucket (1, 2, 3-4, 5-8, ...) it estimates the rest of a plain
+    step, the rest of a step that verified drafts, and a drafting step's MTP work; over all steps, the tokens a
+    drafting step yields per sequence (1 + the drafts kept). Drafting pays while
+    tokens / (verify + draft) > 1 / plain. Estimates are means weighted towards recent steps (AGE_DECAY).
+
+    A bucket first measures drafting (what the engine did before any measurement), then plain steps, then
+    decides step by step. While drafting loses it probes: a few drafting steps after every `wait` plain ones,
+    the wait doubling while the probes keep losing, so that a rise in acceptance or a change in the machine's
+    load is noticed at little cost. While drafting pays, one step in PLAIN_EVERY is plain, which keeps the
+    plain estimate current. always=True drafts every step (and still measures). clock: seconds, injectable
+    so that tests can drive the policy."""
+
+    def __init__(self, always: bool = False, clock: Callable[[], float] = time.perf_counter):
+        self.always, self.clock = always, clock
+        self.buckets: dict[int, StepCosts] = {}
+        self.tokens = Estimate(seen=1)  # tokens per sequence per drafting step (no warm-up to leave out)
+        self.decode_steps = self.drafting_steps = 0
+
+    @staticmethod
+    def bucket(batch_size: int) -> int:
+        """The bucket of a batch size: the next power of two (1, 2, 4, 8, ...)."""
+        return 1 << max(batch_size - 1, 0).bit_length()
+
+    def costs(self, batch_size: int) -> StepCosts:
+        return self.buckets.setdefault(self.bucket(batch_size), StepCosts())
+
+    def gain(self, c: StepCosts) -> float | None:
+        """Expected tokens/s drafting over tokens/s plain; None until all is measured."""
+        plain, verify, draft, tokens = c.plain.value, c.verify.value, c.draft.value, self.tokens.value
+        if plain is None or verify is None or draft is None or tokens is None:
+            return None
+        return tokens * plain / max(verify + draft, 1e-12)
+
+    def draft_next(self, batch_size: int) -> bool:
+        """Whether to draft for the next step of batch_size sequences (called once per step that sampled)."""
+        if self.always:
+            return True
+        c = self.costs(batch_size)
+        if c.probe > 0:
+            c.probe -= 1
+            return True
+        if c.verify.value is None or c.draft.value is None or self.tokens.value is None:
+            return True  # first learn what drafting costs and yields
+        if c.plain.value is None:
+            return False  # then what a plain step costs
+        if self.gain(c) > 1:
+            c.wait, c.next_wait = MIN_WAIT, 2 * MIN_WAIT
+            c.streak += 1
+            return c.streak % PLAIN_EVERY != 0
+        c.streak = 0
+        if c.wait > 0:
+            c.wait -= 1
+            return False
+        c.probe = PROBE_STEPS - 1
+        c.wait, c.next_wait = c.next_wait, min(2 * c.next_wait, MAX_WAIT)
+        return True
+
+    def observe_step(self, batch_size: int, verified: bool, seconds: float, mtp_seconds: float, steady: bool) -> None:
+        """A decode step of batch_size sequences took `seconds`, mtp_seconds of them in MTP work; verified: it
+        fed drafts; steady: its MTP work was one drafting step's (no catching up on positions missed before)."""
+        c = self.costs(batch_size)
+        self.decode_steps += 1
+        self.drafting_steps += verified
+        for e in (c.plain, c.verify, c.draft, self.tokens):
+            e.age()
+        if verified:
+            c.verify.add(seconds - mtp_seconds)
+            if steady:
+                c.draft.add(mtp_seconds)
+        else:
+            c.plain.add(seconds - mtp_seconds)
+
+    def observe_tokens(self, tokens: int) -> None:
+        """A sequence's drafting step yielded `tokens` (the drafts kept and the main model's own)."""
+        self.tokens.add(tokens)
+
+    def stats(self) -> dict:
+        ms = lambda e: None if e.value is None else round(1e3 * e.value, 3)  # noqa: E731
+        return {"policy": "always" if self.always else "adaptive",
+                "decode_steps": self.decode_steps, "drafting_steps": self.drafting_steps,
+                "drafting_fraction": self.drafting_steps / max(self.decode_steps, 1),
+                "tokens_per_drafting_step": self.tokens.value,
+                "buckets": {b: {"plain_ms": ms(c.plain), "verify_ms": ms(c.verify), "draft_ms": ms(c.draft),
+                                "gain": self.gain(c)} for b, c in sorted(self.buckets.items())}}
+
+
+@dataclass
+class Backlog:
+    """The main model's hidden states at a sequence's positions start, start + 1, ... that the MTP module has
+    not seen yet, as (step's hidden states, rows) pieces in position order."""
+    start: int
+    pieces: list[tuple[torch.Tensor, list[int]]] = field(default_factory=list)
+    count: int = 0
+
+    def add(self, h: torch.Tensor, rows: list[int], copy: bool) -> None:
+        if copy:  # a view would keep a whole prefill step's states alive
+            h, rows = _take(h, rows).clone(), list(range(len(rows)))
+        self.pieces.append((h, rows))
+        self.count += len(rows)
+
+
+def _take(h: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """h's rows, as a view where they are consecutive."""
+    if rows[-1] - rows[0] + 1 == len(rows):
+        return h[rows[0]: rows[-1] + 1]
+    return h.index_select(0, torch.tensor(rows, device=h.device))
+
+
 class MTPSpeculator:
-    def __init__(self, runner: ModelRunner, sampler: Sampler, topk: int | None = None, num_tokens: int = 1):
+    def __init__(self, runner: ModelRunner, sampler: Sampler, topk: int | None = None, num_tokens: int = 1,
+                 policy: DraftPolicy | None = None):
         """topk: how many of the module's top guesses a greedy step verifies for the next position; None adapts
-        between 1 and 2. num_tokens: positions drafted per step (a chain; with more than one, one guess each)."""
+        between 1 and 2. num_tokens: positions drafted per step (a chain; with more than one, one guess each).
+        policy: when to draft (default: an adaptive DraftPolicy)."""
         if not runner.model.mtp:
             raise ValueError("speculative='mtp' needs a model with an MTP module (num_nextn_predict_layers >= 1)")
         if topk is not None and topk < 1:
@@ -80,7 +246,8 @@ class MTPSpeculator:
             raise ValueError(f"speculative_topk={topk} verifies alternatives for one drafted position; with "
                              f"num_speculative_tokens={num_tokens} the drafts form a chain of single guesses")
         self.runner, self.sampler = runner, sampler
-        self.depth = num_tokens
+        self.policy = policy or DraftPolicy()
+        self.num_tokens = num_tokens
         self.adaptive = topk is None and num_tokens == 1
         self.topk = 1 if num_tokens > 1 else min(2 if topk is None else topk, runner.config.vocab_size)
         # per rank, how often the main model's token was the module's guess (verified or not): starts by
@@ -88,7 +255,10 @@ class MTPSpeculator:
         self.hit_rate = [0.5, 0.25, *[0.0] * (self.topk - 2)][: self.topk]
         self.guesses: dict[int, list[int]] = {}  # seq_id -> the module's top guesses behind its greedy draft
         self.draft_probs: dict[int, list[torch.Tensor]] = {}  # seq_id -> q per draft, what it was drawn from
-        self.stats = SpecStats(accepted_by_rank=[0] * self.topk, accepted_by_depth=[0] * self.depth)
+        self.backlogs: dict[int, Backlog] = {}  # seq_id -> hidden states the MTP module has yet to see
+        self.stats = SpecStats(accepted_by_rank=[0] * self.topk, accepted_by_depth=[0] * self.num_tokens)
+        self._step_start: float | None = None
+        self._step_record: tuple | None = None  # what the policy learns from the step being run
 
     def num_guesses(self) -> int:
         """Guesses a greedy step verifies now: all `topk` if fixed; adaptively, rank r is added while its hit
@@ -114,33 +284,107 @@ class MTPSpeculator:
     def lookahead(self) -> int:
         """Cache positions a step may write from a sequence's last token on: itself and its drafts; for a chain
         of k, up to k - 1 more, where the module drafts past the k + 1 positions the step may confirm."""
-        return 1 + self.topk if self.depth == 1 else 2 * self.depth
+        return 1 + self.topk if self.num_tokens == 1 else 2 * self.num_tokens
+
+    def may_draft(self, seq: Sequence) -> bool:
+        """A seeded sampled request's tokens depend on which of its steps drafted (a kept draft and a plain draw
+        use its random stream differently): under an adaptive policy it never drafts, so that its seed gives
+        the same tokens every run (those of plain decoding)."""
+        p = seq.params
+        return self.policy.always or p is None or p.greedy or p.seed is None
+
+    # ---- the step -------------------------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        """The engine's step begins: the policy weighs the whole step, scheduling and postprocessing included."""
+        self._step_start, self._step_record = self.policy.clock(), None
+
+    def end_step(self) -> None:
+        if self._step_record is not None and self._step_start is not None:
+            self.policy.observe_step(*self._step_record[:2], self.policy.clock() - self._step_start,
+                                     *self._step_record[2:])
+        self._step_start = self._step_record = None
 
     def step(self, seqs: list[Sequence], generators: list[torch.Generator | None], block_size: int
              ) -> tuple[list[list[int]], list[list[int]], torch.Tensor, StepBatch]:
-        """One main forward (+ one MTP forward per drafted position) for `seqs` -> (new tokens per sequence, for
-        each the fed row whose logits gave it, the main model's final hidden states of every fed token (N, D),
-        the batch). Updates each sequence's cache counts and drafts."""
-        runner = self.runner
+        """One main forward, then the MTP module's forward over the confirmed positions and drafting (+ one MTP
+        forward per further chained position) where the policy drafts -> (new tokens per sequence, for each the
+        fed row whose logits gave it, the main model's final hidden states of every fed token (N, D), the batch).
+        Updates each sequence's cache counts and drafts."""
         for s in seqs:  # near the context's end the scheduler leaves no room for every draft: verify fewer
             self._trim(s, len(s.block_table) * block_size - s.num_tokens)
         feeds = [s.token_ids[s.num_cached: s.num_cached + s.num_scheduled] + s.draft for s in seqs]
         # a sequence given only a chunk of its prompt computes it (and the MTP module's rows for it) and samples
         # nothing: no token, no drafts
         sampling = [s.num_cached + s.num_scheduled == s.num_tokens for s in seqs]
-        alternatives = [len(s.draft) for s in seqs] if self.depth == 1 else [0]  # a chain: plain positions
+        verified = any(s.draft for s in seqs)
+        decode = all(smp and s.num_scheduled == 1 for s, smp in zip(seqs, sampling))
+        alternatives = [len(s.draft) for s in seqs] if self.num_tokens == 1 and verified else [0]
         batch = build_batch(feeds, [s.num_cached for s in seqs], [s.block_table for s in seqs], block_size,
-                            runner.device, alternatives if max(alternatives) > 1 else None)
-        h = runner.forward(batch)
-        params = [s.params for s in seqs]
+                            self.runner.device, alternatives if max(alternatives) > 1 else None)
+        h = self.runner.forward(batch)
         ends = list(itertools.accumulate(batch.feed_lens))
+        if verified:
+            new_tokens, token_rows, kept_rows = self._verify(seqs, feeds, sampling, batch, h, ends, generators,
+                                                             block_size)
+        else:
+            new_tokens, token_rows, kept_rows = self._sample(seqs, feeds, sampling, batch, h, ends, generators)
+        starts = [s.num_cached for s in seqs]  # the main model's cache now holds the kept positions
+        for seq, toks, kept in zip(seqs, new_tokens, kept_rows):
+            seq.num_cached += len(kept)
+            seq.token_ids.extend(toks)
+
+        t0 = self.policy.clock()
+        drafting = any(sampling) and self.policy.draft_next(sum(sampling))
+        wants = [smp and drafting and self.may_draft(s) for s, smp in zip(seqs, sampling)]
+        # the MTP module catches up where it drafts, over a prompt chunk while drafting, and wherever the main
+        # model has completed a block the module's rows do not cover yet
+        extend = [w or (drafting and not smp) or s.num_cached // block_size > s.num_mtp_cached // block_size
+                  for s, w, smp in zip(seqs, wants, sampling)]
+        h_mtp, steady = self._extend_mtp(seqs, starts, kept_rows, h, batch, extend, block_size,
+                                         copy=h.shape[0] > len(seqs) * self.lookahead)
+        for s, w in zip(seqs, wants):
+            if not w:
+                s.draft = []
+        if any(wants):
+            extended = [i for i, e in enumerate(extend) if e]
+            drafters = [i for i in extended if wants[i]]
+            if len(drafters) < len(extended):
+                h_mtp = h_mtp.index_select(0, torch.tensor([extended.index(i) for i in drafters], device=h.device))
+            self._draft([seqs[i] for i in drafters], [generators[i] for i in drafters], h_mtp, block_size)
+        if decode:
+            self._step_record = (len(seqs), verified, self.policy.clock() - t0, verified and steady)
+        return new_tokens, token_rows, h, batch
+
+    def _sample(self, seqs, feeds, sampling, batch: StepBatch, h: torch.Tensor, ends: list[int], generators
+                ) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+        """No drafts to verify: every fed row is kept, and each sequence that samples draws its token from its
+        last row, all in one call, as plain decoding does. -> (new tokens, their rows, kept rows)."""
+        new_tokens, token_rows = [[] for _ in seqs], [[] for _ in seqs]
+        kept_rows = [list(range(end - len(f), end)) for f, end in zip(feeds, ends)]
+        idx = [i for i, smp in enumerate(sampling) if smp]
+        if idx:
+            last = batch.last_rows(h)
+            if len(idx) < len(seqs):
+                last = last.index_select(0, torch.tensor(idx, device=h.device))
+            toks = self.sampler.sample(self.runner.logits(last), [seqs[i].params for i in idx],
+                                       [generators[i] for i in idx]).tolist()
+            for i, t in zip(idx, toks):
+                new_tokens[i], token_rows[i] = [t], [ends[i] - 1]
+        return new_tokens, token_rows, kept_rows
+
+    def _verify(self, seqs, feeds, sampling, batch: StepBatch, h: torch.Tensor, ends: list[int], generators,
+                block_size: int) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+        """Check each sequence's drafts against the main model's rows -> (new tokens, the rows whose logits gave
+        them, the rows kept: fed before the drafts, and the kept drafts'). Moves a kept alternative's latents to
+        its position's slot."""
+        params = [s.params for s in seqs]
         # the head only where verification looks: each sequence's last token and its drafts (not a whole prompt:
         # at V3's vocabulary a long prefill's logits alone would take gigabytes)
         lasts = [end - 1 - len(s.draft) for s, end in zip(seqs, ends)]
         spans = [range(last, end) if smp else range(0) for last, end, smp in zip(lasts, ends, sampling)]
         needed = list(itertools.chain.from_iterable(spans))
-        logits = runner.logits(h if len(needed) == ends[-1] else
-                               h.index_select(0, torch.tensor(needed, dtype=torch.long, device=h.device)))
+        logits = self.runner.logits(h if len(needed) == ends[-1] else
+                                    h.index_select(0, torch.tensor(needed, dtype=torch.long, device=h.device)))
         offsets = [0, *itertools.accumulate(len(r) for r in spans)]
         # greedy verification needs argmaxes only: all of them in one op and one read back (one sync on a GPU)
         argmax = logits.argmax(dim=-1).tolist() if any(p.greedy for p in params) else []
@@ -148,17 +392,17 @@ class MTPSpeculator:
         for i, seq in enumerate(seqs):
             last = lasts[i]  # the row of the sequence's last token (before its drafts)
             prefix = list(range(ends[i] - len(feeds[i]), last + 1))  # rows fed before the drafts: all kept
-            mine = logits[offsets[i]:offsets[i + 1]]  # the logits of rows last .. last + len(draft)
-            best = argmax[offsets[i]:offsets[i + 1]]
             rank = 0  # which of several guesses for one position was kept
             if not sampling[i]:  # a chunk of a longer prompt: every fed row kept, nothing sampled
                 new_tokens.append([])
                 token_rows.append([])
                 kept_rows.append(prefix)
                 continue
-            if not seq.draft:  # prefill: sample from the last position, as plain decoding
+            mine = logits[offsets[i]:offsets[i + 1]] if not params[i].greedy or not seq.draft else None
+            best = argmax[offsets[i]:offsets[i + 1]]
+            if not seq.draft:  # a prefill, or a request that does not draft: sample from the last position
                 toks = [int(self.sampler.sample(mine, [params[i]], [generators[i]]))]
-            elif self.depth > 1:
+            elif self.num_tokens > 1:
                 toks = self._verify_chain(seq, mine, best, params[i], generators[i])
             else:
                 toks, rank = self._verify_guesses(seq, mine, best, params[i], generators[i])
@@ -173,45 +417,76 @@ class MTPSpeculator:
             if seq.draft:
                 self._count(seq, toks, rank)
         if moves[0]:
-            runner.cache.move(*moves)
+            self.runner.cache.move(*moves)
+        return new_tokens, token_rows, kept_rows
 
-        # the main model's cache now holds the kept positions; MTP runs at each, p, with h_p and token p+1
-        mtp_feeds = []
-        for seq, toks, kept in zip(seqs, new_tokens, kept_rows):
-            assert seq.num_mtp_cached == seq.num_cached, (seq.num_mtp_cached, seq.num_cached)
-            start = seq.num_cached
-            seq.num_cached = start + len(kept)
-            seq.token_ids.extend(toks)
-            mtp_feeds.append(seq.token_ids[start + 1: seq.num_cached + 1])
-        kept_flat = list(itertools.chain.from_iterable(kept_rows))
+    def _extend_mtp(self, seqs: list[Sequence], starts: list[int], kept_rows: list[list[int]], h: torch.Tensor,
+                    batch: StepBatch, extend: list[bool], block_size: int, copy: bool
+                    ) -> tuple[torch.Tensor | None, bool]:
+        """MTP module 1 at every position the main model has confirmed and the module has not seen, p, with h_p
+        and token p+1, for the sequences marked `extend`; the others keep this step's hidden states for later.
+        starts: each sequence's cached positions before this step; kept_rows: the rows of h this step confirmed.
+        -> (the module's hidden state at each extended sequence's last position (E, D), or None; whether that
+        was the usual pass of a drafting step: every sequence, this step's positions only)."""
+        for seq, start, rows, ext in zip(seqs, starts, kept_rows, extend):
+            backlog = self.backlogs.get(seq.seq_id)
+            if backlog is not None and (backlog.start != seq.num_mtp_cached or backlog.start + backlog.count != start):
+                del self.backlogs[seq.seq_id]  # left from before a preemption, which recomputes both caches
+                backlog = None
+            assert seq.num_mtp_cached == (start if backlog is None else backlog.start), \
+                (seq.num_mtp_cached, start, backlog and backlog.start)
+            if not ext:
+                if backlog is None:
+                    backlog = self.backlogs[seq.seq_id] = Backlog(start)
+                backlog.add(h, rows, copy)
+        extended = [i for i, e in enumerate(extend) if e]
+        if not extended:
+            return None, False
+        behind = any(seqs[i].seq_id in self.backlogs for i in extended)
+        mtp_feeds = [seqs[i].token_ids[seqs[i].num_mtp_cached + 1: seqs[i].num_cached + 1] for i in extended]
         mtp_ids = torch.tensor(list(itertools.chain.from_iterable(mtp_feeds)), device=batch.input_ids.device)
-        kept = {len(k) for k in kept_rows}
-        if kept_flat == list(range(ends[-1])):
-            # every fed token was kept (a prefill, or single drafts all accepted): MTP runs at exactly the main
-            # step's positions, so its batch is the main one with the next tokens fed
-            mtp_batch, h_prev = replace(batch, input_ids=mtp_ids), h
-        else:
-            if batch.uniform and len(kept) == 1:
-                # a decode that kept m positions of every sequence: the rows of its last token and of the drafts
-                # it kept (the first m - 1 of a chain, or the first guess) have the positions, slots and causal
-                # mask the MTP step needs
-                mtp_batch = batch.leading(kept.pop(), mtp_ids)
+        steady = len(extended) == len(seqs) and not behind
+        if steady:
+            ends = list(itertools.accumulate(batch.feed_lens))
+            kept_flat = list(itertools.chain.from_iterable(kept_rows))
+            kept = {len(k) for k in kept_rows}
+            if kept_flat == list(range(ends[-1])):
+                # every fed token was kept (a prefill, or single drafts all accepted): MTP runs at exactly the
+                # main step's positions, so its batch is the main one with the next tokens fed
+                mtp_batch, h_prev = replace(batch, input_ids=mtp_ids), h
             else:
-                mtp_batch = build_batch(mtp_feeds, [s.num_mtp_cached for s in seqs], [s.block_table for s in seqs],
-                                        block_size, runner.device)
-            h_prev = h.index_select(0, torch.tensor(kept_flat, device=h.device))
-        h_mtp = mtp_batch.last_rows(runner.forward_mtp(mtp_batch, h_prev))
-        for seq in seqs:
-            seq.num_mtp_cached = seq.num_cached
-        if not all(sampling):  # drafts only for the sequences that sampled
-            keep = [i for i, smp in enumerate(sampling) if smp]
-            if not keep:
-                return new_tokens, token_rows, h, batch
-            h_mtp = h_mtp.index_select(0, torch.tensor(keep, device=h_mtp.device))
-            seqs, params, generators = [seqs[i] for i in keep], [params[i] for i in keep], [generators[i] for i in keep]
-        self._propose(seqs, params, generators, runner.mtp_logits(h_mtp))
+                if batch.uniform and len(kept) == 1:
+                    # a decode that kept m positions of every sequence: the rows of its last token and of the
+                    # drafts it kept (the first m - 1 of a chain, or the first guess) have the positions, slots
+                    # and causal mask the MTP step needs
+                    mtp_batch = batch.leading(kept.pop(), mtp_ids)
+                else:
+                    mtp_batch = build_batch(mtp_feeds, starts, [s.block_table for s in seqs], block_size,
+                                            self.runner.device)
+                h_prev = h.index_select(0, torch.tensor(kept_flat, device=h.device))
+        else:  # some sequences are behind, or not all extend: their own layout, over all they have missed
+            sub = [seqs[i] for i in extended]
+            pieces = []
+            for i in extended:
+                backlog = self.backlogs.pop(seqs[i].seq_id, None)
+                if backlog is not None:
+                    pieces += [_take(x, rows) for x, rows in backlog.pieces]
+                pieces.append(_take(h, kept_rows[i]))
+            h_prev = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+            mtp_batch = build_batch(mtp_feeds, [s.num_mtp_cached for s in sub], [s.block_table for s in sub],
+                                    block_size, self.runner.device)
+        h_mtp = mtp_batch.last_rows(self.runner.forward_mtp(mtp_batch, h_prev))
+        for i in extended:
+            seqs[i].num_mtp_cached = seqs[i].num_cached
+        return h_mtp, steady
+
+    def _draft(self, seqs: list[Sequence], generators, h_mtp: torch.Tensor, block_size: int) -> None:
+        """Set each sequence's drafts from the module's hidden state at its last position (h_mtp (B, D)); for a
+        chain, run the module on, one position further per draft."""
+        params = [s.params for s in seqs]
+        self._propose(seqs, params, generators, self.runner.mtp_logits(h_mtp))
         live = list(range(len(seqs)))
-        for j in range(1, self.depth):
+        for j in range(1, self.num_tokens):
             # the chain's next draft: the module one position further on (cached position + j - 1), fed its own
             # last hidden state in place of the main model's and the draft it has just made; not past the
             # positions a sequence's blocks cover (its end is near)
@@ -223,11 +498,10 @@ class MTPSpeculator:
                 live = room
             sub = [seqs[i] for i in live]
             chain = build_batch([[s.draft[-1]] for s in sub], [s.num_cached + j - 1 for s in sub],
-                                [s.block_table for s in sub], block_size, runner.device)
-            h_mtp = runner.forward_mtp(chain, h_mtp)
-            self._propose(sub, [params[i] for i in live], [generators[i] for i in live], runner.mtp_logits(h_mtp),
-                          extend=True)
-        return new_tokens, token_rows, h, batch
+                                [s.block_table for s in sub], block_size, self.runner.device)
+            h_mtp = self.runner.forward_mtp(chain, h_mtp)
+            self._propose(sub, [params[i] for i in live], [generators[i] for i in live],
+                          self.runner.mtp_logits(h_mtp), extend=True)
 
     def _trim(self, seq: Sequence, room: int) -> None:
         """Keep at most `room` drafts (and their distributions)."""
@@ -264,14 +538,15 @@ class MTPSpeculator:
 
     def _count(self, seq: Sequence, toks: list[int], rank: int) -> None:
         st = self.stats
-        st.drafted += len(seq.draft) if self.depth > 1 else 1
+        st.drafted += len(seq.draft) if self.num_tokens > 1 else 1
         st.accepted += len(toks) - 1
         st.decode_forwards += 1
         st.decode_tokens += len(toks)
         for j in range(len(toks) - 1):
             st.accepted_by_depth[j] += 1
-        if self.depth == 1 and len(toks) == 2:
+        if self.num_tokens == 1 and len(toks) == 2:
             st.accepted_by_rank[rank] += 1
+        self.policy.observe_tokens(len(toks))
 
     def _propose(self, seqs, params, generators, draft_logits: torch.Tensor, extend: bool = False) -> None:
         """Set each sequence's drafts from the MTP module's logits (B, V) at its last row: the top-k for greedy
@@ -307,6 +582,7 @@ class MTPSpeculator:
     def forget(self, seq: Sequence) -> None:
         self.draft_probs.pop(seq.seq_id, None)
         self.guesses.pop(seq.seq_id, None)
+        self.backlogs.pop(seq.seq_id, None)
         seq.draft = []
 
 
