@@ -9,6 +9,11 @@ against the MTP run right after it): this VM has slow spells that a single pair 
 
 Prompts: one per line from --prompts, else code-like openings (the built-in corpus is Python source).
 A random model's MTP module guesses at chance, so run this on a trained one (`dsv3 train` writes one).
+
+The MTP engine drafts only while drafting pays (--policy adaptive, the engine's default; speculative.py's
+DraftPolicy): the report gives the share of decode steps that drafted and the policy's estimates per batch
+size. --policy always drafts every step. Sampled requests carry no seed unless --seed is given: under the
+adaptive policy a seeded sampled request decodes plainly (its seed fixes its tokens).
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ def main() -> None:
                     help="MTP guesses a greedy step verifies at once (LLM's speculative_topk; default: adaptive)")
     ap.add_argument("--num-tokens", type=int, default=1,
                     help="positions the MTP module drafts per step (LLM's num_speculative_tokens; default 1)")
+    ap.add_argument("--policy", default="adaptive", choices=["adaptive", "always"],
+                    help="when the MTP engine drafts (LLM's speculative_policy; default adaptive)")
+    ap.add_argument("--seed", type=int, default=None, help="a seed for every request (sampled ones then decode "
+                    "plainly under the adaptive policy)")
     ap.add_argument("--repeats", type=int, default=5, help="alternating runs of each engine (default 5)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
@@ -59,10 +68,11 @@ def main() -> None:
     else:
         prompts = DEFAULT_PROMPTS
     prompts = (prompts * args.num_prompts)[: args.num_prompts]
-    params = SamplingParams(temperature=args.temperature, max_new_tokens=args.new_tokens, ignore_eos=True, seed=0)
+    params = SamplingParams(temperature=args.temperature, max_new_tokens=args.new_tokens, ignore_eos=True,
+                            seed=args.seed)
     plain = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.batch)
     spec = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.batch, speculative="mtp",
-               speculative_topk=args.topk, num_speculative_tokens=args.num_tokens)
+               speculative_topk=args.topk, num_speculative_tokens=args.num_tokens, speculative_policy=args.policy)
     if args.threads:
         torch.set_num_threads(args.threads)
     times_plain, times_spec = [], []
@@ -94,6 +104,12 @@ def main() -> None:
         where = ", ".join(f"{n / steps:.1%} of steps keep draft {d + 1}" for d, n in enumerate(st["accepted_by_depth"]))
     print(f"  acceptance   {st['acceptance_rate']:.1%} of {st['drafted']} drafted positions (all runs; {where}); "
           f"{st['tokens_per_forward']:.2f} tokens per main-model forward")
+    policy = st["draft_policy"]
+    buckets = "; ".join(f"batch <= {b}: plain {c['plain_ms']} ms, verify {c['verify_ms']} ms + draft {c['draft_ms']} ms"
+                        + (f", expected {c['gain']:.2f}x" if c["gain"] is not None else "")
+                        for b, c in policy["buckets"].items())
+    print(f"  policy       {policy['policy']}: {policy['drafting_fraction']:.0%} of {policy['decode_steps']} decode "
+          f"steps drafted (all runs); {buckets}")
     if args.temperature == 0:
         print(f"  greedy outputs identical: {same}")
 

@@ -225,6 +225,11 @@ def test_plain_steps_keep_the_prefix_cache_working(model):
         assert a.token_ids == b.token_ids and a.num_cached_tokens == b.num_cached_tokens
         turn = turn + a.token_ids + [1, 2, 3]
     assert a.num_cached_tokens > 20 and never.stats["drafted"] == 0
+    # without prefix caching nothing needs the module's rows of a sequence that never drafts: none are computed
+    uncached = LLM(model, speculative="mtp", speculative_policy=Scripted([False]), block_size=4,
+                   enable_prefix_caching=False)
+    uncached.runner.forward_mtp = None  # (would fail if called)
+    assert uncached.generate(turn, params)[0].token_ids == always.generate(turn, params)[0].token_ids
     ps = prompts([3, 8, 5, 11], seed=4)
     params = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)
     want = [o.token_ids for o in LLM(model, block_size=4).generate(ps, params)]

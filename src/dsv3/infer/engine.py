@@ -152,7 +152,7 @@ class LLM:
             policy = (speculative_policy if isinstance(speculative_policy, DraftPolicy)
                       else DraftPolicy(always=speculative_policy == "always"))
             self.speculator = MTPSpeculator(self.runner, self.sampler, speculative_topk, num_speculative_tokens,
-                                            policy)
+                                            policy, prefix_caching=enable_prefix_caching)
         lookahead = self.speculator.lookahead if self.speculator else 1
         self.kernels: cpu_kernels_lib.Calibration | None = None
         if cpu_kernels is None:

@@ -63,6 +63,7 @@ AGE_DECAY = 0.97  # per decode step, how much a measurement's weight in an estim
 PROBE_STEPS = 3  # drafting steps per probe while drafting loses: enough to measure a steady drafting step
 MIN_WAIT, MAX_WAIT = 8, 256  # plain steps between probes: doubling from MIN_WAIT while probes keep losing
 PLAIN_EVERY = 64  # while drafting pays, one plain step in this many keeps the plain estimate current
+MAX_BACKLOG = 256  # without prefix caching: positions a sequence's MTP rows may fall behind (memory held)
 
 
 @dataclass
@@ -232,10 +233,11 @@ def _take(h: torch.Tensor, rows: list[int]) -> torch.Tensor:
 
 class MTPSpeculator:
     def __init__(self, runner: ModelRunner, sampler: Sampler, topk: int | None = None, num_tokens: int = 1,
-                 policy: DraftPolicy | None = None):
+                 policy: DraftPolicy | None = None, prefix_caching: bool = True):
         """topk: how many of the module's top guesses a greedy step verifies for the next position; None adapts
         between 1 and 2. num_tokens: positions drafted per step (a chain; with more than one, one guess each).
-        policy: when to draft (default: an adaptive DraftPolicy)."""
+        policy: when to draft (default: an adaptive DraftPolicy). prefix_caching: the cache registers full
+        blocks, which needs the module's rows of a block as soon as it fills."""
         if not runner.model.mtp:
             raise ValueError("speculative='mtp' needs a model with an MTP module (num_nextn_predict_layers >= 1)")
         if topk is not None and topk < 1:
@@ -247,6 +249,7 @@ class MTPSpeculator:
                              f"num_speculative_tokens={num_tokens} the drafts form a chain of single guesses")
         self.runner, self.sampler = runner, sampler
         self.policy = policy or DraftPolicy()
+        self.prefix_caching = prefix_caching
         self.num_tokens = num_tokens
         self.adaptive = topk is None and num_tokens == 1
         self.topk = 1 if num_tokens > 1 else min(2 if topk is None else topk, runner.config.vocab_size)
@@ -336,9 +339,10 @@ class MTPSpeculator:
         t0 = self.policy.clock()
         drafting = any(sampling) and self.policy.draft_next(sum(sampling))
         wants = [smp and drafting and self.may_draft(s) for s, smp in zip(seqs, sampling)]
-        # the MTP module catches up where it drafts, over a prompt chunk while drafting, and wherever the main
-        # model has completed a block the module's rows do not cover yet
-        extend = [w or (drafting and not smp) or s.num_cached // block_size > s.num_mtp_cached // block_size
+        # the MTP module catches up where it drafts, over a prompt chunk while drafting, and where it is too far
+        # behind: with prefix caching, as soon as the main model completes a block (its registered rows include
+        # the module's); else, past MAX_BACKLOG positions (a sequence that ends first never needs its rows)
+        extend = [w or (drafting and not smp) or self._too_far_behind(s, block_size)
                   for s, w, smp in zip(seqs, wants, sampling)]
         h_mtp, steady = self._extend_mtp(seqs, starts, kept_rows, h, batch, extend, block_size,
                                          copy=h.shape[0] > len(seqs) * self.lookahead)
@@ -354,6 +358,11 @@ class MTPSpeculator:
         if decode:
             self._step_record = (len(seqs), verified, self.policy.clock() - t0, verified and steady)
         return new_tokens, token_rows, h, batch
+
+    def _too_far_behind(self, seq: Sequence, block_size: int) -> bool:
+        if self.prefix_caching:
+            return seq.num_cached // block_size > seq.num_mtp_cached // block_size
+        return seq.num_cached - seq.num_mtp_cached > MAX_BACKLOG
 
     def _sample(self, seqs, feeds, sampling, batch: StepBatch, h: torch.Tensor, ends: list[int], generators
                 ) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
@@ -463,7 +472,7 @@ class MTPSpeculator:
                 else:
                     mtp_batch = build_batch(mtp_feeds, starts, [s.block_table for s in seqs], block_size,
                                             self.runner.device)
-                h_prev = h.index_select(0, torch.tensor(kept_flat, device=h.device))
+                h_prev = _take(h, kept_flat)
         else:  # some sequences are behind, or not all extend: their own layout, over all they have missed
             sub = [seqs[i] for i in extended]
             pieces = []
@@ -475,7 +484,11 @@ class MTPSpeculator:
             h_prev = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
             mtp_batch = build_batch(mtp_feeds, [s.num_mtp_cached for s in sub], [s.block_table for s in sub],
                                     block_size, self.runner.device)
-        h_mtp = mtp_batch.last_rows(self.runner.forward_mtp(mtp_batch, h_prev))
+        h_mtp = self.runner.forward_mtp(mtp_batch, h_prev)
+        if mtp_batch.uniform:  # each sequence's last row, without building an index
+            h_mtp = h_mtp.unflatten(0, (len(mtp_batch.feed_lens), -1))[:, -1]
+        else:
+            h_mtp = mtp_batch.last_rows(h_mtp)
         for i in extended:
             seqs[i].num_mtp_cached = seqs[i].num_cached
         return h_mtp, steady
