@@ -147,32 +147,41 @@ def experts_dense(ex: Experts, x_ND, weights_NK, experts_NK, out_ND, spans: list
     """Every expert the tokens hit, on every token, then each token's outputs summed with its gate weights
     (zero for the experts it did not pick): out_ND + sum_k w_k expert_k(x). No dispatch, a handful of ops, and
     each expert's weights read once by a batched GEMM whose right operand is column-major per expert. The
-    batches are runs of consecutive experts (`expert_spans`). Wasteful unless the tokens are few."""
-    E, N, I = ex.n_experts, x_ND.shape[0], ex.inter_dim
+    batches are runs of consecutive experts (`expert_spans`), each expert's rows split into `parts` blocks so
+    that a short run still gives every thread a block to stream (a batch of one matrix is a single-threaded
+    product in BLAS). Wasteful unless the tokens are few."""
+    E, N, I, D = ex.n_experts, x_ND.shape[0], ex.inter_dim, ex.dim
     if x_ND.stride(-1) != 1:  # a column-major x (another skinny product's output) makes x^T the slow layout
         x_ND = x_ND.contiguous()
     R = sum(hi - lo for lo, hi in spans)  # experts read
+    threads = 2 * torch.get_num_threads()
+    parts = next((p for p in (threads, threads // 2, 2) if p > 1 and D % p == 0 and I % p == 0), 1) \
+        if R < threads else 1
 
-    def per_expert(w_E: torch.Tensor, x_R: torch.Tensor) -> torch.Tensor:
-        """bmm of the read experts' weights w_E[spans] with x_R (R, ., N): one batched GEMM per span."""
-        if len(spans) == 1:
-            lo, hi = spans[0]
-            return torch.bmm(w_E if R == E else w_E[lo:hi], x_R)
-        out = x_R.new_empty(R, w_E.shape[1], N)
+    def per_expert(w_E: torch.Tensor, x_PKN: torch.Tensor) -> torch.Tensor:
+        """The read experts' row blocks w_E (E * parts, O / parts, K) times x (R * parts, K, N) -> (R, O, N): one
+        batched GEMM per run of experts."""
+        out = x_PKN.new_empty(R * parts, w_E.shape[1], N)
         off = 0
         for lo, hi in spans:
-            torch.bmm(w_E[lo:hi], x_R[off:off + hi - lo], out=out[off:off + hi - lo])
-            off += hi - lo
-        return out
+            n = (hi - lo) * parts
+            torch.bmm(w_E[lo * parts: hi * parts], x_PKN[off: off + n], out=out[off: off + n])
+            off += n
+        return out.view(R, -1, N)
 
-    gate_RIN, up_RIN = per_expert(ex.w13.tensor, x_ND.t().expand(R, -1, N)).split(I, dim=1)
+    w13 = ex.w13.tensor.view(E * parts, 2 * I // parts, D)
+    gate_RIN, up_RIN = per_expert(w13, x_ND.t().expand(R * parts, D, N)).split(I, dim=1)
     # each token's gate weight (zero for an expert it did not pick) scales the expert's hidden state: the gated
     # sum over experts is then a plain sum of the down projections
     g_EN = weights_NK.new_zeros(N, E).scatter_(1, experts_NK, weights_NK).t()
     g_RN = g_EN if R == E else torch.cat([g_EN[lo:hi] for lo, hi in spans])
-    h_RIN = x_ND.new_empty(R, N, I).transpose(1, 2)  # column-major again, for the next bmm
-    torch.mul(F.silu(gate_RIN) * g_RN.unsqueeze(1).to(gate_RIN.dtype), up_RIN, out=h_RIN)
-    return out_ND.add_(per_expert(ex.w2, h_RIN).sum(dim=0).t())
+    # h (R, parts, I, N): each expert's hidden state once per row block of its down projection, column-major
+    h = x_ND.new_empty(R, parts, N, I).transpose(2, 3)
+    torch.mul(F.silu(gate_RIN) * g_RN.unsqueeze(1).to(gate_RIN.dtype), up_RIN, out=h[:, 0])
+    if parts > 1:
+        h[:, 1:] = h[:, :1]
+    y = per_expert(ex.w2.view(E * parts, D // parts, I), h.view(R * parts, I, N))
+    return out_ND.add_(y.sum(dim=0).t())
 
 
 class ExpertsKernel:
