@@ -41,7 +41,9 @@ block, whose rows must include the module's, and so that no sequence keeps more 
 from __future__ import annotations
 
 import itertools
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -59,9 +61,12 @@ EXTRA_GUESS_COST = 0.08
 HIT_RATE_DECAY = 0.95  # the hit rates are averages over roughly the last 20 verified positions
 
 # DraftPolicy
-AGE_DECAY = 0.97  # per decode step, how much a measurement's weight in an estimate shrinks (~the last 30 steps)
-PROBE_STEPS = 3  # drafting steps per probe while drafting loses: enough to measure a steady drafting step
-MIN_WAIT, MAX_WAIT = 8, 256  # plain steps between probes: doubling from MIN_WAIT while probes keep losing
+WINDOW, MAX_AGE = 15, 128  # a step-cost estimate: the median of the last WINDOW measurements of its kind, none
+# older than MAX_AGE decode steps (but the newest)
+LEARN = 3  # measurements of each kind of step a bucket takes before it decides (after one left out)
+PROBE_STEPS = 4  # drafting steps per probe while drafting loses: 3 measurements of a steady drafting step
+PROBE_SHARE = 0.01  # while drafting loses, probes may cost this share of the time (their expected loss)...
+MIN_WAIT, MAX_WAIT = 8, 256  # ...with between MIN_WAIT and MAX_WAIT plain steps from one to the next
 PLAIN_EVERY = 64  # while drafting pays, one plain step in this many keeps the plain estimate current
 MAX_BACKLOG = 256  # without prefix caching: positions a sequence's MTP rows may fall behind (memory held)
 
@@ -84,36 +89,40 @@ class SpecStats:
         return self.decode_tokens / self.decode_forwards if self.decode_forwards else 0.0
 
 
-@dataclass
 class Estimate:
-    """A mean of measurements in which each counts the less the more decode steps ago it was taken: a probe
-    after a long wait replaces a stale value instead of nudging it."""
-    total: float = 0.0
-    weight: float = 0.0
-    seen: int = 0
+    """A typical value of one kind of measurement: the median (or mean) of the last `window`, none older than
+    MAX_AGE decode steps but the newest. A median shrugs off the slow spells of a shared machine, and a probe
+    after a long wait replaces a stale value instead of being averaged with it. None until `learn` measurements
+    are in, the first of them left out when skip_first (a first step may pay one-time costs: allocations,
+    cold caches)."""
 
-    def add(self, x: float) -> None:
+    def __init__(self, window: int = WINDOW, typical=statistics.median, learn: int = LEARN, skip_first: bool = True):
+        self.samples: deque[tuple[int, float]] = deque(maxlen=window)  # (decode step, value)
+        self.typical, self.learn, self.skip_first = typical, learn, skip_first
+        self.seen = 0
+
+    def add(self, step: int, x: float) -> None:
         self.seen += 1
-        if self.seen > 1:  # the first of a kind may pay one-time costs (allocations, cold caches): left out
-            self.total, self.weight = self.total + x, self.weight + 1
+        if self.seen > 1 or not self.skip_first:
+            self.samples.append((step, x))
 
-    def age(self) -> None:
-        self.total, self.weight = self.total * AGE_DECAY, self.weight * AGE_DECAY
-
-    @property
-    def value(self) -> float | None:
-        return self.total / self.weight if self.weight > 0 else None
+    def value(self, now: int) -> float | None:
+        if self.seen - self.skip_first < self.learn:
+            return None
+        while len(self.samples) > 1 and now - self.samples[0][0] > MAX_AGE:
+            self.samples.popleft()
+        return self.typical(x for _, x in self.samples)
 
 
 @dataclass
 class StepCosts:
-    """One batch-size bucket's estimates (seconds) and its probing state."""
+    """One batch-size bucket's estimates (seconds) and where its decisions stand."""
     plain: Estimate = field(default_factory=Estimate)  # a decode step that verified no drafts, less any MTP work
     verify: Estimate = field(default_factory=Estimate)  # a decode step that verified drafts, less its MTP work
     draft: Estimate = field(default_factory=Estimate)  # the MTP work of a drafting step: module forward, drafts
+    drafting: bool = True  # its last decision
     probe: int = 0  # drafting steps left in the current probe
     wait: int = MIN_WAIT  # plain steps before the next probe
-    next_wait: int = 2 * MIN_WAIT
     streak: int = 0  # drafting steps decided since the last plain one
 
 
@@ -124,21 +133,22 @@ class DraftPolicy:
     A decode step's time (the engine's whole step) is split into its MTP work (the module's forward over the
     newly confirmed positions, and drafting) and the rest (the main model's forward, sampling or verifying,
     the engine's bookkeeping). Per batch-size bucket (1, 2, 3-4, 5-8, ...) it estimates the rest of a plain
-    step, the rest of a step that verified drafts, and a drafting step's MTP work; over all steps, the tokens a
-    drafting step yields per sequence (1 + the drafts kept). Drafting pays while
-    tokens / (verify + draft) > 1 / plain. Estimates are means weighted towards recent steps (AGE_DECAY).
+    step, the rest of a step that verified drafts, and a drafting step's MTP work (medians of recent steps);
+    over all steps, the tokens a drafting step yields per sequence (1 + the drafts kept; a mean). Drafting pays
+    while tokens / (verify + draft) > 1 / plain.
 
     A bucket first measures drafting (what the engine did before any measurement), then plain steps, then
-    decides step by step. While drafting loses it probes: a few drafting steps after every `wait` plain ones,
-    the wait doubling while the probes keep losing, so that a rise in acceptance or a change in the machine's
-    load is noticed at little cost. While drafting pays, one step in PLAIN_EVERY is plain, which keeps the
-    plain estimate current. always=True drafts every step (and still measures). clock: seconds, injectable
-    so that tests can drive the policy."""
+    decides step by step. While drafting loses it probes, a few drafting steps now and then, so that a rise in
+    acceptance or a change in the machine's load is noticed: the worse drafting did, the longer the wait, so
+    that probing costs about PROBE_SHARE of the time. While drafting pays, one step in PLAIN_EVERY is plain,
+    which keeps the plain estimate current. always=True drafts every step (and still measures). clock:
+    seconds, injectable so that tests can drive the policy."""
 
     def __init__(self, always: bool = False, clock: Callable[[], float] = time.perf_counter):
         self.always, self.clock = always, clock
         self.buckets: dict[int, StepCosts] = {}
-        self.tokens = Estimate(seen=1)  # tokens per sequence per drafting step (no warm-up to leave out)
+        # tokens per sequence per drafting step: a mean over the last 64 sequences' steps
+        self.tokens = Estimate(window=64, typical=statistics.fmean, learn=1, skip_first=False)
         self.decode_steps = self.drafting_steps = 0
 
     @staticmethod
@@ -151,7 +161,8 @@ class DraftPolicy:
 
     def gain(self, c: StepCosts) -> float | None:
         """Expected tokens/s drafting over tokens/s plain; None until all is measured."""
-        plain, verify, draft, tokens = c.plain.value, c.verify.value, c.draft.value, self.tokens.value
+        now = self.decode_steps
+        plain, verify, draft, tokens = (e.value(now) for e in (c.plain, c.verify, c.draft, self.tokens))
         if plain is None or verify is None or draft is None or tokens is None:
             return None
         return tokens * plain / max(verify + draft, 1e-12)
@@ -161,23 +172,29 @@ class DraftPolicy:
         if self.always:
             return True
         c = self.costs(batch_size)
+        c.drafting = self._decide(c)
+        return c.drafting
+
+    def _decide(self, c: StepCosts) -> bool:
         if c.probe > 0:
             c.probe -= 1
             return True
-        if c.verify.value is None or c.draft.value is None or self.tokens.value is None:
+        now = self.decode_steps
+        if c.verify.value(now) is None or c.draft.value(now) is None or self.tokens.value(now) is None:
             return True  # first learn what drafting costs and yields
-        if c.plain.value is None:
+        if c.plain.value(now) is None:
             return False  # then what a plain step costs
-        if self.gain(c) > 1:
-            c.wait, c.next_wait = MIN_WAIT, 2 * MIN_WAIT
+        gain = self.gain(c)
+        if gain > 1:
             c.streak += 1
             return c.streak % PLAIN_EVERY != 0
         c.streak = 0
+        if c.drafting:  # drafting (or a probe) has stopped paying: wait in proportion to what a probe loses
+            c.wait = min(max(round(PROBE_STEPS * (1 - gain) / PROBE_SHARE), MIN_WAIT), MAX_WAIT)
         if c.wait > 0:
             c.wait -= 1
             return False
         c.probe = PROBE_STEPS - 1
-        c.wait, c.next_wait = c.next_wait, min(2 * c.next_wait, MAX_WAIT)
         return True
 
     def observe_step(self, batch_size: int, verified: bool, seconds: float, mtp_seconds: float, steady: bool) -> None:
@@ -186,25 +203,24 @@ class DraftPolicy:
         c = self.costs(batch_size)
         self.decode_steps += 1
         self.drafting_steps += verified
-        for e in (c.plain, c.verify, c.draft, self.tokens):
-            e.age()
         if verified:
-            c.verify.add(seconds - mtp_seconds)
+            c.verify.add(self.decode_steps, seconds - mtp_seconds)
             if steady:
-                c.draft.add(mtp_seconds)
+                c.draft.add(self.decode_steps, mtp_seconds)
         else:
-            c.plain.add(seconds - mtp_seconds)
+            c.plain.add(self.decode_steps, seconds - mtp_seconds)
 
     def observe_tokens(self, tokens: int) -> None:
         """A sequence's drafting step yielded `tokens` (the drafts kept and the main model's own)."""
-        self.tokens.add(tokens)
+        self.tokens.add(self.decode_steps, tokens)
 
     def stats(self) -> dict:
-        ms = lambda e: None if e.value is None else round(1e3 * e.value, 3)  # noqa: E731
+        now = self.decode_steps
+        ms = lambda e: None if e.value(now) is None else round(1e3 * e.value(now), 3)  # noqa: E731
         return {"policy": "always" if self.always else "adaptive",
                 "decode_steps": self.decode_steps, "drafting_steps": self.drafting_steps,
                 "drafting_fraction": self.drafting_steps / max(self.decode_steps, 1),
-                "tokens_per_drafting_step": self.tokens.value,
+                "tokens_per_drafting_step": self.tokens.value(now),
                 "buckets": {b: {"plain_ms": ms(c.plain), "verify_ms": ms(c.verify), "draft_ms": ms(c.draft),
                                 "gain": self.gain(c)} for b, c in sorted(self.buckets.items())}}
 
