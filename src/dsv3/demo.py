@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"plain greedy decoding:          {tps_plain:6.1f} tokens/s")
     print(f"MTP speculative decoding:       {tps_spec:6.1f} tokens/s ({tps_spec / tps_plain:.2f}x), "
           f"{args.draft_tokens} drafted per step, {st['acceptance_rate']:.0%} of drafts accepted, "
-          f"{st['tokens_per_forward']:.2f} tokens per forward")
+          f"{st['tokens_per_forward']:.2f} tokens per forward, drafting in {st['drafting_fraction']:.0%} of steps")
     print(f"identical greedy outputs:       {same}")
     print(f"\nrun directory: {args.out} (metrics.jsonl, loss.png, maxvio.png, expert_load.png; "
           f"`dsv3 generate --model {args.out} --prompt 'def '` to sample more)")

@@ -62,7 +62,7 @@ HIT_RATE_DECAY = 0.95  # the hit rates are averages over roughly the last 20 ver
 
 # DraftPolicy
 WINDOW, MAX_AGE = 15, 128  # a step-cost estimate: the median of the last WINDOW measurements of its kind, none
-# older than MAX_AGE decode steps (but the newest)
+# older than MAX_AGE decode steps but the newest LEARN
 LEARN = 3  # measurements of each kind of step a bucket takes before it decides (after one left out)
 PROBE_STEPS = 4  # drafting steps per probe while drafting loses: 3 measurements of a steady drafting step
 PROBE_SHARE = 0.01  # while drafting loses, probes may cost this share of the time (their expected loss)...
@@ -91,14 +91,15 @@ class SpecStats:
 
 class Estimate:
     """A typical value of one kind of measurement: the median (or mean) of the last `window`, none older than
-    MAX_AGE decode steps but the newest. A median shrugs off the slow spells of a shared machine, and a probe
-    after a long wait replaces a stale value instead of being averaged with it. None until `learn` measurements
-    are in, the first of them left out when skip_first (a first step may pay one-time costs: allocations,
-    cold caches)."""
+    MAX_AGE decode steps but the newest `keep`. A median shrugs off the slow spells of a shared machine, and a
+    probe after a long wait replaces a stale value instead of being averaged with it. None until `learn`
+    measurements are in, the first of them left out when skip_first (a first step may pay one-time costs:
+    allocations, cold caches)."""
 
-    def __init__(self, window: int = WINDOW, typical=statistics.median, learn: int = LEARN, skip_first: bool = True):
+    def __init__(self, window: int = WINDOW, typical=statistics.median, learn: int = LEARN, keep: int = LEARN,
+                 skip_first: bool = True):
         self.samples: deque[tuple[int, float]] = deque(maxlen=window)  # (decode step, value)
-        self.typical, self.learn, self.skip_first = typical, learn, skip_first
+        self.typical, self.learn, self.keep, self.skip_first = typical, learn, keep, skip_first
         self.seen = 0
 
     def add(self, step: int, x: float) -> None:
@@ -109,7 +110,7 @@ class Estimate:
     def value(self, now: int) -> float | None:
         if self.seen - self.skip_first < self.learn:
             return None
-        while len(self.samples) > 1 and now - self.samples[0][0] > MAX_AGE:
+        while len(self.samples) > self.keep and now - self.samples[0][0] > MAX_AGE:
             self.samples.popleft()
         return self.typical(x for _, x in self.samples)
 
@@ -147,8 +148,8 @@ class DraftPolicy:
     def __init__(self, always: bool = False, clock: Callable[[], float] = time.perf_counter):
         self.always, self.clock = always, clock
         self.buckets: dict[int, StepCosts] = {}
-        # tokens per sequence per drafting step: a mean over the last 64 sequences' steps
-        self.tokens = Estimate(window=64, typical=statistics.fmean, learn=1, skip_first=False)
+        # tokens per sequence per drafting step: a mean over the last 64 sequences' steps (at least 16)
+        self.tokens = Estimate(window=64, typical=statistics.fmean, learn=1, keep=16, skip_first=False)
         self.decode_steps = self.drafting_steps = 0
 
     @staticmethod
@@ -319,8 +320,9 @@ class MTPSpeculator:
 
     def end_step(self) -> None:
         if self._step_record is not None and self._step_start is not None:
-            self.policy.observe_step(*self._step_record[:2], self.policy.clock() - self._step_start,
-                                     *self._step_record[2:])
+            batch_size, verified, mtp_seconds, steady = self._step_record
+            self.policy.observe_step(batch_size, verified, self.policy.clock() - self._step_start, mtp_seconds,
+                                     steady)
         self._step_start = self._step_record = None
 
     def step(self, seqs: list[Sequence], generators: list[torch.Generator | None], block_size: int
@@ -594,11 +596,9 @@ class MTPSpeculator:
                 seqs[i].draft = guesses[:k]
                 if self.adaptive:
                     self.guesses[seqs[i].seq_id] = guesses
-        if sampled:
-            rows = draft_logits[sampled]
-            sub = [params[i] for i in sampled]
-            drawn = self.sampler.sample(rows, sub, [generators[i] for i in sampled]).tolist()
-            q_all = self.sampler.probs(rows, sub)
+        if sampled:  # (Sampler.sample's draw, from q computed once)
+            q_all = self.sampler.probs(draft_logits[sampled], [params[i] for i in sampled])
+            drawn = draw(q_all, self.sampler.uniforms([generators[i] for i in sampled])).tolist()
             for j, i in enumerate(sampled):  # the distribution each draft came from, for its verification
                 sid = seqs[i].seq_id
                 if extend:
