@@ -415,6 +415,14 @@ class MTPSpeculator:
         offsets = [0, *itertools.accumulate(len(r) for r in spans)]
         # greedy verification needs argmaxes only: all of them in one op and one read back (one sync on a GPU)
         argmax = logits.argmax(dim=-1).tolist() if any(p.greedy for p in params) else []
+        # sampled verification, the processed distributions p of its rows: all of them in one call too
+        sampled = [i for i, (s, smp) in enumerate(zip(seqs, sampling)) if smp and s.draft and not params[i].greedy]
+        probs = {}
+        if sampled:
+            rows = [r for i in sampled for r in range(offsets[i], offsets[i + 1])]
+            p_all = self.sampler.probs(logits if len(rows) == len(logits) else logits[rows],
+                                       [params[i] for i in sampled for _ in range(offsets[i], offsets[i + 1])])
+            probs = dict(zip(sampled, p_all.split([offsets[i + 1] - offsets[i] for i in sampled])))
         new_tokens, token_rows, kept_rows, moves = [], [], [], ([], [])
         for i, seq in enumerate(seqs):
             last = lasts[i]  # the row of the sequence's last token (before its drafts)
@@ -425,14 +433,13 @@ class MTPSpeculator:
                 token_rows.append([])
                 kept_rows.append(prefix)
                 continue
-            mine = logits[offsets[i]:offsets[i + 1]] if not params[i].greedy or not seq.draft else None
             best = argmax[offsets[i]:offsets[i + 1]]
             if not seq.draft:  # a prefill, or a request that does not draft: sample from the last position
-                toks = [int(self.sampler.sample(mine, [params[i]], [generators[i]]))]
+                toks = [int(self.sampler.sample(logits[offsets[i]:offsets[i + 1]], [params[i]], [generators[i]]))]
             elif self.num_tokens > 1:
-                toks = self._verify_chain(seq, mine, best, params[i], generators[i])
+                toks = self._verify_chain(seq, probs.get(i), best, params[i], generators[i])
             else:
-                toks, rank = self._verify_guesses(seq, mine, best, params[i], generators[i])
+                toks, rank = self._verify_guesses(seq, probs.get(i), best, params[i], generators[i])
                 if rank:  # stored `rank` slots on: move its latents to the slot of its position
                     pos = seq.num_cached + len(prefix)
                     moves[0].append(slot_of(seq.block_table, pos + rank, block_size))
@@ -541,25 +548,24 @@ class MTPSpeculator:
             if seq.seq_id in self.draft_probs:
                 del self.draft_probs[seq.seq_id][max(room, 0):]
 
-    def _verify_chain(self, seq: Sequence, logits: torch.Tensor, best: list[int], params, generator) -> list[int]:
-        """A chain of drafts at consecutive positions, each checked by the main model's row before it; logits
-        (k+1, V): the rows of the sequence's last token and of its k drafts; best: their argmaxes (greedy)."""
+    def _verify_chain(self, seq: Sequence, p: torch.Tensor | None, best: list[int], params, generator) -> list[int]:
+        """A chain of drafts at consecutive positions, each checked by the main model's row before it, the rows
+        of the sequence's last token and of its k drafts: p (k+1, V), their distributions (sampling); best,
+        their argmaxes (greedy)."""
         if params.greedy:  # the longest prefix the main model agrees with, then its own next token
             n = 0
             while n < len(seq.draft) and seq.draft[n] == best[n]:
                 n += 1
             return seq.draft[:n] + [best[n]]
-        p = self.sampler.probs(logits, [params] * len(logits))
         return verify_chain(p, self.draft_probs.pop(seq.seq_id), seq.draft, generator or self.sampler.default)
 
-    def _verify_guesses(self, seq: Sequence, logits: torch.Tensor, best: list[int], params, generator
+    def _verify_guesses(self, seq: Sequence, p: torch.Tensor | None, best: list[int], params, generator
                         ) -> tuple[list[int], int]:
-        """One drafted position with one or more guesses (alternatives); logits: the rows of the last token and
-        of each guess; best: their argmaxes (greedy): position n's, then each alternative's row's. -> (new
-        tokens, the rank of the kept guess, 0 if none)."""
+        """One drafted position with one or more guesses (alternatives), the rows of the last token and of each
+        guess: p, their distributions (sampling: one guess); best, their argmaxes (greedy): position n's, then
+        each alternative's row's. -> (new tokens, the rank of the kept guess, 0 if none)."""
         if not params.greedy:  # a single sampled draft, the exact rule
-            p = self.sampler.probs(logits[:2], [params] * 2)
-            return verify_chain(p, self.draft_probs.pop(seq.seq_id), seq.draft[:1],
+            return verify_chain(p[:2], self.draft_probs.pop(seq.seq_id), seq.draft[:1],
                                 generator or self.sampler.default), 0
         self._observe(seq.seq_id, best[0])
         if best[0] not in seq.draft:
