@@ -70,11 +70,11 @@ def main() -> None:
     prompts = (prompts * args.num_prompts)[: args.num_prompts]
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.new_tokens, ignore_eos=True,
                             seed=args.seed)
+    if args.threads:  # before the engines start: the CPU kernels are chosen for the thread count
+        torch.set_num_threads(args.threads)
     plain = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.batch)
     spec = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.batch, speculative="mtp",
                speculative_topk=args.topk, num_speculative_tokens=args.num_tokens, speculative_policy=args.policy)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     times_plain, times_spec = [], []
     for _ in range(args.repeats):
         t, out_plain = run(plain, prompts, params)
