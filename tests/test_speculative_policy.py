@@ -66,7 +66,7 @@ def test_the_policy_drafts_while_it_pays_and_probes_while_it_does_not():
     wait = policy.costs(1).wait
     d = simulate(policy, 300, plain=1.0, verify=1.5, draft=0.5, tokens=3.0, drafting=d[-1])
     first_on = d.index(True)
-    assert first_on == wait and all(d[first_on: first_on + 60])
+    assert first_on == wait and all(d[first_on: first_on + PLAIN_EVERY])
     assert policy.gain(policy.costs(1)) > 1.2
     # while on, one step in PLAIN_EVERY is plain (keeping that estimate current), and no more
     assert 1 <= d[first_on:].count(False) <= len(d[first_on:]) // PLAIN_EVERY

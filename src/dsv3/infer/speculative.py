@@ -61,13 +61,13 @@ EXTRA_GUESS_COST = 0.08
 HIT_RATE_DECAY = 0.95  # the hit rates are averages over roughly the last 20 verified positions
 
 # DraftPolicy
-WINDOW, MAX_AGE = 15, 128  # a step-cost estimate: the median of the last WINDOW measurements of its kind, none
-# older than MAX_AGE decode steps but the newest LEARN
+WINDOW, MAX_AGE = 15, 64  # a step-cost estimate: the median of the last WINDOW measurements of its kind, none
+# older than MAX_AGE decode steps but the newest LEARN (a shared machine's speed drifts: compare like with like)
 LEARN = 3  # measurements of each kind of step a bucket takes before it decides (after one left out)
 PROBE_STEPS = 4  # drafting steps per probe while drafting loses: 3 measurements of a steady drafting step
 PROBE_SHARE = 0.01  # while drafting loses, probes may cost this share of the time (their expected loss)...
 MIN_WAIT, MAX_WAIT = 8, 256  # ...with between MIN_WAIT and MAX_WAIT plain steps from one to the next
-PLAIN_EVERY = 64  # while drafting pays, one plain step in this many keeps the plain estimate current
+PLAIN_EVERY = 32  # while drafting pays, one plain step in this many keeps the plain estimate current
 MAX_BACKLOG = 256  # without prefix caching: positions a sequence's MTP rows may fall behind (memory held)
 
 
@@ -158,12 +158,21 @@ class DraftPolicy:
         return 1 << max(batch_size - 1, 0).bit_length()
 
     def costs(self, batch_size: int) -> StepCosts:
-        return self.buckets.setdefault(self.bucket(batch_size), StepCosts())
+        b = self.bucket(batch_size)
+        if b not in self.buckets:
+            self.buckets[b] = StepCosts()
+        return self.buckets[b]
 
     def gain(self, c: StepCosts) -> float | None:
         """Expected tokens/s drafting over tokens/s plain; None until all is measured."""
+        return self._gain(*self._values(c))
+
+    def _values(self, c: StepCosts) -> tuple[float | None, ...]:
         now = self.decode_steps
-        plain, verify, draft, tokens = (e.value(now) for e in (c.plain, c.verify, c.draft, self.tokens))
+        return tuple(e.value(now) for e in (c.plain, c.verify, c.draft, self.tokens))
+
+    @staticmethod
+    def _gain(plain, verify, draft, tokens) -> float | None:
         if plain is None or verify is None or draft is None or tokens is None:
             return None
         return tokens * plain / max(verify + draft, 1e-12)
@@ -180,12 +189,12 @@ class DraftPolicy:
         if c.probe > 0:
             c.probe -= 1
             return True
-        now = self.decode_steps
-        if c.verify.value(now) is None or c.draft.value(now) is None or self.tokens.value(now) is None:
+        plain, verify, draft, tokens = self._values(c)
+        if verify is None or draft is None or tokens is None:
             return True  # first learn what drafting costs and yields
-        if c.plain.value(now) is None:
+        if plain is None:
             return False  # then what a plain step costs
-        gain = self.gain(c)
+        gain = self._gain(plain, verify, draft, tokens)
         if gain > 1:
             c.streak += 1
             return c.streak % PLAIN_EVERY != 0
