@@ -247,7 +247,31 @@ def test_rmsnorm_cpu_inference_path_equals_fused(scale):
     # float32 against a float64 reference: a few ulps, whose size depends on the CPU's reduction order; a wrong eps
     # term moves the result by 5e-5 or more (at scale 1e-5)
     assert rel_err(fast, ref) <= 1e-5
-    assert rel_err(norm(x), ref) <= 1e-5  # the grad-enabled path (F.rms_norm) agrees
+    assert rel_err(norm(x), ref) <= 1e-5  # the grad-enabled path agrees
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-5])
+def test_rmsnorm_cpu_training_path_gradients_equal_autograd(scale):
+    """With grad on a CPU, RMSNorm's backward is written out (_RMSNormCPU): values and the gradients of input
+    and weight equal autograd through F.rms_norm in float64, for a plain and an expanded incoming gradient."""
+    from dsv3.model.layers import RMSNorm, _RMSNormCPU
+    norm = RMSNorm(96, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = (torch.randn(5, 7, 96) * scale).requires_grad_()
+    r = torch.randn(5, 7, 96)
+    for reduce in (lambda y: (y * r).sum(), lambda y: y.sum()):
+        grads = []
+        for f in (norm, lambda t: F.rms_norm(t.double(), (96,), norm.weight.double(), 1e-6)):
+            x.grad = norm.weight.grad = None
+            y = f(x)
+            reduce(y).backward()
+            grads.append((y, x.grad, norm.weight.grad))
+        for a, b in zip(*grads):
+            assert rel_err(a, b) <= 1e-5
+    xd = torch.randn(3, 4, 10, dtype=torch.float64, requires_grad=True)
+    wd = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNormCPU.apply(a, b, 1e-6), (xd, wd))
 
 
 def test_pack_projections_keeps_values_names_and_falls_back_after_a_cast():

@@ -147,8 +147,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            if x.device.type == "cpu" and not torch.is_grad_enabled():
-                return self._forward_cpu(x)
+            if x.device.type == "cpu":
+                if not torch.is_grad_enabled():
+                    return self._forward_cpu(x)
+                return _RMSNormCPU.apply(x, self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op (on GPUs)
         # lower precision: normalise in float32, round, then scale (as the reference implementations do)
         return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
@@ -169,6 +171,33 @@ class RMSNorm(nn.Module):
             self._cpu_consts_key = key
         scaled_weight, sqrt_d_eps = self._cpu_consts
         return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), sqrt_d_eps) * scaled_weight
+
+
+class _RMSNormCPU(torch.autograd.Function):
+    """F.rms_norm(x, w) with a backward written out. On CPUs F.rms_norm is a composite of six elementwise ops
+    whose autograd graph keeps their intermediates and replays each one's backward; the gradient in closed
+    form takes two elementwise passes and two matrix-vector products. With r = rsqrt(mean(x^2) + eps):
+        y = x r w,   dL/dw = sum_rows(g x r),   dL/dx = r (g w) - x r^3 mean(g w x)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        D = x.shape[-1]
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(D).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, weight, r)
+        return (x * r).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, w, r = ctx.saved_tensors
+        D = x.shape[-1]
+        g, x2, r2 = g.reshape(-1, D), x.reshape(-1, D), r.reshape(-1, 1)
+        gx = g * x2
+        grad_w = (r2.view(1, -1) @ gx).view(D) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            c = (gx @ w).view(-1, 1).mul_(r2.pow(3)).div_(D)  # r^3 mean(g w x), one per row
+            grad_x = torch.mul(g, w).mul_(r2).addcmul_(x2, c, value=-1).view(x.shape)
+        return grad_x, grad_w, None
 
 
 class MLP(nn.Module):

@@ -147,7 +147,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               scale: float) -> torch.Tensor:
     """softmax(q k^T * scale) v for q, k (B, T|S, H, P+R), v (B, S, H, V); causal when mask is None.
     MLA's value heads are narrower than its query/key heads (128 vs 192 in V3); the fused SDPA kernels
-    want them equal, so v is zero-padded and the padding cut from the output (2x faster on CPU)."""
+    want them equal, so v is zero-padded and the padding cut from the output: forward and backward then take
+    the flash kernel, not the unfused path that materialises the (T, S) scores."""
     dv = v.shape[-1]
     if dv != q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - dv))

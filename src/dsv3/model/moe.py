@@ -118,13 +118,16 @@ class Experts(KeepDtype):
         return tuple(fp8.weight_dequant(getattr(self, n)[e], getattr(self, f"{n}_scale_inv")[e], dtype)
                      for n in ("w1", "w2", "w3"))
 
-    def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """x_SD holds each expert's tokens contiguously, expert 0 first, counts_E[e] of them for expert e."""
+    def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor, weight_S: torch.Tensor | None = None) -> torch.Tensor:
+        """x_SD holds each expert's tokens contiguously, expert 0 first, counts_E[e] of them for expert e. With
+        weight_S, row s of the output is scaled by weight_S[s] (its gate value): w2 is linear, so the I-wide
+        hidden activation is scaled before w2 rather than the D-wide output after it (half the work, and in
+        training half the saved tensor)."""
         if self.is_fp8 or not _GROUPED_MM or x_SD.dtype not in _GROUPED_DTYPES:
-            return self.forward_loop(x_SD, counts_E.tolist())
+            return self.forward_loop(x_SD, counts_E.tolist(), weight_S)
         # One grouped GEMM per weight instead of a loop: the same per-expert products in a fixed handful of ops
         # whatever the routing (through the loop a decode step touching 11 experts issued ~250 ops), and
-        # autograd's backward is grouped too (a training step on bench-small: 0.93x -> 1.07-1.11x transformers).
+        # autograd's backward is grouped too (on CPUs a loop of GEMMs over the groups, with no copies).
         offs = counts_E.cumsum(0, dtype=torch.int32)
         w13 = packed(self, "w13")
         if w13 is not None:
@@ -133,10 +136,12 @@ class Experts(KeepDtype):
         else:
             h = F.silu(F.grouped_mm(x_SD, self.w1.transpose(1, 2), offs=offs))
             h = h * F.grouped_mm(x_SD, self.w3.transpose(1, 2), offs=offs)
+        if weight_S is not None:
+            h = cast(h * weight_S[:, None], h.dtype)
         y = F.grouped_mm(h, self.w2.transpose(1, 2), offs=offs)
         return _ContiguousGrad.apply(y) if torch.is_grad_enabled() else y
 
-    def forward_loop(self, x_SD: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
+    def forward_loop(self, x_SD: torch.Tensor, counts_E: list[int], weight_S: torch.Tensor | None = None) -> torch.Tensor:
         """The reference: a loop over experts, each a dense GEMM on its own tokens (and the FP8 path, its
         weights dequantised one expert at a time)."""
         outs, start = [], 0
@@ -145,7 +150,10 @@ class Experts(KeepDtype):
                 continue
             w1, w2, w3 = self.expert_weights(e, x_SD.dtype)
             x = x_SD[start:start + n]
-            outs.append(linear(F.silu(linear(x, w1)) * linear(x, w3), w2))
+            h = F.silu(linear(x, w1)) * linear(x, w3)
+            if weight_S is not None:
+                h = cast(h * weight_S[start:start + n, None], h.dtype)
+            outs.append(linear(h, w2))
             start += n
         if not outs:
             return x_SD.new_empty(0, self.dim)
@@ -204,8 +212,8 @@ class MoE(nn.Module):
             if y is not None:
                 return y
         x_SD, token_S, weight_S, counts_E = self.dispatch(x_ND, weights_NK, experts_NK)
-        y_SD = self.experts(x_SD, counts_E)
-        return self.combine(y_SD, token_S, weight_S, torch.zeros_like(x_ND) if out_ND is None else out_ND)
+        y_SD = self.experts(x_SD, counts_E, weight_S)  # each pair's output already times its gate value
+        return self.combine(y_SD, token_S, torch.zeros_like(x_ND) if out_ND is None else out_ND)
 
     def dispatch(self, x_ND, weights_NK, experts_NK):
         """Sort the S = N*K (token, expert) pairs by expert: -> (x_SD, token_S, weight_S, counts_E)."""
@@ -220,9 +228,8 @@ class MoE(nn.Module):
             self.tokens_per_expert += counts
         return x_ND.index_select(0, token_S), token_S, weights_NK.flatten().index_select(0, order_S), counts
 
-    def combine(self, y_SD, token_S, weight_S, out_ND):
-        """Weight each pair's output by its gate value and add it into its token's row of out_ND."""
-        y_SD = y_SD * weight_S[:, None]
+    def combine(self, y_SD, token_S, out_ND):
+        """Add each pair's (gate-weighted) output into its token's row of out_ND."""
         return out_ND.index_add_(0, token_S, cast(y_SD, out_ND.dtype))
 
     def routed_reference(self, x_ND, weights_NK, experts_NK) -> torch.Tensor:
