@@ -105,8 +105,8 @@ def main() -> None:
     print(f"  acceptance   {st['acceptance_rate']:.1%} of {st['drafted']} drafted positions (all runs; {where}); "
           f"{st['tokens_per_forward']:.2f} tokens per main-model forward")
     policy = st["draft_policy"]
-    buckets = "; ".join(f"batch <= {b}: plain {c['plain_ms']} ms, verify {c['verify_ms']} ms + draft {c['draft_ms']} ms"
-                        + (f", expected {c['gain']:.2f}x" if c["gain"] is not None else "")
+    buckets = "; ".join(f"batch <= {b}: plain step {c['plain_ms']} ms, drafting step {c['drafting_ms']} ms"
+                        + (f" (ratio {c['ratio']:.2f}), expected {c['gain']:.2f}x" if c["gain"] is not None else "")
                         for b, c in policy["buckets"].items())
     print(f"  policy       {policy['policy']}: {policy['drafting_fraction']:.0%} of {policy['decode_steps']} decode "
           f"steps drafted (all runs); {buckets}")

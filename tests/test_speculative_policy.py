@@ -54,19 +54,18 @@ def test_the_policy_drafts_while_it_pays_and_probes_while_it_does_not():
     assert d == [True] * 4 + [False] * 5  # measures drafting (its first step left out), then plain
     assert policy.gain(policy.costs(1)) == pytest.approx(0.9)
     d = simulate(policy, 300, plain=1.0, verify=1.5, draft=0.5, tokens=1.8, drafting=False)
-    # plain, with probes of PROBE_STEPS drafting steps: the first after MIN_WAIT plain steps, then as often as
-    # keeps their expected loss (10% of a step each) near PROBE_SHARE of the time
+    # plain, with probes of PROBE_STEPS drafting steps: the first after MIN_WAIT plain steps, then less and less
+    # often (a quarter of the steps so far) until their expected loss (10% of a step each) is PROBE_SHARE
     runs = [(k, len(list(g))) for k, g in itertools.groupby(d)]
     probes = [n for k, n in runs if k]
     waits = [n for k, n in runs if not k][:-1]
     assert set(probes) == {PROBE_STEPS} and waits[0] == MIN_WAIT and len(waits) >= 5
-    assert set(waits[1:]) == {round(PROBE_STEPS * 0.1 / PROBE_SHARE)}
-    assert sum(d) / len(d) < 0.12
-    # the module gets better (3 tokens per step: 1.5x): the next probe notices and drafting stays on
-    wait = policy.costs(1).wait
+    assert waits == sorted(waits) and waits[1] < waits[-1] == round(PROBE_STEPS * 0.1 / PROBE_SHARE)
+    assert sum(d) / len(d) < 0.16 and sum(d[150:]) / 150 < 0.12  # (each a tenth of a step lost)
+    # the module gets better (3 tokens per step: 1.5x): the next probes notice and drafting stays on
     d = simulate(policy, 300, plain=1.0, verify=1.5, draft=0.5, tokens=3.0, drafting=d[-1])
-    first_on = d.index(True)
-    assert first_on == wait and all(d[first_on: first_on + PLAIN_EVERY])
+    first_on = "".join("D" if x else "." for x in d).index("D" * (PLAIN_EVERY - 1))
+    assert first_on <= 4 * round(PROBE_STEPS * 0.1 / PROBE_SHARE) and all(d[first_on: first_on + PLAIN_EVERY - 1])
     assert policy.gain(policy.costs(1)) > 1.2
     # while on, one step in PLAIN_EVERY is plain (keeping that estimate current), and no more
     assert 1 <= d[first_on:].count(False) <= len(d[first_on:]) // PLAIN_EVERY
@@ -76,10 +75,10 @@ def test_buckets_decide_apart_and_always_always_drafts():
     policy = DraftPolicy(clock=FakeClock())
     assert [DraftPolicy.bucket(b) for b in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
     # at batch 1 the verify rows are nearly free; at batch 8 they cost as much as the tokens they bring
-    simulate(policy, 100, plain=1.0, verify=1.1, draft=0.3, tokens=1.8, batch=1)
-    simulate(policy, 100, plain=1.0, verify=1.8, draft=0.3, tokens=1.8, batch=8)
+    d1 = simulate(policy, 100, plain=1.0, verify=1.1, draft=0.3, tokens=1.8, batch=1)
+    d8 = simulate(policy, 100, plain=1.0, verify=1.8, draft=0.3, tokens=1.8, batch=8)
     assert policy.gain(policy.costs(1)) > 1 > policy.gain(policy.costs(8))
-    assert policy.draft_next(1) and policy.costs(8).wait > 0 and not policy.draft_next(7)
+    assert sum(d1[50:]) >= 48 and sum(d8[50:]) <= 15 and policy.draft_next(1)
     st = policy.stats()
     assert set(st["buckets"]) == {1, 8} and st["buckets"][1]["plain_ms"] == pytest.approx(1000)
     assert 0 < st["drafting_fraction"] < 1 and st["decode_steps"] == 200

@@ -61,13 +61,17 @@ EXTRA_GUESS_COST = 0.08
 HIT_RATE_DECAY = 0.95  # the hit rates are averages over roughly the last 20 verified positions
 
 # DraftPolicy
-WINDOW, MAX_AGE = 15, 64  # a step-cost estimate: the median of the last WINDOW measurements of its kind, none
-# older than MAX_AGE decode steps but the newest LEARN (a shared machine's speed drifts: compare like with like)
-LEARN = 3  # measurements of each kind of step a bucket takes before it decides (after one left out)
+WINDOW = 15  # measurements an estimate keeps (their median)
+PAIR_GAP = 8  # decode steps: a drafting and a plain step this close are compared (a shared machine's speed
+# drifts over seconds; the ratio of the two steps' costs much less)
+LEARN = 3  # cost ratios a bucket measures before it decides
 PROBE_STEPS = 4  # drafting steps per probe while drafting loses: 3 measurements of a steady drafting step
 PROBE_SHARE = 0.01  # while drafting loses, probes may cost this share of the time (their expected loss)...
 MIN_WAIT, MAX_WAIT = 8, 256  # ...with between MIN_WAIT and MAX_WAIT plain steps from one to the next
-PLAIN_EVERY = 32  # while drafting pays, one plain step in this many keeps the plain estimate current
+PLAIN_EVERY = 32  # while drafting pays, one plain step in this many keeps the comparison current
+NOISE = 0.2  # an expected gain this close to 1 may be noise while the estimates rest on few steps
+TOKENS_WINDOW, TOKENS_AGE = 64, 128  # tokens per drafting step: a mean over the last 64 sequences' drafting
+# steps, none older than 128 decode steps but the newest 16 (a probe after a long wait counts for more)
 MAX_BACKLOG = 256  # without prefix caching: positions a sequence's MTP rows may fall behind (memory held)
 
 
@@ -89,67 +93,50 @@ class SpecStats:
         return self.decode_tokens / self.decode_forwards if self.decode_forwards else 0.0
 
 
-class Estimate:
-    """A typical value of one kind of measurement: the median (or mean) of the last `window`, none older than
-    MAX_AGE decode steps but the newest `keep`. A median shrugs off the slow spells of a shared machine, and a
-    probe after a long wait replaces a stale value instead of being averaged with it. None until `learn`
-    measurements are in, the first of them left out when skip_first (a first step may pay one-time costs:
-    allocations, cold caches)."""
-
-    def __init__(self, window: int = WINDOW, typical=statistics.median, learn: int = LEARN, keep: int = LEARN,
-                 skip_first: bool = True):
-        self.samples: deque[tuple[int, float]] = deque(maxlen=window)  # (decode step, value)
-        self.typical, self.learn, self.keep, self.skip_first = typical, learn, keep, skip_first
-        self.seen = 0
-
-    def add(self, step: int, x: float) -> None:
-        self.seen += 1
-        if self.seen > 1 or not self.skip_first:
-            self.samples.append((step, x))
-
-    def value(self, now: int) -> float | None:
-        if self.seen - self.skip_first < self.learn:
-            return None
-        while len(self.samples) > self.keep and now - self.samples[0][0] > MAX_AGE:
-            self.samples.popleft()
-        return self.typical(x for _, x in self.samples)
-
-
 @dataclass
 class StepCosts:
-    """One batch-size bucket's estimates (seconds) and where its decisions stand."""
-    plain: Estimate = field(default_factory=Estimate)  # a decode step that verified no drafts, less any MTP work
-    verify: Estimate = field(default_factory=Estimate)  # a decode step that verified drafts, less its MTP work
-    draft: Estimate = field(default_factory=Estimate)  # the MTP work of a drafting step: module forward, drafts
-    drafting: bool = True  # its last decision
+    """One batch-size bucket's measurements and where its decisions stand."""
+    plain: deque = field(default_factory=lambda: deque(maxlen=WINDOW))  # (decode step, seconds): plain steps,
+    # less any MTP catch-up
+    drafting: deque = field(default_factory=lambda: deque(maxlen=WINDOW))  # (decode step, seconds): steady
+    # drafting steps, verification, the module's forward and the drafts
+    ratios: deque = field(default_factory=lambda: deque(maxlen=WINDOW))  # drafting / plain, from close steps
+    seen: set = field(default_factory=set)  # the kinds of step measured once at least
+    drafting_now: bool = True  # its last decision
     probe: int = 0  # drafting steps left in the current probe
     wait: int = MIN_WAIT  # plain steps before the next probe
     streak: int = 0  # drafting steps decided since the last plain one
+    steps: int = 0  # decode steps measured
+
+    def ratio(self) -> float | None:
+        return statistics.median(self.ratios) if len(self.ratios) >= LEARN else None
 
 
 class DraftPolicy:
     """Whether the next decode step drafts: while a drafting step's tokens per second beat a plain step's at
     that batch size, both measured as the engine runs.
 
-    A decode step's time (the engine's whole step) is split into its MTP work (the module's forward over the
-    newly confirmed positions, and drafting) and the rest (the main model's forward, sampling or verifying,
-    the engine's bookkeeping). Per batch-size bucket (1, 2, 3-4, 5-8, ...) it estimates the rest of a plain
-    step, the rest of a step that verified drafts, and a drafting step's MTP work (medians of recent steps);
-    over all steps, the tokens a drafting step yields per sequence (1 + the drafts kept; a mean). Drafting pays
-    while tokens / (verify + draft) > 1 / plain.
+    A plain decode step's cost is the engine's whole step, less any MTP work catching up on positions; a
+    drafting step's is the whole step of one that verified drafts and drafted again (the module's forward
+    over its own new positions only). Per batch-size bucket (1, 2, 3-4, 5-8, ...) the policy keeps the ratio
+    of the two, each ratio measured from steps at most PAIR_GAP decode steps apart: a shared machine's speed
+    drifts (another process, a slow spell), which moves both kinds of step alike. Over all steps it keeps
+    the tokens a drafting step yields per sequence (1 + the drafts kept). Drafting pays while
+    tokens / ratio > 1 (medians of the last WINDOW ratios; a mean of the tokens).
 
-    A bucket first measures drafting (what the engine did before any measurement), then plain steps, then
-    decides step by step. While drafting loses it probes, a few drafting steps now and then, so that a rise in
-    acceptance or a change in the machine's load is noticed: the worse drafting did, the longer the wait, so
-    that probing costs about PROBE_SHARE of the time. While drafting pays, one step in PLAIN_EVERY is plain,
-    which keeps the plain estimate current. always=True drafts every step (and still measures). clock:
-    seconds, injectable so that tests can drive the policy."""
+    A bucket first measures a few drafting steps (what the engine did before any measurement), then plain
+    ones, then decides step by step. While drafting loses it probes, a few drafting steps now and then, so
+    that a rise in acceptance or a change in the machine is noticed: the worse drafting did, the longer the
+    wait, so that probing costs about PROBE_SHARE of the time; but if it lost by little, no longer than a
+    quarter of the steps run so far (early estimates rest on few steps, and the first tokens of a sequence
+    are the hardest to draft). While drafting pays, one step in PLAIN_EVERY is
+    plain, which keeps the ratio current. always=True drafts every step (and still measures). clock: seconds,
+    injectable so that tests can drive the policy."""
 
     def __init__(self, always: bool = False, clock: Callable[[], float] = time.perf_counter):
         self.always, self.clock = always, clock
         self.buckets: dict[int, StepCosts] = {}
-        # tokens per sequence per drafting step: a mean over the last 64 sequences' steps (at least 16)
-        self.tokens = Estimate(window=64, typical=statistics.fmean, learn=1, keep=16, skip_first=False)
+        self.token_counts: deque[tuple[int, int]] = deque(maxlen=TOKENS_WINDOW)  # (decode step, tokens)
         self.decode_steps = self.drafting_steps = 0
 
     @staticmethod
@@ -163,44 +150,46 @@ class DraftPolicy:
             self.buckets[b] = StepCosts()
         return self.buckets[b]
 
+    @property
+    def tokens(self) -> float | None:
+        """Tokens per sequence per drafting step, recently."""
+        counts = self.token_counts
+        while len(counts) > 16 and self.decode_steps - counts[0][0] > TOKENS_AGE:
+            counts.popleft()
+        return statistics.fmean(n for _, n in counts) if counts else None
+
     def gain(self, c: StepCosts) -> float | None:
-        """Expected tokens/s drafting over tokens/s plain; None until all is measured."""
-        return self._gain(*self._values(c))
-
-    def _values(self, c: StepCosts) -> tuple[float | None, ...]:
-        now = self.decode_steps
-        return tuple(e.value(now) for e in (c.plain, c.verify, c.draft, self.tokens))
-
-    @staticmethod
-    def _gain(plain, verify, draft, tokens) -> float | None:
-        if plain is None or verify is None or draft is None or tokens is None:
-            return None
-        return tokens * plain / max(verify + draft, 1e-12)
+        """Expected tokens/s drafting over tokens/s plain; None until measured."""
+        ratio, tokens = c.ratio(), self.tokens
+        return None if ratio is None or tokens is None else tokens / ratio
 
     def draft_next(self, batch_size: int) -> bool:
         """Whether to draft for the next step of batch_size sequences (called once per step that sampled)."""
         if self.always:
             return True
         c = self.costs(batch_size)
-        c.drafting = self._decide(c)
-        return c.drafting
+        c.drafting_now = self._decide(c)
+        return c.drafting_now
 
     def _decide(self, c: StepCosts) -> bool:
         if c.probe > 0:
             c.probe -= 1
             return True
-        plain, verify, draft, tokens = self._values(c)
-        if verify is None or draft is None or tokens is None:
-            return True  # first learn what drafting costs and yields
-        if plain is None:
-            return False  # then what a plain step costs
-        gain = self._gain(plain, verify, draft, tokens)
+        gain = self.gain(c)
+        if gain is None:  # learning: a few drafting steps, then plain ones close to them
+            now = self.decode_steps
+            return sum(now - step <= PAIR_GAP for step, _ in c.drafting) < LEARN
         if gain > 1:
             c.streak += 1
             return c.streak % PLAIN_EVERY != 0
         c.streak = 0
-        if c.drafting:  # drafting (or a probe) has stopped paying: wait in proportion to what a probe loses
-            c.wait = min(max(round(PROBE_STEPS * (1 - gain) / PROBE_SHARE), MIN_WAIT), MAX_WAIT)
+        if c.drafting_now:  # drafting (or a probe) has stopped paying: wait in proportion to what a probe loses,
+            # but while the estimates rest on few steps and it lost by little (maybe noise), for at most a quarter
+            # of the steps run so far
+            wait = min(round(PROBE_STEPS * (1 - gain) / PROBE_SHARE), MAX_WAIT)
+            if gain > 1 - NOISE:
+                wait = min(wait, c.steps // 4)
+            c.wait = max(wait, MIN_WAIT)
         if c.wait > 0:
             c.wait -= 1
             return False
@@ -211,27 +200,33 @@ class DraftPolicy:
         """A decode step of batch_size sequences took `seconds`, mtp_seconds of them in MTP work; verified: it
         fed drafts; steady: its MTP work was one drafting step's (no catching up on positions missed before)."""
         c = self.costs(batch_size)
+        c.steps += 1
         self.decode_steps += 1
         self.drafting_steps += verified
-        if verified:
-            c.verify.add(self.decode_steps, seconds - mtp_seconds)
-            if steady:
-                c.draft.add(self.decode_steps, mtp_seconds)
-        else:
-            c.plain.add(self.decode_steps, seconds - mtp_seconds)
+        if verified and not steady:
+            return  # a step between drafting and plain ones: neither kind
+        kind = "drafting" if verified else "plain"
+        if kind not in c.seen:  # a bucket's first step of a kind may pay one-time costs (allocations, cold caches)
+            c.seen.add(kind)
+            return
+        now, cost = self.decode_steps, max(seconds if verified else seconds - mtp_seconds, 1e-9)
+        getattr(c, kind).append((now, cost))
+        near = [x for step, x in (c.plain if verified else c.drafting) if now - step <= PAIR_GAP]
+        if near:
+            other = statistics.median(near)
+            c.ratios.append(cost / other if verified else other / cost)
 
     def observe_tokens(self, tokens: int) -> None:
         """A sequence's drafting step yielded `tokens` (the drafts kept and the main model's own)."""
-        self.tokens.add(self.decode_steps, tokens)
+        self.token_counts.append((self.decode_steps, tokens))
 
     def stats(self) -> dict:
-        now = self.decode_steps
-        ms = lambda e: None if e.value(now) is None else round(1e3 * e.value(now), 3)  # noqa: E731
+        ms = lambda xs: round(1e3 * statistics.median(x for _, x in xs), 3) if xs else None  # noqa: E731
         return {"policy": "always" if self.always else "adaptive",
                 "decode_steps": self.decode_steps, "drafting_steps": self.drafting_steps,
                 "drafting_fraction": self.drafting_steps / max(self.decode_steps, 1),
-                "tokens_per_drafting_step": self.tokens.value(now),
-                "buckets": {b: {"plain_ms": ms(c.plain), "verify_ms": ms(c.verify), "draft_ms": ms(c.draft),
+                "tokens_per_drafting_step": self.tokens,
+                "buckets": {b: {"plain_ms": ms(c.plain), "drafting_ms": ms(c.drafting), "ratio": c.ratio(),
                                 "gain": self.gain(c)} for b, c in sorted(self.buckets.items())}}
 
 
