@@ -393,7 +393,7 @@ def _run_experts(kernel: ExpertsKernel, ex: Experts, x, gates, picks, out) -> to
     y = kernel(ex, x, gates, picks, out)
     if y is None:  # the reference: dispatch, grouped GEMMs, combine (MoE.routed's own path)
         x_SD, token_S, weight_S, counts_E = _dispatch(x, gates, picks, ex.n_experts)
-        y = out.index_add_(0, token_S, (ex(x_SD, counts_E) * weight_S[:, None]).to(out.dtype))
+        y = out.index_add_(0, token_S, ex(x_SD, counts_E, weight_S).to(out.dtype))
     return y
 
 
