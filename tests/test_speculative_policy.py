@@ -214,17 +214,19 @@ def test_mtp_rows_caught_up_after_plain_steps_equal_an_always_drafting_engines(m
 
 
 def test_plain_steps_keep_the_prefix_cache_working(model):
-    """Without drafting, the MTP module still catches up whenever a block fills (a block's registered rows
-    include the module's): a chat's next turn finds as many cached positions as with drafting, and the same
-    tokens; under cache pressure (preemptions drop what a sequence had kept for the module) too."""
+    """Without drafting, the MTP module still catches up on a prompt's full blocks (a block's registered rows
+    include the module's): a chat's next turn finds the last turn's prompt cached, though not its reply (an
+    engine that drafts has the module's rows of both), and the same tokens; under cache pressure (preemptions
+    drop what a sequence had kept for the module) too."""
     turn = prompts([9], seed=3)[0]
     never, always = (LLM(model, speculative="mtp", speculative_policy=p, block_size=4)
                      for p in (Scripted([False]), "always"))
     params = SamplingParams(temperature=0, max_new_tokens=13, ignore_eos=True)
+    last = 0
     for _ in range(3):
         a, b = never.generate(turn, params)[0], always.generate(turn, params)[0]
-        assert a.token_ids == b.token_ids and a.num_cached_tokens == b.num_cached_tokens
-        turn = turn + a.token_ids + [1, 2, 3]
+        assert a.token_ids == b.token_ids and 4 * (last // 4) <= a.num_cached_tokens <= b.num_cached_tokens
+        last, turn = len(turn), turn + a.token_ids + [1, 2, 3]
     assert a.num_cached_tokens > 20 and never.stats["drafted"] == 0
     # without prefix caching nothing needs the module's rows of a sequence that never drafts: none are computed
     uncached = LLM(model, speculative="mtp", speculative_policy=Scripted([False]), block_size=4,

@@ -34,8 +34,8 @@ kept drafts save. `DraftPolicy` measures both kinds of step as the engine runs a
 per batch size. A step that does not draft is a plain step: no drafts fed, no MTP forward. The module's
 cache then falls behind the main model's; the main model's hidden states of the positions it missed are
 kept (the module at p needs h_p and t_{p+1}), and it catches up over all of them in one forward when
-drafting resumes, or when the main model completes a cache block (so that the prefix cache can register the
-block, whose rows must include the module's, and so that no sequence keeps more than a block of them).
+drafting resumes, or when the main model completes a block of the prompt (so that the prefix cache can
+register it: a block's rows include the module's), or when too many have piled up.
 """
 
 from __future__ import annotations
@@ -362,8 +362,7 @@ class MTPSpeculator:
         drafting = any(sampling) and self.policy.draft_next(sum(sampling))
         wants = [smp and drafting and self.may_draft(s) for s, smp in zip(seqs, sampling)]
         # the MTP module catches up where it drafts, over a prompt chunk while drafting, and where it is too far
-        # behind: with prefix caching, as soon as the main model completes a block (its registered rows include
-        # the module's); else, past MAX_BACKLOG positions (a sequence that ends first never needs its rows)
+        # behind (_too_far_behind)
         extend = [w or (drafting and not smp) or self._too_far_behind(s, block_size)
                   for s, w, smp in zip(seqs, wants, sampling)]
         h_mtp, steady = self._extend_mtp(seqs, starts, kept_rows, h, batch, extend, block_size,
@@ -382,8 +381,14 @@ class MTPSpeculator:
         return new_tokens, token_rows, h, batch
 
     def _too_far_behind(self, seq: Sequence, block_size: int) -> bool:
-        if self.prefix_caching:
-            return seq.num_cached // block_size > seq.num_mtp_cached // block_size
+        """Whether a sequence that does not draft should catch up all the same: when it has computed a full block
+        of its prompt (with prefix caching: a block's registered rows include the module's, and shared prompts
+        are what the cache is for; this costs the prefill a fraction), or past MAX_BACKLOG positions (memory).
+        Generated positions otherwise wait: a plain step costs what a plain engine's does, and a sequence that
+        ends before drafting resumes never computes them (nor registers its last generated blocks)."""
+        if self.prefix_caching and (seq.num_mtp_cached // block_size
+                                    < min(seq.num_cached, seq.num_prompt_tokens) // block_size):
+            return True
         return seq.num_cached - seq.num_mtp_cached > MAX_BACKLOG
 
     def _sample(self, seqs, feeds, sampling, batch: StepBatch, h: torch.Tensor, ends: list[int], generators
