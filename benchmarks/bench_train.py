@@ -1,10 +1,17 @@
 """One training step (forward, next-token loss, backward, AdamW) on bench-small: dsv3 against transformers'
 DeepseekV3ForCausalLM, same weights (saved once, loaded by both), same batches, same process; fp32 on CPU by
 default, any device and dtype by flag. MTP and balance losses are off so both compute the same thing. Also
-the model FLOPs utilisation (MFU) against the device's measured matmul peak in that dtype. The first line
-names the machine (CPU model and ISA flags, threads, torch and its BLAS, the GPU); --json stores it too.
+the model FLOPs utilisation (MFU) against the device's measured matmul peak in the dtype the GEMMs run in.
+The first line names the machine (CPU model and ISA flags, threads, torch and its BLAS, the GPU); --json
+stores it too.
+
+Both models get the same optimizer and the same process settings: torch's fused AdamW by default (what
+transformers' Trainer and `dsv3 train` both use; --optimizer foreach for the other kernel), and on a CPU a
+malloc that keeps freed memory (dsv3.train.cpu, as `dsv3 train` sets it; --malloc default to leave
+glibc's behaviour).
 
     python benchmarks/bench_train.py [--shapes 8x256,4x512] [--steps 5] [--threads N] [--json out.json]
+    python benchmarks/bench_train.py --autocast bf16                                      # bf16 autocast, both
     python benchmarks/bench_train.py --device cuda --dtype bfloat16 --shapes 16x1024     # on a GPU
 """
 
@@ -23,6 +30,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import dsv3  # noqa: E402
+from dsv3.train.cpu import retain_freed_memory  # noqa: E402
+from dsv3.train.optim import torch_adamw  # noqa: E402
 from common import bench_small_checkpoint, print_machine  # noqa: E402
 
 
@@ -60,19 +69,30 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
     ap.add_argument("--dtype", default="float32", help="the weights' dtype: float32 (default), bfloat16")
+    ap.add_argument("--autocast", choices=["off", "bf16"], default="off",
+                    help="bf16: both forwards under torch.autocast (weights stay in --dtype)")
+    ap.add_argument("--optimizer", choices=["fused", "foreach"], default="fused",
+                    help="torch AdamW kernel, the same for both models (default fused)")
+    ap.add_argument("--malloc", choices=["retain", "default"], default="retain",
+                    help="CPU: retain = malloc keeps freed memory, for the whole process (default); default = glibc's")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
+    retained = device.type == "cpu" and args.malloc == "retain" and retain_freed_memory()
     machine = print_machine(device)
+    gemm_dtype = torch.bfloat16 if args.autocast == "bf16" else dtype
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast == "bf16")
     import transformers
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
     cfg, d = bench_small_checkpoint("bench_train_", num_nextn_predict_layers=0)
-    peak = matmul_peak(device, dtype)
+    peak = matmul_peak(device, gemm_dtype)
     print(f"bench-small without MTP ({cfg.num_params() / 1e6:.1f}M parameters, {cfg.num_active_params() / 1e6:.1f}M "
-          f"active), {args.dtype} on {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}; measured {args.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s")
+          f"active), {args.dtype} on {device}" + (", bf16 autocast" if args.autocast == "bf16" else "") +
+          f", {torch.get_num_threads()} CPU threads, torch {torch.__version__}, transformers {transformers.__version__}; "
+          f"measured {str(gemm_dtype).removeprefix('torch.')} matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"both models: AdamW {args.optimizer}; malloc " + ("keeps freed memory" if retained else "as the C library does"))
     rows = []
     for shape in args.shapes.split(","):
         B, T = (int(v) for v in shape.split("x"))
@@ -80,20 +100,26 @@ def main() -> None:
         batches = [torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g).to(device) for _ in range(args.steps + 2)]
         ours = dsv3.load_pretrained(d, dtype=dtype, device=device).train()
         hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).train()
-        opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
-        opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+        opt_kw = dict(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        if args.optimizer == "fused":
+            opt_ours, opt_hf = torch_adamw(ours.parameters(), **opt_kw), torch_adamw(hf.parameters(), **opt_kw)
+        else:
+            opt_ours = torch.optim.AdamW(ours.parameters(), foreach=True, **opt_kw)
+            opt_hf = torch.optim.AdamW(hf.parameters(), foreach=True, **opt_kw)
 
         def step_ours(b):
-            logits = ours(b[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), b[:, 1:].flatten())
+            with autocast:
+                logits = ours(b[:, :-1])
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), b[:, 1:].flatten())
             loss.backward()
             opt_ours.step()
             opt_ours.zero_grad(set_to_none=True)
             return loss.item()
 
         def step_hf(b):
-            logits = hf(b[:, :-1]).logits
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), b[:, 1:].flatten())
+            with autocast:
+                logits = hf(b[:, :-1]).logits
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), b[:, 1:].flatten())
             loss.backward()
             opt_hf.step()
             opt_hf.zero_grad(set_to_none=True)
@@ -125,7 +151,8 @@ def main() -> None:
         print(f"  {'MFU':18}{row['mfu_dsv3']:10.1%}{row['mfu_hf']:14.1%}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "peak_flops": peak, "rows": rows}, f, indent=2)
+            json.dump({"machine": machine, "peak_flops": peak, "autocast": args.autocast, "optimizer": args.optimizer,
+                       "malloc_retained": retained, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,53 @@ def test_our_adamw_equals_torch_and_keeps_bf16_moments():
     assert all(s["exp_avg_sq"].dtype == torch.bfloat16 for s in oc2.state.values())
 
 
+
+def test_fused_adamw_where_the_device_has_it():
+    from dsv3.train.optim import build_optimizer
+    opt = build_optimizer(torch.nn.Linear(8, 4), lr=1e-3)
+    assert opt.defaults["fused"] is True  # CPUs (and CUDA) have torch's fused AdamW
+    assert isinstance(build_optimizer(torch.nn.Linear(8, 4), lr=1e-3, bf16_moments=True), AdamW)
+
+
+def test_bf16_autocast_choice(monkeypatch):
+    """--autocast auto follows the measurement on a CPU, and a resumed run keeps the choice it made."""
+    from dsv3.train import cpu
+    from dsv3.train.train import bf16_autocast
+    dev = torch.device("cpu")
+    assert bf16_autocast("bf16", dev) and not bf16_autocast("off", dev, resumed=True)
+    assert bf16_autocast("auto", dev, resumed=True) and not bf16_autocast("auto", dev, resumed=False)
+    for pays in (True, False):
+        monkeypatch.setattr(cpu, "bf16_autocast_pays", lambda pays=pays: (pays, 3.0 if pays else 0.5))
+        assert bf16_autocast("auto", dev) is pays
+    monkeypatch.undo()
+    speedup = cpu.bf16_matmul_speedup(m=64, k=64, n=64, repeats=2)
+    assert speedup > 0 and cpu.bf16_autocast_pays(min_speedup=float("inf"))[0] is False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_retain_freed_memory_reuses_pages():
+    """After retain_freed_memory(), a large tensor freed and allocated again, step after step, reuses the
+    process's pages (no page faults once the heap has grown); by default glibc hands blocks of 32 MiB and more
+    back to the kernel, and each new one faults all its pages in. Run in a child process: the setting is
+    process-wide."""
+    code = """if True:
+        import resource, torch
+        from dsv3.train.cpu import retain_freed_memory
+        applied = retain_freed_memory()
+        def faults_of_a_fresh_tensor():
+            f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t = torch.ones(48 << 20 >> 2)  # 48 MiB, written through
+            del t
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
+        print(applied, *[faults_of_a_fresh_tensor() for _ in range(10)])"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr
+    applied, *faults = r.stdout.split()
+    if applied == "True":
+        # the first rounds may still grow the heap (12,288 faults each time it grows by 48 MiB); then none
+        assert all(int(f) < 1000 for f in faults[-3:]), faults
+
+
 # ---- data ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

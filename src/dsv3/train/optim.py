@@ -62,4 +62,14 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, beta
     groups = param_groups(model, weight_decay)
     if bf16_moments:
         return AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, moment_dtype=torch.bfloat16)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, foreach=True)
+    return torch_adamw(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+def torch_adamw(params, **kwargs) -> torch.optim.AdamW:
+    """torch's AdamW with the fused kernel where the parameters' device has one (CPU and CUDA do: one pass over
+    parameter, gradient and moments, where the foreach path makes one per elementwise op), else foreach."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except RuntimeError:  # a device (or dtype) without the fused kernel
+        return torch.optim.AdamW(params, foreach=True, **kwargs)

@@ -34,7 +34,7 @@ from ..data.dataset import PackedSequences, cached_tokens, tokenize, unigram_ent
 from ..model.model import DeepSeekV3, init_weights
 from ..model.mtp import mtp_loss
 from ..tokenizer import Tokenizer, train_bpe
-from . import balance
+from . import balance, cpu
 from .metrics import MetricsLog, plot_run, read_metrics
 from .optim import build_optimizer
 from .schedules import default_warmup, gamma_at, lr_at, mtp_lambda_at
@@ -77,7 +77,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init-std", type=float, default=0.006, help="weight init std (V3: 0.006)")
     g.add_argument("--recompute", action="store_true", help="recompute each block in backward (less memory)")
     g.add_argument("--autocast", choices=["auto", "bf16", "off"], default="auto",
-                   help="bf16 autocast: auto = on CUDA with bf16 support, off on CPU")
+                   help="bf16 autocast: auto = on CUDA with bf16 support, and on a CPU whose bf16 matrix products "
+                        "measure at least twice as fast as its float32 ones (AMX); a resumed run keeps its choice")
     g = p.add_argument_group("recipe")
     g.add_argument("--balance", choices=balance.MODES, default="aux-free",
                    help="aux-free: bias updates + sequence-wise loss (V3); aux-loss: the classic auxiliary loss; none")
@@ -121,6 +122,23 @@ def hash_text(s: str) -> str:
     return hashlib.sha256(s.encode()).hexdigest()
 
 
+def bf16_autocast(choice: str, device: torch.device, resumed: bool | None = None) -> bool:
+    """--autocast: "bf16" / "off" as told; "auto": what a resumed run chose (a run keeps its precision), else on
+    CUDA with bf16 support and on a CPU whose bf16 matrix products measure fast enough (train/cpu.py)."""
+    if choice != "auto":
+        return choice == "bf16"
+    if resumed is not None:
+        return resumed
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        pays, speedup = cpu.bf16_autocast_pays()
+        print(f"bf16 autocast {'on' if pays else 'off'}: this CPU multiplies bf16 matrices at {speedup:.2f}x its "
+              "float32 speed")
+        return pays
+    return False
+
+
 @torch.no_grad()
 def evaluate(model: DeepSeekV3, val: PackedSequences, batches: int, batch_size: int, device) -> tuple[float, torch.Tensor]:
     """Mean next-token loss over the first batches*batch_size validation sequences, and the expert loads."""
@@ -152,9 +170,9 @@ def main(args: argparse.Namespace) -> dict:
                          f"{args.micro_batch_size}")
     accum = args.batch_size // args.micro_batch_size
     alpha = args.alpha if args.alpha is not None else {"aux-free": 1e-4, "aux-loss": 1e-3, "none": 0.0}[args.balance]
-    use_autocast = args.autocast == "bf16" or (args.autocast == "auto" and device.type == "cuda"
-                                                and torch.cuda.is_bf16_supported())
     torch.manual_seed(args.seed)
+    if device.type == "cpu":
+        cpu.retain_freed_memory()  # each step reuses the last one's pages instead of faulting in fresh ones
 
     # ---- data, tokenizer, model, optimizer ----------------------------------------------------------------
     tok, train_tokens, val_tokens, data_info = _prepare_data(args, run_dir)
@@ -179,7 +197,7 @@ def main(args: argparse.Namespace) -> dict:
 
     # ---- resume --------------------------------------------------------------------------------------------
     run_args = {k: getattr(args, k) for k in RUN_DEFINING}
-    step, samples, resumed = 0, 0, None
+    step, samples, resumed, state = 0, 0, None, {}
     saved = list_checkpoints(run_dir)
     if saved:
         state = load_checkpoint(run_dir, saved[-1], model, optimizer)
@@ -190,11 +208,12 @@ def main(args: argparse.Namespace) -> dict:
         step, samples, resumed = state["step"], state["samples"], state["step"]
         if step >= args.steps:
             print(f"{run_dir} has already trained {step} of {args.steps} steps")
+    use_autocast = bf16_autocast(args.autocast, device, state.get("bf16_autocast"))
     metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), resume_step=resumed)
     atomic_write_json(os.path.join(run_dir, "run.json"), {
         "args": {k: v for k, v in vars(args).items() if k != "func"}, "data": data_info,
         "model": {"parameters": config.num_params(), "active_parameters": config.num_active_params()},
-        "accumulation": accum, "warmup_steps": warmup, "alpha": alpha})
+        "accumulation": accum, "warmup_steps": warmup, "alpha": alpha, "bf16_autocast": use_autocast})
     moe_names = [n for n, m in model.named_modules() if m in balance.moe_layers(model)]
     tokens_per_step = args.batch_size * args.seq_len
     val_tokens_per_byte = data_info["val_tokens"] / max(data_info["val_bytes"], 1)
@@ -265,8 +284,8 @@ def main(args: argparse.Namespace) -> dict:
         bar.set_postfix(loss=f"{record['loss']:.3f}", maxvio=f"{record['maxvio']:.2f}",
                         tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         if step % args.save_every == 0 or step == args.steps:
-            save_checkpoint(run_dir, step, model, optimizer, {"samples": samples, "args": run_args,
-                                                              "skipped": skipped}, keep=args.keep)
+            save_checkpoint(run_dir, step, model, optimizer, {"samples": samples, "args": run_args, "skipped": skipped,
+                                                              "bf16_autocast": use_autocast}, keep=args.keep)
             save_pretrained(model, run_dir, dtype=torch.float32, tokenizer=tok)
     bar.close()
     metrics.close()
