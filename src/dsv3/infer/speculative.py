@@ -258,7 +258,7 @@ class MTPSpeculator:
         """topk: how many of the module's top guesses a greedy step verifies for the next position; None adapts
         between 1 and 2. num_tokens: positions drafted per step (a chain; with more than one, one guess each).
         policy: when to draft (default: an adaptive DraftPolicy). prefix_caching: the cache registers full
-        blocks, which needs the module's rows of a block as soon as it fills."""
+        blocks, with the module's rows: those of a prompt's blocks are computed even while not drafting."""
         if not runner.model.mtp:
             raise ValueError("speculative='mtp' needs a model with an MTP module (num_nextn_predict_layers >= 1)")
         if topk is not None and topk < 1:
