@@ -107,6 +107,7 @@ class StepCosts:
     wait: int = MIN_WAIT  # plain steps before the next probe
     streak: int = 0  # drafting steps decided since the last plain one
     steps: int = 0  # decode steps measured
+    catch_up: float = 0.0  # what the MTP module's catching up cost when drafting last resumed, in plain steps
 
     def ratio(self) -> float | None:
         return statistics.median(self.ratios) if len(self.ratios) >= LEARN else None
@@ -127,11 +128,11 @@ class DraftPolicy:
     A bucket first measures a few drafting steps (what the engine did before any measurement), then plain
     ones, then decides step by step. While drafting loses it probes, a few drafting steps now and then, so
     that a rise in acceptance or a change in the machine is noticed: the worse drafting did, the longer the
-    wait, so that probing costs about PROBE_SHARE of the time; but if it lost by little, no longer than a
-    quarter of the steps run so far (early estimates rest on few steps, and the first tokens of a sequence
-    are the hardest to draft). While drafting pays, one step in PLAIN_EVERY is
-    plain, which keeps the ratio current. always=True drafts every step (and still measures). clock: seconds,
-    injectable so that tests can drive the policy."""
+    wait, so that probing (and the module catching up for it) costs about PROBE_SHARE of the time; but if it
+    lost by little, no longer than a quarter of the steps run so far (early estimates rest on few steps, and
+    the first tokens of a sequence are the hardest to draft). While drafting pays, one step in PLAIN_EVERY
+    is plain, which keeps the ratio current. always=True drafts every step (and still measures). clock:
+    seconds, injectable so that tests can drive the policy."""
 
     def __init__(self, always: bool = False, clock: Callable[[], float] = time.perf_counter):
         self.always, self.clock = always, clock
@@ -183,10 +184,11 @@ class DraftPolicy:
             c.streak += 1
             return c.streak % PLAIN_EVERY != 0
         c.streak = 0
-        if c.drafting_now:  # drafting (or a probe) has stopped paying: wait in proportion to what a probe loses,
-            # but while the estimates rest on few steps and it lost by little (maybe noise), for at most a quarter
-            # of the steps run so far
-            wait = min(round(PROBE_STEPS * (1 - gain) / PROBE_SHARE), MAX_WAIT)
+        if c.drafting_now:  # drafting (or a probe) has stopped paying: wait in proportion to what a probe costs
+            # (its steps' loss, and the module's catching up on the positions it missed, which a sequence that ends
+            # first never needs), but while the estimates rest on few steps and it lost by little (maybe noise),
+            # for at most a quarter of the steps run so far
+            wait = min(round((PROBE_STEPS * (1 - gain) + c.catch_up) / PROBE_SHARE), MAX_WAIT)
             if gain > 1 - NOISE:
                 wait = min(wait, c.steps // 4)
             c.wait = max(wait, MIN_WAIT)
@@ -203,6 +205,8 @@ class DraftPolicy:
         c.steps += 1
         self.decode_steps += 1
         self.drafting_steps += verified
+        if not verified and mtp_seconds > 0 and c.plain:  # a plain step after which drafting resumes
+            c.catch_up = mtp_seconds / statistics.median(x for _, x in c.plain)
         if verified and not steady:
             return  # a step between drafting and plain ones: neither kind
         kind = "drafting" if verified else "plain"
