@@ -380,8 +380,9 @@ class MTPSpeculator:
             if len(drafters) < len(extended):
                 h_mtp = h_mtp.index_select(0, torch.tensor([extended.index(i) for i in drafters], device=h.device))
             self._draft([seqs[i] for i in drafters], [generators[i] for i in drafters], h_mtp, block_size)
-        if decode:
-            self._step_record = (len(seqs), verified, self.policy.clock() - t0, verified and steady)
+        if decode:  # (MTP work: none if the module did not run)
+            mtp_seconds = self.policy.clock() - t0 if h_mtp is not None else 0.0
+            self._step_record = (len(seqs), verified, mtp_seconds, verified and steady)
         return new_tokens, token_rows, h, batch
 
     def _too_far_behind(self, seq: Sequence, block_size: int) -> bool:
