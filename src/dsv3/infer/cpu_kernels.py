@@ -147,16 +147,16 @@ def experts_dense(ex: Experts, x_ND, weights_NK, experts_NK, out_ND, spans: list
     """Every expert the tokens hit, on every token, then each token's outputs summed with its gate weights
     (zero for the experts it did not pick): out_ND + sum_k w_k expert_k(x). No dispatch, a handful of ops, and
     each expert's weights read once by a batched GEMM whose right operand is column-major per expert. The
-    batches are runs of consecutive experts (`expert_spans`), each expert's rows split into `parts` blocks so
-    that a short run still gives every thread a block to stream (a batch of one matrix is a single-threaded
-    product in BLAS). Wasteful unless the tokens are few."""
+    batches are runs of consecutive experts (`expert_spans`), each expert's rows split into `parts` blocks when
+    a run is shorter than 2 x threads, so that every thread has blocks to stream (a batch of one matrix is a
+    single-threaded product in BLAS). Wasteful unless the tokens are few."""
     E, N, I, D = ex.n_experts, x_ND.shape[0], ex.inter_dim, ex.dim
     if x_ND.stride(-1) != 1:  # a column-major x (another skinny product's output) makes x^T the slow layout
         x_ND = x_ND.contiguous()
     R = sum(hi - lo for lo, hi in spans)  # experts read
     threads = 2 * torch.get_num_threads()
     parts = next((p for p in (threads, threads // 2, 2) if p > 1 and D % p == 0 and I % p == 0), 1) \
-        if R < threads else 1
+        if min(hi - lo for lo, hi in spans) < threads else 1
 
     def per_expert(w_E: torch.Tensor, x_PKN: torch.Tensor) -> torch.Tensor:
         """The read experts' row blocks w_E (E * parts, O / parts, K) times x (R * parts, K, N) -> (R, O, N): one
@@ -233,18 +233,21 @@ def _cpuinfo() -> dict[str, str]:
 
 
 FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_fp16")
+# part of the cache key: raise it when a candidate changes, so that choices timed on the old code are not reused
+KERNELS_VERSION = 2
 
 
 def machine_key(dtype: torch.dtype) -> str:
     """What the timings depend on: the CPU (model name, family and model, vector and matrix flags), the torch
-    build, the number of threads and the dtype."""
+    build, the number of threads, the dtype and the candidates' code."""
     info = _cpuinfo()
     flags = set(info.get("flags", "").split())
     return " | ".join([
         info.get("model name") or platform.processor() or platform.machine(),
         f"family {info.get('cpu family', '?')} model {info.get('model', '?')}",
         "+".join(f for f in FLAGS if f in flags) or "-",
-        f"torch {torch.__version__}", f"{torch.get_num_threads()} threads", str(dtype).removeprefix("torch.")])
+        f"torch {torch.__version__}", f"{torch.get_num_threads()} threads", str(dtype).removeprefix("torch."),
+        f"kernels v{KERNELS_VERSION}"])
 
 
 def llc_bytes() -> int:
