@@ -112,9 +112,9 @@ class Prices:
             clock.t += self.main(batch.input_ids.numel())
             return forward(batch)
 
-        def mtp(batch, h_prev):
+        def mtp(batch, h_prev, **kw):
             clock.t += self.mtp(batch.input_ids.numel())
-            return forward_mtp(batch, h_prev)
+            return forward_mtp(batch, h_prev, **kw)
 
         runner.forward, runner.forward_mtp = main, mtp
 

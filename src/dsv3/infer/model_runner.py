@@ -285,12 +285,30 @@ class ModelRunner:
         return self.model.norm(x)
 
     @torch.inference_mode()
-    def forward_mtp(self, batch: StepBatch, h_prev: torch.Tensor) -> torch.Tensor:
+    def forward_mtp(self, batch: StepBatch, h_prev: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """MTP module 1 at the fed positions: batch.input_ids are the *next* tokens t_{p+1}, h_prev the main
-        model's hidden states at p -> the module's hidden states (N, D), before its shared_head.norm."""
+        model's hidden states at p -> the module's hidden states (N, D), before its shared_head.norm.
+
+        last_only: -> only each sequence's last row (B, D), the one that drafts. Every fed row's latent still
+        goes to the module's cache (later drafts attend to them), but attention and the MoE run for the last
+        rows only: a step that confirmed several positions, or catches up on many, pays for one row's."""
         module = self.model.mtp[0]
+        layer, block = self.config.num_hidden_layers, module.block
         x = module.combine(h_prev, self.model.embed(batch.input_ids))
-        return self.block(module.block, self.config.num_hidden_layers, x, batch, batch.rope(self.model.rope))
+        if not last_only or (batch.uniform and batch.q_index.shape[1] == 1):
+            h = self.block(block, layer, x, batch, batch.rope(self.model.rope))
+            return batch.last_rows(h) if last_only else h
+        attn = block.attn
+        q_nope, q_rope, kv_new, k_rope_new = attn.project(block.attn_norm(x), batch.rope(self.model.rope))
+        self.cache.write(layer, batch.slots, kv_new, k_rope_new)
+        last = batch.last_index
+        ctx = self.cache.read(layer, batch.slot_table)  # (B, S, C+R)
+        mask = _arange(ctx.shape[1]).to(ctx.device) <= batch.positions.index_select(0, last)[:, None]  # (B, S)
+        out = mla_absorbed(q_nope.index_select(0, last).unsqueeze(1), q_rope.index_select(0, last).unsqueeze(1),
+                           ctx, score_bias(mask[:, None, None, :], attn.n_heads, ctx.dtype), *self.absorbed[layer],
+                           attn.softmax_scale)  # (B, 1, H, V)
+        h = x.index_select(0, last) + attn.wo(out.flatten(1))
+        return h + block.ffn(block.ffn_norm(h))
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -523,11 +523,7 @@ class MTPSpeculator:
             h_prev = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
             mtp_batch = build_batch(mtp_feeds, [s.num_mtp_cached for s in sub], [s.block_table for s in sub],
                                     block_size, self.runner.device)
-        h_mtp = self.runner.forward_mtp(mtp_batch, h_prev)
-        if mtp_batch.uniform:  # each sequence's last row, without building an index
-            h_mtp = h_mtp.unflatten(0, (len(mtp_batch.feed_lens), -1))[:, -1]
-        else:
-            h_mtp = mtp_batch.last_rows(h_mtp)
+        h_mtp = self.runner.forward_mtp(mtp_batch, h_prev, last_only=True)  # (E, D): each sequence's last row
         for i in extended:
             seqs[i].num_mtp_cached = seqs[i].num_cached
         return h_mtp, steady
