@@ -159,7 +159,8 @@ def test_drafting_turns_off_when_it_costs_more_than_it_yields_and_back_on(model,
     plain = [o.token_ids for o in LLM(model, block_size=4).generate(ps, params)]
     assert [o.token_ids for o in llm.generate(ps, params)] == plain
     pairs = [d for b, d in decisions if b == 2]
-    assert policy.gain(policy.costs(2)) > 1 and all(pairs[-10:]) and not all(pairs)
+    # drafting again, but for the one plain step in PLAIN_EVERY that keeps the plain estimate current
+    assert policy.gain(policy.costs(2)) > 1 and sum(pairs[-PLAIN_EVERY:]) >= PLAIN_EVERY - 2 and not all(pairs)
     assert llm.stats["accepted"] > 0
 
 

@@ -34,8 +34,8 @@ kept drafts save. `DraftPolicy` measures both kinds of step as the engine runs a
 per batch size. A step that does not draft is a plain step: no drafts fed, no MTP forward. The module's
 cache then falls behind the main model's; the main model's hidden states of the positions it missed are
 kept (the module at p needs h_p and t_{p+1}), and it catches up over all of them in one forward when
-drafting resumes, or when the main model completes a block of the prompt (so that the prefix cache can
-register it: a block's rows include the module's), or when too many have piled up.
+drafting resumes, or when the main model completes a block (so that the prefix cache can register it: a
+block's rows include the module's), or when too many have piled up.
 """
 
 from __future__ import annotations
@@ -386,13 +386,12 @@ class MTPSpeculator:
         return new_tokens, token_rows, h, batch
 
     def _too_far_behind(self, seq: Sequence, block_size: int) -> bool:
-        """Whether a sequence that does not draft should catch up all the same: when it has computed a full block
-        of its prompt (with prefix caching: a block's registered rows include the module's, and shared prompts
-        are what the cache is for; this costs the prefill a fraction), or past MAX_BACKLOG positions (memory).
-        Generated positions otherwise wait: a plain step costs what a plain engine's does, and a sequence that
-        ends before drafting resumes never computes them (nor registers its last generated blocks)."""
-        if self.prefix_caching and (seq.num_mtp_cached // block_size
-                                    < min(seq.num_cached, seq.num_prompt_tokens) // block_size):
+        """Whether a sequence that does not draft should catch up all the same: with prefix caching, when it has
+        computed a full block (a block's registered rows include the module's: a shared prompt, or a chat's last
+        reply, is found by the next request); without, past MAX_BACKLOG positions (memory). A catch-up runs the
+        module's attention and MoE for one row only (`forward_mtp(last_only=True)`): per position it costs a
+        small fraction of a plain step."""
+        if self.prefix_caching and seq.num_mtp_cached // block_size < seq.num_cached // block_size:
             return True
         return seq.num_cached - seq.num_mtp_cached > MAX_BACKLOG
 
