@@ -1,4 +1,4 @@
-"""`dsv3 train`: pretrain a DeepSeek-V3 with the V3 recipe (RECIPE.md), resumable to the bit.
+"""`dsv3 train`: pretrain a DeepSeek-V3 with the V3 recipe (the technical report, §4), resumable to the bit.
 
     dsv3 train --preset tiny --out runs/tiny            # the built-in corpus, a few minutes on a laptop CPU
     dsv3 train --preset tiny --out runs/tiny            # the same command again: resumes where it stopped
