@@ -30,6 +30,18 @@ def test_top_k_top_p_temperature():
     assert torch.allclose(p, torch.tensor([[0.25, 0.04, 0.0225, 0.01, 0.0025]]) / 0.325)
 
 
+def test_sampler_probs_shortcut_matches_the_full_processing():
+    """Rows with temperature alone take a 2-op path: the same numbers as processed_probs, greedy rows one-hot."""
+    s = Sampler("cpu")
+    logits = torch.randn(4, 64, dtype=torch.float64).float()
+    hot, cold, greedy = SamplingParams(temperature=0.7), SamplingParams(temperature=1.3), SamplingParams(temperature=0)
+    for params in ([hot] * 4, [hot, greedy, hot, greedy], [hot, cold, hot, cold], [SamplingParams(top_k=5)] * 4):
+        want = processed_probs(logits, *s.params_tensors(params))
+        onehot = torch.zeros_like(want).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        want = torch.where(torch.tensor([p.greedy for p in params])[:, None], onehot, want)
+        assert torch.equal(s.probs(logits, params), want)
+
+
 def test_draw_is_exact():
     probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]])
     # the CDF intervals: [0, .1) -> 0, [.1, .7) -> 2, [.7, 1) -> 3; a zero-probability token is never drawn
