@@ -125,3 +125,29 @@ def test_chain_rule_keeps_the_target_distribution():
     assert (second / n_second - p[1]).abs().max() < 0.03, second / n_second
     assert (third / n_third - p[2]).abs().max() < 0.04, third / n_third
     assert abs(kept_first / n - torch.minimum(p[0], q0).sum().item()) < 0.015
+
+
+def test_batched_rule_keeps_the_target_distribution():
+    """verify_drafts, the rule for many sequences' single drafts at once: each first token distributed as p, a
+    kept draft's bonus as p_next, a draft kept with probability sum_x min(p(x), q(x)); rows independent."""
+    from dsv3.infer.speculative import verify_drafts
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.40, 0.25, 0.20, 0.10, 0.05])
+    p_next = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])
+    q = torch.tensor([0.05, 0.15, 0.30, 0.30, 0.20])
+    n = 12000
+    drafts = draw(q.expand(n, 5), torch.rand(n, generator=g)).tolist()
+    out = verify_drafts(torch.stack([p, p_next]).expand(n, 2, 5), q.expand(n, 5), drafts, [g] * n)
+    first = torch.bincount(torch.tensor([t[0] for t in out]), minlength=5) / n
+    kept = [t for t in out if len(t) == 2]
+    bonus = torch.bincount(torch.tensor([t[1] for t in kept]), minlength=5) / len(kept)
+    assert all(t[0] == d for t, d in zip(out, drafts) if len(t) == 2)
+    tol = 4 * (p * (1 - p) / n).sqrt().max()
+    assert (first - p).abs().max() < tol, first
+    assert (bonus - p_next).abs().max() < 0.03
+    assert abs(len(kept) / n - torch.minimum(p, q).sum().item()) < 0.015
+    # a row's outcome depends on its own generator only
+    one = verify_drafts(torch.stack([p, p_next])[None], q[None], drafts[:1], [torch.Generator().manual_seed(5)])
+    two = verify_drafts(torch.stack([p, p_next]).expand(2, 2, 5), q.expand(2, 5), drafts[:1] * 2,
+                        [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)])
+    assert one[0] == two[0]

@@ -436,6 +436,13 @@ class MTPSpeculator:
             p_all = self.sampler.probs(logits if len(rows) == len(logits) else logits[rows],
                                        [params[i] for i in sampled for _ in range(offsets[i], offsets[i + 1])])
             probs = dict(zip(sampled, p_all.split([offsets[i + 1] - offsets[i] for i in sampled])))
+        # single sampled drafts (no chain): the accept/reject rule for all of them at once
+        ruled = {}
+        if sampled and self.num_tokens == 1:
+            sampled_p = p_all.view(len(sampled), 2, -1)  # (n, 2, V): each draft's position and the next
+            q = torch.stack([self.draft_probs.pop(seqs[i].seq_id)[0] for i in sampled])
+            gens = [generators[i] or self.sampler.default for i in sampled]
+            ruled = dict(zip(sampled, verify_drafts(sampled_p, q, [seqs[i].draft[0] for i in sampled], gens)))
         new_tokens, token_rows, kept_rows, moves = [], [], [], ([], [])
         for i, seq in enumerate(seqs):
             last = lasts[i]  # the row of the sequence's last token (before its drafts)
@@ -449,6 +456,8 @@ class MTPSpeculator:
             best = argmax[offsets[i]:offsets[i + 1]]
             if not seq.draft:  # a prefill, or a request that does not draft: sample from the last position
                 toks = [int(self.sampler.sample(logits[offsets[i]:offsets[i + 1]], [params[i]], [generators[i]]))]
+            elif i in ruled:
+                toks = ruled[i]
             elif self.num_tokens > 1:
                 toks = self._verify_chain(seq, probs.get(i), best, params[i], generators[i])
             else:
@@ -646,6 +655,23 @@ def verify_chain(p: torch.Tensor, qs: list[torch.Tensor], drafts: list[int], gen
                 residual = p[j]
             return list(drafts[:j]) + [_draw_one(residual / residual.sum(), generator)]
     return list(drafts) + [_draw_one(p[len(drafts)], generator)]
+
+
+def verify_drafts(p: torch.Tensor, q: torch.Tensor, drafts: list[int], generators: list[torch.Generator]
+                  ) -> list[list[int]]:
+    """verify_chain for n sequences with one sampled draft each, in a dozen ops whatever n: p (n, 2, V), the
+    main model's distributions at each draft's position and the one after; q (n, V), what each draft was drawn
+    from. Sequence i draws its two uniforms (accept, then the token) from generators[i], in that order."""
+    d = torch.tensor(drafts, device=p.device)[:, None]
+    accept_u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(p.device, torch.float64)
+    p0 = p[:, 0]
+    kept = accept_u * q.gather(1, d).squeeze(1).double() < p0.gather(1, d).squeeze(1).double()  # min(1, p/q)
+    residual = (p0 - q).clamp(min=0)
+    mass = residual.sum(dim=-1, keepdim=True)
+    residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p0)  # mass 0 only where p == q: no rejection
+    target = torch.where(kept[:, None], p[:, 1], residual)  # kept: the bonus token from p_next
+    tokens = draw(target, torch.cat([torch.rand(1, generator=g) for g in generators]).to(p.device)).tolist()
+    return [[dr, t] if k else [t] for dr, t, k in zip(drafts, tokens, kept.tolist())]
 
 
 def verify_draft(p: torch.Tensor, p_next: torch.Tensor, q: torch.Tensor, draft: int, greedy: bool,
