@@ -60,19 +60,20 @@ def test_mtp_forward_of_the_last_rows_only_equals_the_full_one():
     from dsv3.infer.model_runner import build_batch
 
     c = tiny_config()
-    outs, rows = [], []
-    for last_only in (False, True):
-        llm = LLM(random_model(c), cpu_kernels=False, max_num_seqs=4, block_size=4, **ALWAYS)
-        layer = c.num_hidden_layers
-        feeds, starts = [[5, 7, 9, 11, 13, 2, 4], [3], [8, 8, 1]], [0, 6, 2]
-        tables = [[0, 1], [2, 3], [4, 5]]
-        batch = build_batch(feeds, starts, tables, 4, "cpu")
-        h_prev = torch.randn(sum(map(len, feeds)), c.hidden_size, generator=torch.Generator().manual_seed(0))
-        h = llm.runner.forward_mtp(batch, h_prev, last_only=last_only)
-        outs.append(h if last_only else batch.last_rows(h))
-        rows.append(llm.cache.data[layer, batch.slots].clone())
-    assert outs[1].shape == (3, c.hidden_size) and rel_err(outs[1], outs[0]) <= 1e-5
-    assert torch.equal(rows[0], rows[1])
+    tables = [[0, 1], [2, 3], [4, 5]]
+    # ragged; and uniform (each sequence 2 rows, as a step that kept a decode's token and its draft)
+    for feeds, starts in [([[5, 7, 9, 11, 13, 2, 4], [3], [8, 8, 1]], [0, 6, 2]), ([[5, 7], [3, 1], [8, 2]], [3, 0, 5])]:
+        outs, rows = [], []
+        for last_only in (False, True):
+            llm = LLM(random_model(c), cpu_kernels=False, max_num_seqs=4, block_size=4, **ALWAYS)
+            layer = c.num_hidden_layers
+            batch = build_batch(feeds, starts, tables, 4, "cpu")
+            h_prev = torch.randn(sum(map(len, feeds)), c.hidden_size, generator=torch.Generator().manual_seed(0))
+            h = llm.runner.forward_mtp(batch, h_prev, last_only=last_only)
+            outs.append(h if last_only else batch.last_rows(h))
+            rows.append(llm.cache.data[layer, batch.slots].clone())
+        assert outs[1].shape == (3, c.hidden_size) and rel_err(outs[1], outs[0]) <= 1e-5
+        assert torch.equal(rows[0], rows[1])
 
 
 def test_engine_greedy_equals_full_recompute_and_batched_equals_alone():

@@ -301,13 +301,19 @@ class ModelRunner:
         attn = block.attn
         q_nope, q_rope, kv_new, k_rope_new = attn.project(block.attn_norm(x), batch.rope(self.model.rope))
         self.cache.write(layer, batch.slots, kv_new, k_rope_new)
-        last = batch.last_index
         ctx = self.cache.read(layer, batch.slot_table)  # (B, S, C+R)
-        mask = _arange(ctx.shape[1]).to(ctx.device) <= batch.positions.index_select(0, last)[:, None]  # (B, S)
-        out = mla_absorbed(q_nope.index_select(0, last).unsqueeze(1), q_rope.index_select(0, last).unsqueeze(1),
-                           ctx, score_bias(mask[:, None, None, :], attn.n_heads, ctx.dtype), *self.absorbed[layer],
-                           attn.softmax_scale)  # (B, 1, H, V)
-        h = x.index_select(0, last) + attn.wo(out.flatten(1))
+        H = attn.n_heads
+        if batch.uniform:  # (B, T) rows: the last ones are views, their bias a slice of the step's
+            B, T = batch.q_index.shape
+            q_nope, q_rope = q_nope.view(B, T, H, -1)[:, -1:], q_rope.view(B, T, H, -1)[:, -1:]
+            bias, x_last = batch.score_bias(H, ctx.dtype)[:, (T - 1) * H:], x.view(B, T, -1)[:, -1]
+        else:
+            last = batch.last_index
+            mask = _arange(ctx.shape[1]).to(ctx.device) <= batch.positions.index_select(0, last)[:, None]  # (B, S)
+            q_nope, q_rope = q_nope.index_select(0, last).unsqueeze(1), q_rope.index_select(0, last).unsqueeze(1)
+            bias, x_last = score_bias(mask[:, None, None, :], H, ctx.dtype), x.index_select(0, last)
+        out = mla_absorbed(q_nope, q_rope, ctx, bias, *self.absorbed[layer], attn.softmax_scale)  # (B, 1, H, V)
+        h = x_last + attn.wo(out.flatten(1))
         return h + block.ffn(block.ffn_norm(h))
 
     @torch.inference_mode()
