@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from dsv3.infer import LLM, SamplingParams  # noqa: E402
+from common import print_machine  # noqa: E402
 
 DEFAULT_PROMPTS = ["def ", "import os\n", "class ", "    def __init__(self", "# ", "for i in range(",
                    "if __name__ == '__main__':\n", "return "]
@@ -72,6 +73,7 @@ def main() -> None:
                             seed=args.seed)
     if args.threads:  # before the engines start: the CPU kernels are chosen for the thread count
         torch.set_num_threads(args.threads)
+    print_machine(args.device)
     plain = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.batch)
     spec = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.batch, speculative="mtp",
                speculative_topk=args.topk, num_speculative_tokens=args.num_tokens, speculative_policy=args.policy)

@@ -51,6 +51,7 @@ def test_throughput_with_speculation(model_dir, tmp_path, capsys):
     assert r["machine"]["torch"] == torch.__version__ and r["prefix_cache_hit_tokens"] == 0
     assert r["output_tokens_per_s"] == pytest.approx(5 * 4 / r["seconds"])
     assert 0 <= r["acceptance_rate"] <= 1 and r["tokens_per_forward"] >= 1
+    assert r["speculative_policy"] == "adaptive" and 0 <= r["drafting_fraction"] <= 1
     assert "MTP drafts accepted" in capsys.readouterr().out
 
 

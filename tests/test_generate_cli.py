@@ -51,7 +51,8 @@ def test_batch_from_file_in_order(model_dir, tmp_path, capsys):
 def test_interactive_chat_keeps_history_and_clears(model_dir, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\nthe cat\n/clear\nthe dog\n/exit\n"))
     rc = main(["generate", "--model", str(model_dir), "--interactive", "--temperature", "0",
-               "--max-new-tokens", "5", "--speculative", "mtp", "--speculative-topk", "2"])
+               "--max-new-tokens", "5", "--speculative", "mtp", "--speculative-topk", "2",
+               "--speculative-policy", "always"])
     assert rc == 0
     captured = capsys.readouterr()
     assert "history cleared" in captured.err

@@ -258,7 +258,8 @@ def run(args, engine) -> dict:
                   enable_prefix_caching=caching,
                   prefix_cache_hit_tokens=stats["prefix_cache_hit_tokens"], machine=machine)
     if args.speculative:
-        result.update(acceptance_rate=stats["acceptance_rate"], tokens_per_forward=stats["tokens_per_forward"])
+        result.update(acceptance_rate=stats["acceptance_rate"], tokens_per_forward=stats["tokens_per_forward"],
+                      speculative_policy=args.speculative_policy, drafting_fraction=stats["drafting_fraction"])
     _report(result)
     if args.json:
         from .ckpt.io import atomic_write_text
@@ -283,7 +284,8 @@ def _report(r: dict) -> None:
                   f"{r['total_tokens_per_s']:.1f} tokens/s in all"]
     if r.get("speculative"):
         lines.append(f"  MTP drafts accepted {r['acceptance_rate']:.0%}, {r['tokens_per_forward']:.2f} tokens per "
-                     "verifying forward")
+                     f"verifying forward; {r['speculative_policy']} policy drafted {r['drafting_fraction']:.0%} of "
+                     "decode steps")
     lines.append(f"  cache {r['kv_cache_bytes_per_token']} bytes per token; {r['steps']} engine steps, "
                  f"{r['preemptions']} preemptions; prefix cache {'on' if r['enable_prefix_caching'] else 'off'}, "
                  f"{r['prefix_cache_hit_tokens']} prompt tokens served from it")

@@ -115,6 +115,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="with --speculative mtp and one drafted position: greedy requests verify the MTP module's K "
                         "likeliest next tokens at once (default: 1 or 2, adapting to how often its second guess "
                         "is the right one)")
+    p.add_argument("--speculative-policy", choices=["adaptive", "always"], default="adaptive",
+                   help="with --speculative mtp: 'adaptive' (default) measures drafting and plain steps as it runs "
+                        "and drafts only while drafting gives more tokens per second, per batch size; 'always' "
+                        "drafts every step")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the cache's full blocks after a request ends and start requests that begin with the "
                         "same tokens from them (a chat's next turn, a shared system prompt); default on")
@@ -141,7 +145,7 @@ def _engine(args, **kwargs):
 
     return LLM(args.model, dtype=args.dtype, device=_device(args), speculative=args.speculative,
                speculative_topk=args.speculative_topk, num_speculative_tokens=args.num_speculative_tokens,
-               max_model_len=args.max_model_len, cuda_graphs=False if args.enforce_eager else None,
+               speculative_policy=args.speculative_policy, max_model_len=args.max_model_len, cuda_graphs=False if args.enforce_eager else None,
                cpu_kernels=False if args.enforce_eager else None,
                enable_prefix_caching=args.enable_prefix_caching, max_num_batched_tokens=args.max_num_batched_tokens,
                max_num_seqs=args.max_batch_size, seed=args.seed, **kwargs)
