@@ -155,24 +155,3 @@ def test_reference_engine_uninstalls_kernels():
     assert model.layers[0].attn.wo.kernel is not None
     LLM(model, cpu_kernels=False, max_num_seqs=2)
     assert all(getattr(m, "kernel", None) is None for m in model.modules())
-
-
-def test_calibration_times_weights_as_far_away_as_a_decode_step_finds_them():
-    """A decode step reads every weight but the embedding's, and K of each layer's routed experts; a model whose
-    step fits in half the last-level cache is calibrated on hot weights, one past twice the cache on cold ones,
-    and the choices are cached apart."""
-    c = tiny_config()
-    model = random_model(c).pack_projections()
-    E, K, D, I = c.n_routed_experts, c.num_experts_per_tok, c.hidden_size, c.moe_intermediate_size
-    n_moe = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers)) + c.num_nextn_predict_layers
-    want = 4 * (sum(p.numel() for p in model.parameters()) - c.vocab_size * D - n_moe * (E - K) * 3 * D * I)
-    assert ck.decode_bytes(model) == want
-    llc = 32 << 20
-    assert ck.regime(llc // 4, llc) == ("hot", 0)
-    assert ck.regime(llc, llc) == ("warm", llc)
-    assert ck.regime(3 * llc, llc) == ("cold", 2 * llc)
-    cal = ck.Calibration("test", path="/nonexistent/cpu_kernels.json")
-    w = model.layers[0].attn.wo.weight
-    cal.matmul_choice([w], [1], 0, "hot")
-    cal.matmul_choice([w], [1], 1 << 20, "cold")
-    assert set(cal.matmul) == {f"{w.shape[0]}x{w.shape[1]} hot", f"{w.shape[0]}x{w.shape[1]} cold"}

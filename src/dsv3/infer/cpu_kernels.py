@@ -7,8 +7,7 @@ MKL reads a matrix for one row at about half the bandwidth of the same product s
 blocks, and x W^T for 2-8 rows at about half that of (W x^T)^T, while on an Intel Xeon with AVX-512 the
 plain call wins and the split one is slower. So no layout is fixed here. Every candidate computes the same
 product; `calibrate` times them on this machine for each weight shape and number of rows, with the weights
-as far away as a decode step finds them (`regime`: a model whose step reads more than the last-level cache
-finds them in memory, a small one in cache; the best layout differs between the two), and keeps the
+cold (a pool of matrices larger than the last-level cache, as a decode step sees them), and keeps the
 fastest, the plain call unless another is clearly faster. The choices are cached per machine (CPU model
 and flags, torch version, threads) in `~/.cache/dsv3/cpu_kernels.json` (`DSV3_CACHE_DIR` moves it), so only
 the first engine on a machine pays for the calibration (a few seconds for a small model).
@@ -267,43 +266,10 @@ def llc_bytes() -> int:
     return best or 32 << 20
 
 
-def decode_bytes(model: nn.Module) -> int:
-    """Bytes of weights a decode step of one token reads: every weight but the embedding's (one row per token;
-    all of it where the head shares it) and, of the routed experts, the K a token picks per layer."""
-    embed = getattr(model, "embed", None)
-    head = getattr(model, "head", None)
-    skip = set()
-    if isinstance(embed, nn.Embedding) and not (head is not None and head.weight is embed.weight):
-        skip.add(id(embed.weight))
-    total = 0
-    for module in model.modules():
-        params = [p for p in module.parameters(recurse=False) if id(p) not in skip]
-        if isinstance(module, Experts):
-            k = getattr(getattr(model, "config", None), "num_experts_per_tok", module.n_experts)
-            total += min(k, module.n_experts) * 3 * module.dim * module.inter_dim * module.w2.element_size()
-        else:
-            total += sum(p.nbytes for p in params)
-    return total
-
-
-def regime(step_bytes: int, llc: int) -> tuple[str, int]:
-    """Whether a decode step finds its weights in cache, and the bytes a calibration pool should span to time
-    products as the step sees them: "hot" (the step's weights fit in half the last-level cache: the model's own
-    matrices, read again and again), "cold" (more than twice the cache: a pool of twice the cache), or "warm"
-    between (a pool as large as the step's weights). A layout that wins on cold weights can lose on hot ones
-    (a small model's step is bound by calls, not by memory)."""
-    if step_bytes <= llc // 2:
-        return "hot", 0
-    if step_bytes >= 2 * llc:
-        return "cold", 2 * llc
-    return "warm", step_bytes
-
-
 def _pool(tensors: list[torch.Tensor], min_bytes: int, max_copies: int = 64) -> list[torch.Tensor]:
     """The model's own tensors of one shape, plus random copies until they exceed min_bytes: each timed call
-    then reads the matrix from as far as a decode step does (from memory when the step's weights exceed the
-    cache; `regime`). (At most max_copies: small matrices cost their call overhead more than their bytes, and a
-    calibration should take seconds.)"""
+    then reads a matrix that is not in cache, as in a decode step. (At most max_copies: small matrices cost
+    their call overhead more than their bytes, and a calibration should take seconds.)"""
     pool = list(tensors)
     nbytes = sum(t.nbytes for t in pool)
     proto = pool[0]
@@ -375,10 +341,9 @@ class Calibration:
         except OSError as e:  # a read-only home: calibrate again next time
             log.warning("could not save the CPU kernel calibration to %s: %s", self.path, e)
 
-    def matmul_choice(self, weights: list[torch.Tensor], rows_buckets: list[int], pool_bytes: int,
-                      regime: str = "cold") -> dict[int, str]:
+    def matmul_choice(self, weights: list[torch.Tensor], rows_buckets: list[int], pool_bytes: int) -> dict[int, str]:
         shape = tuple(weights[0].shape)
-        known = self.matmul.setdefault(f"{shape[0]}x{shape[1]} {regime}", {})
+        known = self.matmul.setdefault(f"{shape[0]}x{shape[1]}", {})
         pool = None
         for rows in rows_buckets:
             if str(rows) in known:
@@ -391,9 +356,9 @@ class Calibration:
         return {int(r): name for r, name in known.items()}
 
     def experts_choice(self, experts: list[Experts], topk: int, matmul: Callable, token_buckets: list[int],
-                       pool_bytes: int, regime: str = "cold") -> dict[int, str]:
+                       pool_bytes: int) -> dict[int, str]:
         ex0 = experts[0]
-        known = self.experts.setdefault(f"{ex0.n_experts}x{ex0.inter_dim}x{ex0.dim} top{topk} {regime}", {})
+        known = self.experts.setdefault(f"{ex0.n_experts}x{ex0.inter_dim}x{ex0.dim} top{topk}", {})
         pool = None
         gen = torch.Generator().manual_seed(0)
         for n in token_buckets:
@@ -451,7 +416,7 @@ def install(model: nn.Module, max_rows: int, calibration: Calibration | None = N
     t0 = time.perf_counter()
     dtype = next(model.parameters()).dtype
     cal = calibration or Calibration(machine_key(dtype))
-    kind, pool_bytes = regime(decode_bytes(model), llc_bytes())
+    pool_bytes = 2 * llc_bytes()
     rows_buckets = [b for b in ROW_BUCKETS if b <= max(1, min(max_rows, MAX_ROWS))]
     if bucket(min(max_rows, MAX_ROWS), ROW_BUCKETS) not in rows_buckets:
         rows_buckets.append(bucket(min(max_rows, MAX_ROWS), ROW_BUCKETS))
@@ -460,13 +425,12 @@ def install(model: nn.Module, max_rows: int, calibration: Calibration | None = N
         if weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous():
             by_shape.setdefault((tuple(weight.shape), weight.dtype), []).append((module, weight))
     todo = sum(1 for (shape, _), _ in by_shape.items() for r in rows_buckets
-               if str(r) not in cal.matmul.get(f"{shape[0]}x{shape[1]} {kind}", {}))
+               if str(r) not in cal.matmul.get(f"{shape[0]}x{shape[1]}", {}))
     if todo and progress is not None:
-        progress(f"calibrating CPU matrix products for this machine ({todo} shapes x rows, weights {kind} in "
-                 f"cache; cached in {cal.path})")
+        progress(f"calibrating CPU matrix products for this machine ({todo} shapes x rows; cached in {cal.path})")
     kernels: dict[tuple, MatmulKernel] = {}
     for (shape, _), entries in by_shape.items():
-        choice = cal.matmul_choice([w for _, w in entries], rows_buckets, pool_bytes, kind)
+        choice = cal.matmul_choice([w for _, w in entries], rows_buckets, pool_bytes)
         kernels[shape] = MatmulKernel(shape, choice)
         for module, _ in entries:
             module.kernel = kernels[shape]
@@ -479,11 +443,11 @@ def install(model: nn.Module, max_rows: int, calibration: Calibration | None = N
     for (_, I, D), group in groups.items():
         w13_shape = (2 * I, D)
         k13 = kernels.get(w13_shape) or MatmulKernel(w13_shape, cal.matmul_choice(
-            [group[0].w13.tensor[0]], [1], pool_bytes, kind))
-        k2 = kernels.get((D, I)) or MatmulKernel((D, I), cal.matmul_choice([group[0].w2[0]], [1], pool_bytes, kind))
+            [group[0].w13.tensor[0]], [1], pool_bytes))
+        k2 = kernels.get((D, I)) or MatmulKernel((D, I), cal.matmul_choice([group[0].w2[0]], [1], pool_bytes))
         matmul = _ByShape({w13_shape: k13, (D, I): k2})
         topk = min(model.config.num_experts_per_tok, group[0].n_experts)
-        kernel = ExpertsKernel(cal.experts_choice(group, topk, matmul, tokens, pool_bytes, kind), matmul)
+        kernel = ExpertsKernel(cal.experts_choice(group, topk, matmul, tokens, pool_bytes), matmul)
         for ex in group:
             ex.kernel = kernel
     cal.seconds = time.perf_counter() - t0
