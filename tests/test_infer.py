@@ -299,6 +299,15 @@ def test_speculative_sampling_is_reproducible_and_plausible():
     b = LLM(model, **ALWAYS, block_size=4, kv_cache_tokens=256).generate(ps, params)
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     assert all(len(o.token_ids) == 30 for o in a)
+    # four sequences: their drafts are verified together (verify_drafts), still reproducible
+    ps4 = prompts(8, [4, 6, 3, 5], seed=6)
+    params4 = [SamplingParams(temperature=0.8, max_new_tokens=24, ignore_eos=True, seed=s) for s in range(4)]
+    runs = []
+    for _ in range(2):
+        llm = LLM(model, **ALWAYS, block_size=4, kv_cache_tokens=512)
+        runs.append([o.token_ids for o in llm.generate(ps4, params4)])
+    assert runs[0] == runs[1] and all(len(t) == 24 for t in runs[0])
+    assert llm.stats["drafted"] > 0 and 0 < llm.stats["accepted"] < llm.stats["drafted"]
 
 
 def test_seeded_sampling_independent_of_batch():

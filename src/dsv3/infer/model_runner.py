@@ -188,8 +188,8 @@ def build_batch(feeds: list[list[int]], starts: list[int], block_tables: list[li
             positions += stored
         n += len(feed)
     uniform = all(len(f) == T for f in feeds)
-    input_ids_N, positions_N, slots_N = torch.tensor([input_ids, positions, slots])
-    q_index_BT, q_pos_BT = torch.tensor([q_index, q_pos])
+    input_ids_N, positions_N, slots_N = torch.tensor([input_ids, positions, slots]).unbind()  # (not the slow
+    q_index_BT, q_pos_BT = torch.tensor([q_index, q_pos]).unbind()  # Python iteration over a tensor's rows)
     q_valid = q_pos_BT >= 0
     mask = _arange(S) <= q_pos_BT[:, None, :, None]  # (B, 1, T, S): causal by position; past-the-end keys excluded
     for b, t, lo, hi in siblings:
