@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dsv3.infer import LLM, SamplingParams
-from dsv3.infer.speculative import MIN_WAIT, PLAIN_EVERY, PROBE_SHARE, PROBE_STEPS, DraftPolicy
+from dsv3.infer.speculative import MIN_WAIT, PLAIN_EVERY, PROBE_SHARE, PROBE_STEPS, START_MARGIN, DraftPolicy
 
 from conftest import random_model, rel_err, tiny_config
 
@@ -70,6 +70,21 @@ def test_the_policy_drafts_while_it_pays_and_probes_while_it_does_not():
     assert policy.gain(policy.costs(1)) > 1.2
     # while on, one step in PLAIN_EVERY is plain (keeping that estimate current), and no more
     assert 1 <= d[first_on:].count(False) <= len(d[first_on:]) // PLAIN_EVERY
+
+
+def test_a_marginal_gain_starts_no_drafting_but_does_not_stop_it():
+    """Drafting starts only at an expected gain above 1 + START_MARGIN (an estimate a few percent above 1 may be
+    noise), and once on it goes on while the gain stays above 1."""
+    policy = DraftPolicy(clock=FakeClock())
+    d = simulate(policy, 300, plain=1.0, verify=1.5, draft=0.25, tokens=1.8)  # 1.8 / 1.75: 1.03x
+    assert 1 < policy.gain(policy.costs(1)) < 1 + START_MARGIN
+    runs = [len(list(g)) for k, g in itertools.groupby(d[100:]) if k]
+    assert runs and max(runs) == PROBE_STEPS  # plain, but for probes
+    policy = DraftPolicy(clock=FakeClock())
+    d = simulate(policy, 100, plain=1.0, verify=1.5, draft=0.25, tokens=2.7)  # 1.54x: on
+    d = simulate(policy, 300, plain=1.0, verify=1.5, draft=0.25, tokens=1.8, drafting=d[-1])  # then 1.03x
+    assert 1 < policy.gain(policy.costs(1)) < 1 + START_MARGIN
+    assert sum(d[150:]) >= 0.9 * len(d[150:])
 
 
 def test_buckets_decide_apart_and_always_always_drafts():

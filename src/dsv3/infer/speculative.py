@@ -70,6 +70,9 @@ PROBE_SHARE = 0.01  # while drafting loses, probes may cost this share of the ti
 MIN_WAIT, MAX_WAIT = 8, 256  # ...with between MIN_WAIT and MAX_WAIT plain steps from one to the next
 PLAIN_EVERY = 32  # while drafting pays, one plain step in this many keeps the comparison current
 NOISE = 0.2  # an expected gain this close to 1 may be noise while the estimates rest on few steps
+START_MARGIN = 0.05  # drafting (re)starts only at an expected gain above 1 + this, and goes on while above 1: the
+# estimates wander by several percent on a shared machine, and "never slower than plain" weighs a wrong start
+# more than a late one
 TOKENS_WINDOW, TOKENS_AGE = 64, 128  # tokens per drafting step: a mean over the last 64 sequences' drafting
 # steps, none older than 128 decode steps but the newest 16 (a probe after a long wait counts for more)
 MAX_BACKLOG = 256  # without prefix caching: positions a sequence's MTP rows may fall behind (memory held)
@@ -123,7 +126,8 @@ class DraftPolicy:
     of the two, each ratio measured from steps at most PAIR_GAP decode steps apart: a shared machine's speed
     drifts (another process, a slow spell), which moves both kinds of step alike. Over all steps it keeps
     the tokens a drafting step yields per sequence (1 + the drafts kept). Drafting pays while
-    tokens / ratio > 1 (medians of the last WINDOW ratios; a mean of the tokens).
+    tokens / ratio > 1 (medians of the last WINDOW ratios; a mean of the tokens), with a margin to start
+    (START_MARGIN) against a marginal gain that is only noise.
 
     A bucket first measures a few drafting steps (what the engine did before any measurement), then plain
     ones, then decides step by step. While drafting loses it probes, a few drafting steps now and then, so
@@ -180,7 +184,7 @@ class DraftPolicy:
         if gain is None:  # learning: a few drafting steps, then plain ones close to them
             now = self.decode_steps
             return sum(now - step <= PAIR_GAP for step, _ in c.drafting) < LEARN
-        if gain > 1:
+        if gain > 1 + (0 if c.streak else START_MARGIN):
             c.streak += 1
             return c.streak % PLAIN_EVERY != 0
         c.streak = 0
@@ -188,7 +192,7 @@ class DraftPolicy:
             # (its steps' loss, and the module's catching up on the positions it missed, which a sequence that ends
             # first never needs), but while the estimates rest on few steps and it lost by little (maybe noise),
             # for at most a quarter of the steps run so far
-            wait = min(round((PROBE_STEPS * (1 - gain) + c.catch_up) / PROBE_SHARE), MAX_WAIT)
+            wait = min(round((PROBE_STEPS * max(1 - gain, 0.0) + c.catch_up) / PROBE_SHARE), MAX_WAIT)
             if gain > 1 - NOISE:
                 wait = min(wait, c.steps // 4)
             c.wait = max(wait, MIN_WAIT)
