@@ -123,6 +123,9 @@ class SafetensorsFile:
             raise
 
     def _parse_header(self, size: int) -> tuple[dict[str, TensorInfo], dict]:
+        """Everything the safetensors library checks, checked here before any tensor is read: the header
+        fits the file, every entry is well typed, and the tensors tile the data exactly (from byte 0, no
+        overlap, no gap, nothing after the last): a file it refuses is refused here too, naming the tensor."""
         p = self.path
         head = self._f.read(8)
         if len(head) < 8:
@@ -132,30 +135,21 @@ class SafetensorsFile:
             raise CheckpointError(f"{p}: header length {n} does not fit a file of {size} bytes "
                                   "(truncated, or not a safetensors file)")
         try:
-            header = json.loads(self._f.read(n))
+            header = json.loads(self._f.read(n), object_pairs_hook=_unique_keys)
+        except _DuplicateKey as e:
+            raise CheckpointError(f"{p}: the safetensors header names {e.args[0]!r} more than once") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{p}: the safetensors header is not valid JSON ({e}); not a safetensors "
                                   "file, or damaged") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{p}: the safetensors header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None)
+        metadata = {} if metadata is None else metadata
+        if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+            raise CheckpointError(f"{p}: the header's __metadata__ must be an object of strings, not {metadata!r}")
         start, data_size = 8 + n, size - 8 - n
-        tensors = {}
-        for name, info in header.items():
-            try:
-                dtype = DTYPES[info["dtype"]]
-                shape = tuple(int(s) for s in info["shape"])
-                b, e = (int(x) for x in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{p}: tensor {name!r} has a malformed header entry {info!r}") from None
-            nbytes = math.prod(shape) * _itemsize(dtype)
-            if e - b != nbytes or b < 0:
-                raise CheckpointError(f"{p}: tensor {name!r} claims bytes [{b}, {e}) but dtype {info['dtype']} "
-                                      f"and shape {list(shape)} need {nbytes}")
-            if e > data_size:
-                raise CheckpointError(f"{p}: tensor {name!r} ends at byte {start + e} but the file has only "
-                                      f"{size} bytes: the file is truncated (an interrupted download or copy?)")
-            tensors[name] = TensorInfo(dtype, shape, start + b, nbytes)
+        tensors = {name: _tensor_info(p, name, info, start, size) for name, info in header.items()}
+        _check_tiling(p, tensors, start, size)
         return tensors, metadata
 
     def keys(self) -> list[str]:
@@ -198,6 +192,71 @@ class SafetensorsFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads keeps the last of two equal keys silently; in a header that would hide a tensor."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # JSON 8.0, "8" and true are not offsets
+
+
+def _tensor_info(p: str, name: str, info, start: int, size: int) -> TensorInfo:
+    """One header entry, typed as safetensors types it: dtype a known name, shape a list of naturals,
+    data_offsets [begin, end] with end - begin = dtype x shape, inside the file."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise CheckpointError(f"{p}: tensor {name!r} has a malformed header entry {info!r}")
+    dt, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not (isinstance(dt, str) and dt in DTYPES):
+        raise CheckpointError(f"{p}: tensor {name!r} has dtype {dt!r}, which dsv3 does not read "
+                              f"(one of {', '.join(DTYPES)})")
+    if not (isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape)):
+        raise CheckpointError(f"{p}: tensor {name!r} has shape {shape!r}; expected a list of sizes >= 0")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
+        raise CheckpointError(f"{p}: tensor {name!r} has data_offsets {offsets!r}; expected [begin, end], "
+                              "two byte offsets >= 0")
+    dtype, (b, e) = DTYPES[dt], offsets
+    nbytes = math.prod(shape) * _itemsize(dtype)
+    if e - b != nbytes:
+        raise CheckpointError(f"{p}: tensor {name!r} claims bytes [{b}, {e}) but dtype {dt} and shape {shape} "
+                              f"need {nbytes}")
+    if start + e > size:
+        raise CheckpointError(f"{p}: tensor {name!r} ends at byte {start + e} but the file has only {size} "
+                              "bytes: the file is truncated (an interrupted download or copy?)")
+    return TensorInfo(dtype, tuple(shape), start + b, nbytes)
+
+
+def _check_tiling(p: str, tensors: dict[str, TensorInfo], start: int, size: int) -> None:
+    """The tensors cover the data region exactly once, as the safetensors library requires: overlapping
+    ranges would load one tensor's bytes as another's, and a gap or trailing bytes mean a damaged file."""
+    def span(t: TensorInfo) -> str:
+        return f"bytes [{t.begin - start}, {t.begin - start + t.nbytes})"
+
+    end, last = start, None  # the furthest end so far, and whose it is
+    for name, t in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].nbytes)):
+        if t.begin < end:
+            raise CheckpointError(f"{p}: tensor {name!r} ({span(t)}) overlaps tensor {last!r} "
+                                  f"({span(tensors[last])}); the safetensors library refuses this file too")
+        if t.begin > end:
+            raise CheckpointError(f"{p}: a gap of {t.begin - end} bytes before tensor {name!r} ({span(t)}) belongs "
+                                  "to no tensor; the safetensors library refuses this file too")
+        if t.begin + t.nbytes > end or last is None:
+            end, last = t.begin + t.nbytes, name
+    if end != size:
+        after = f" after the last tensor ({last!r})" if last is not None else " after the header"
+        raise CheckpointError(f"{p}: {size - end} bytes{after} belong to no tensor; the safetensors library "
+                              "refuses this file too")
 
 
 def _itemsize(dtype: torch.dtype) -> int:
