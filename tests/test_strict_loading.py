@@ -220,3 +220,130 @@ def test_overlapping_tensors_in_one_shard_are_refused(sharded_dir, tmp_path):
         dsv3.load_pretrained(d)
     msg = str(e.value)
     assert str(d / shard) in msg and first in msg and second in msg
+
+
+# ---- 2. index entries outside the model directory ------------------------------------------------------
+
+def _shard_of(d, name="model.norm.weight") -> tuple[dict, str]:
+    index = json.loads((d / INDEX).read_text())
+    return index, index["weight_map"][name]
+
+
+def _repoint(d, index: dict, shard: str, new: str) -> None:
+    index["weight_map"] = {n: (new if f == shard else f) for n, f in index["weight_map"].items()}
+    (d / INDEX).write_text(json.dumps(index))
+
+
+def _outside_relative(d):
+    index, shard = _shard_of(d)
+    shutil.copy(d / shard, d.parent / "outside.safetensors")
+    _repoint(d, index, shard, "../outside.safetensors")
+    os.unlink(d / shard)
+    return "../outside.safetensors"
+
+
+def _outside_absolute(d):
+    index, shard = _shard_of(d)
+    target = str(d.parent / "elsewhere" / "weights.safetensors")
+    os.makedirs(os.path.dirname(target))
+    shutil.copy(d / shard, target)
+    _repoint(d, index, shard, target)
+    os.unlink(d / shard)
+    return target
+
+
+def _outside_through_subdir(d):
+    index, shard = _shard_of(d)
+    shutil.copy(d / shard, d.parent / "outside.safetensors")
+    os.mkdir(d / "sub")
+    entry = "sub/../../outside.safetensors"
+    _repoint(d, index, shard, entry)
+    os.unlink(d / shard)
+    return entry
+
+
+def _symlink_outside(d):
+    index, shard = _shard_of(d)
+    shutil.move(d / shard, d.parent / "outside.safetensors")
+    os.symlink(d.parent / "outside.safetensors", d / shard)
+    return shard
+
+
+def _symlinked_subdir_outside(d):
+    index, shard = _shard_of(d)
+    os.mkdir(d.parent / "other")
+    shutil.move(d / shard, d.parent / "other" / shard)
+    os.symlink(d.parent / "other", d / "linked")
+    entry = f"linked/{shard}"
+    _repoint(d, index, shard, entry)
+    return entry
+
+
+def _entry_not_a_string(d):
+    index, shard = _shard_of(d)
+    index["weight_map"]["model.norm.weight"] = 3
+    (d / INDEX).write_text(json.dumps(index))
+    return "model.norm.weight"
+
+
+OUTSIDE = {
+    "dotdot": _outside_relative,
+    "absolute": _outside_absolute,
+    "dotdot_through_subdir": _outside_through_subdir,
+    "symlink_to_outside": _symlink_outside,
+    "symlinked_subdir": _symlinked_subdir_outside,
+    "not_a_string": _entry_not_a_string,
+}
+
+
+@pytest.mark.parametrize("case", list(OUTSIDE))
+def test_index_entry_outside_the_directory_is_refused(case, sharded_dir, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(sharded_dir, d)
+    entry = OUTSIDE[case](d)
+    before = snapshot(d)
+    with pytest.raises(CheckpointError) as e:
+        dsv3.load_pretrained(d)
+    msg = str(e.value)
+    for s in (str(d / INDEX), entry):
+        assert s in msg, f"{s!r} not in {msg!r}"
+    assert "\n" not in msg
+    assert snapshot(d) == before
+
+
+def test_model_safetensors_symlinked_outside_is_refused(fp32_dir, tmp_path):
+    """Without an index the same rule holds: the weights are the directory's own files."""
+    d = tmp_path / "m"
+    shutil.copytree(fp32_dir, d)
+    shutil.move(d / "model.safetensors", tmp_path / "outside.safetensors")
+    os.symlink(tmp_path / "outside.safetensors", d / "model.safetensors")
+    with pytest.raises(CheckpointError, match="outside") as e:
+        dsv3.load_pretrained(d)
+    assert str(d / "model.safetensors") in str(e.value)
+
+
+def test_links_inside_the_directory_and_a_linked_directory_still_load(sharded_dir, tmp_path, x, ref_logits):
+    d = tmp_path / "m"
+    shutil.copytree(sharded_dir, d)
+    index, shard = _shard_of(d)
+    os.mkdir(d / "weights")
+    shutil.move(d / shard, d / "weights" / shard)
+    os.symlink(os.path.join("weights", shard), d / shard)  # a relative link that stays inside
+    loads_exactly(d, x, ref_logits)
+    _repoint(d, index, shard, f"./weights/{shard}")  # a subdirectory entry, spelled with ./
+    loads_exactly(d, x, ref_logits)
+    os.symlink(d, tmp_path / "alias")  # the directory itself reached through a link
+    loads_exactly(tmp_path / "alias", x, ref_logits)
+
+
+def test_hugging_face_cache_layout_still_loads(sharded_dir, tmp_path, x, ref_logits):
+    """huggingface_hub keeps each file once in blobs/ and links it from snapshots/<revision>/."""
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snap = repo / "snapshots" / "0123abcd"
+    os.makedirs(repo / "blobs")
+    os.makedirs(snap)
+    for i, fn in enumerate(sorted(os.listdir(sharded_dir))):
+        blob = f"blob{i:04d}"
+        shutil.copy(sharded_dir / fn, repo / "blobs" / blob)
+        os.symlink(os.path.join("..", "..", "blobs", blob), snap / fn)
+    loads_exactly(snap, x, ref_logits)

@@ -67,9 +67,17 @@ class CheckpointDir:
                     weight_map = json.load(f)["weight_map"]
                 if not isinstance(weight_map, dict):
                     raise TypeError
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 raise CheckpointError(f"{index_path}: not a valid index (needs a 'weight_map' object)") from None
-            files = sorted(set(weight_map.values()))
+            by_file: dict[str, list[str]] = {}
+            for name, fn in weight_map.items():
+                if not isinstance(fn, str) or not fn:
+                    raise CheckpointError(f"{index_path}: weight_map entry {name!r} is {fn!r}, not a file name")
+                by_file.setdefault(fn, []).append(name)
+            for fn, names in by_file.items():
+                where = f"places {names[0]!r}" + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
+                _check_inside(path, fn, f"{index_path} {where} in {fn!r}")
+            files = sorted(by_file)
             missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
             if missing:
                 raise CheckpointError(f"{index_path} lists shard(s) that are not in {path}: {', '.join(missing)}")
@@ -83,6 +91,9 @@ class CheckpointDir:
                 hint = (" It has pickled PyTorch weights, which dsv3 never loads (unpickling runs code); "
                         "convert them to safetensors first.") if bins else ""
                 raise CheckpointError(f"no *.safetensors weights in {path}.{hint}")
+        if weight_map is None:
+            for fn in files:
+                _check_inside(path, fn, os.path.join(path, fn))
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, SafetensorsFile] = {}
         try:
@@ -117,6 +128,24 @@ class CheckpointDir:
     def close(self) -> None:
         for sf in self.files.values():
             sf.close()
+
+
+def _check_inside(path: str, fn: str, what: str) -> None:
+    """Weights are read from the model directory's own files only: an index entry or a link that leads
+    elsewhere ("../x", "/abs/x", a symlink out) is refused, naming `what`. The one exception is the Hugging
+    Face cache, whose snapshots/<revision>/ files are links into the same repository's blobs/."""
+    if os.path.isabs(fn) or os.path.normpath(fn).split(os.sep)[0] == os.pardir:
+        raise CheckpointError(f"{what}: a path outside the model directory {path}; weights are read only "
+                              "from files inside it")
+    root, real = os.path.realpath(path), os.path.realpath(os.path.join(path, fn))
+    if os.path.commonpath([root, real]) == root:
+        return
+    snapshots = os.path.dirname(root)
+    if (os.path.basename(snapshots) == "snapshots"
+            and os.path.dirname(real) == os.path.join(os.path.dirname(snapshots), "blobs")):
+        return
+    raise CheckpointError(f"{what}: it resolves to {real}, outside the model directory {path} (a symbolic "
+                          "link?); weights are read only from files inside it")
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
