@@ -353,3 +353,61 @@ def test_balance_modes_and_nonfinite_guard(corpus_file, tmp_path):
     # a learning rate that blows up: steps with non-finite loss or gradients are skipped and reported
     s = main(p.parse_args(base + ["--out", str(tmp_path / "nan"), "--lr", "1e30", "--steps", "4"]))
     assert s_none["skipped_steps"] == 0 and s["skipped_steps"] >= 1
+
+
+def test_a_run_stopped_before_its_export_exports_its_checkpoint(reference_run, corpus_file, tmp_path, monkeypatch):
+    """Stopped between its last checkpoint and that checkpoint's export (the run directory's model left at an
+    earlier step), the same command exports the checkpoint; what a killed run left half-written (ours only) is
+    removed, nothing else."""
+    import argparse
+    import shutil
+    from dsv3.ckpt.state import exported_step
+    from dsv3.train import train as train_mod
+    out = tmp_path / "stopped"
+    shutil.copytree(reference_run, out)
+    assert exported_step(str(out)) == 8
+    # the model there is step 6's, and the record says so (as a kill after checkpoint 8, before its export)
+    shutil.copy(out / "checkpoints" / "step_00000006" / "model.safetensors", out / "model.safetensors")
+    (out / "checkpoints" / "exported.json").write_text('{"step": 6}')
+    # left by kills: a checkpoint's temp dir, a replaced checkpoint, an atomic write's and a staged shard's files
+    (out / "checkpoints" / ".step_00000010.ab12cd34").mkdir()
+    (out / "checkpoints" / "step_00000004.old").mkdir()
+    (out / ".config.json.ab12cd34.tmp").write_text("{")
+    (out / ".model.safetensors.staged").write_bytes(b"\0")
+    (out / "notes.tmp").write_text("mine")  # not ours: stays
+    (out / "checkpoints" / "mine").mkdir()
+    p = argparse.ArgumentParser()
+    train_mod.add_args(p)
+    summary = train_mod.main(p.parse_args(train_cmd(out, corpus_file, steps=8)[4:]))
+    assert summary["steps"] == 8 and exported_step(str(out)) == 8
+    assert_exported(out, 8)
+    left = set(os.listdir(out)) | {f"checkpoints/{d}" for d in os.listdir(out / "checkpoints")}
+    assert not {".config.json.ab12cd34.tmp", ".model.safetensors.staged", "checkpoints/.step_00000010.ab12cd34",
+                "checkpoints/step_00000004.old"} & left
+    assert {"notes.tmp", "checkpoints/mine"} <= left
+    # and a run stopped right after its final checkpoint, before exporting it, exports it on the rerun
+    out2 = tmp_path / "killed"
+    real_export = train_mod._export
+
+    def stop_at_8(model, run_dir, tok, step):
+        if step == 8:
+            raise KeyboardInterrupt  # as a kill between checkpoint 8 and its export
+        real_export(model, run_dir, tok, step)
+    monkeypatch.setattr(train_mod, "_export", stop_at_8)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.main(p.parse_args(train_cmd(out2, corpus_file, steps=8)[4:]))
+    assert list_checkpoints(str(out2))[-1] == 8 and exported_step(str(out2)) == 6
+    monkeypatch.setattr(train_mod, "_export", real_export)
+    train_mod.main(p.parse_args(train_cmd(out2, corpus_file, steps=8)[4:]))
+    assert exported_step(str(out2)) == 8
+    assert_exported(out2, 8)
+
+
+def assert_exported(run_dir, step):
+    """The run directory's model holds exactly checkpoint `step`'s weights."""
+    from dsv3.ckpt.io import SafetensorsFile
+    exported = dsv3.load_pretrained(run_dir).state_dict()
+    with SafetensorsFile(os.path.join(run_dir, "checkpoints", f"step_{step:08d}", "model.safetensors")) as ckpt:
+        assert set(exported) == set(ckpt.keys())
+        for k, v in exported.items():
+            assert torch.equal(v, ckpt.read(k)), k

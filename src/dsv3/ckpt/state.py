@@ -7,6 +7,11 @@
 
 A checkpoint is written into a hidden temporary directory beside its final name and renamed into place
 when complete, so a kill at any moment leaves either the previous checkpoints alone or the new one whole.
+What a kill leaves behind (those temporary directories and files) is ours to remove (`remove_stale`).
+
+The run directory is also a model directory (the trainer exports each checkpoint's weights there);
+`checkpoints/exported.json` records which step it holds, written once an export is complete, so that a run
+killed between a checkpoint and its export exports it when it starts again.
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ from torch import nn
 from .io import PendingTensor, SafetensorsFile, atomic_write_json, fsync_dir, write_safetensors
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_STALE_DIR = re.compile(r"^(\.step_\d{8}\.[A-Za-z0-9_]+|step_\d{8}\.old)$")  # a checkpoint's temp or replaced dir
+# atomic writes' temporary files (io.atomic_open), and weight shards staged by an export (pretrained.stage_weights)
+_STALE_FILE = re.compile(r"^\.(.+\.[A-Za-z0-9_]{8}\.tmp|model(-\d{5}-of-\d{5})?\.safetensors\.staged)$")
+EXPORTED = "exported.json"
 
 
 def _pending(tensors: dict[str, torch.Tensor]) -> list[PendingTensor]:
@@ -130,3 +139,40 @@ def load_checkpoint(run_dir: str, step: int, model: nn.Module, optimizer: torch.
     optimizer.load_state_dict({"state": per_param, "param_groups": groups})
     set_rng_state(state["rng"])
     return state
+
+
+def remove_stale(run_dir: str) -> list[str]:
+    """Remove what a killed run of ours left half-written: checkpoint temp directories (`.step_N.xxxx`),
+    replaced checkpoints (`step_N.old`), atomic writes' temp files (`.name.xxxxxxxx.tmp`) and staged weight
+    shards (`.model.safetensors.staged`) in the run directory.
+    Nothing else is touched. -> the paths removed."""
+    removed = []
+    root = os.path.join(run_dir, "checkpoints")
+    for d in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        path = os.path.join(root, d)
+        if _STALE_DIR.match(d) and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    for f in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
+        path = os.path.join(run_dir, f)
+        if _STALE_FILE.match(f) and os.path.isfile(path) and not os.path.islink(path):
+            os.unlink(path)
+            removed.append(path)
+    return removed
+
+
+def exported_step(run_dir: str) -> int | None:
+    """The step whose weights the run directory's model holds, None if unknown (never exported, an export
+    cut short, or a run from before this record)."""
+    try:
+        with open(os.path.join(run_dir, "checkpoints", EXPORTED), encoding="utf-8") as f:
+            step = json.load(f).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def mark_exported(run_dir: str, step: int) -> None:
+    """Record that the run directory's model is checkpoint `step` (call once its export is complete)."""
+    os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    atomic_write_json(os.path.join(run_dir, "checkpoints", EXPORTED), {"step": step})

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..ckpt.io import atomic_write_json
 from ..ckpt.pretrained import save_pretrained
-from ..ckpt.state import list_checkpoints, load_checkpoint, save_checkpoint
+from ..ckpt.state import exported_step, list_checkpoints, load_checkpoint, mark_exported, remove_stale, save_checkpoint
 from ..config import PRESETS, ModelConfig
 from ..data.corpus import builtin_corpus, corpus_hash, load_corpus, split
 from ..data.dataset import PackedSequences, cached_tokens, tokenize, unigram_entropy
@@ -156,6 +156,12 @@ def evaluate(model: DeepSeekV3, val: PackedSequences, batches: int, batch_size: 
     return total / n, loads
 
 
+def _export(model, run_dir: str, tok, step: int) -> None:
+    """The run directory's model := checkpoint `step`'s weights, recorded as such once complete."""
+    save_pretrained(model, run_dir, dtype=torch.float32, tokenizer=tok)
+    mark_exported(run_dir, step)
+
+
 def main(args: argparse.Namespace) -> dict:
     run_dir = args.out
     os.makedirs(run_dir, exist_ok=True)
@@ -198,6 +204,8 @@ def main(args: argparse.Namespace) -> dict:
     # ---- resume --------------------------------------------------------------------------------------------
     run_args = {k: getattr(args, k) for k in RUN_DEFINING}
     step, samples, resumed, state = 0, 0, None, {}
+    for path in remove_stale(run_dir):
+        print(f"removed {path}, left half-written by a run that was stopped")
     saved = list_checkpoints(run_dir)
     if saved:
         state = load_checkpoint(run_dir, saved[-1], model, optimizer)
@@ -206,6 +214,9 @@ def main(args: argparse.Namespace) -> dict:
             raise ValueError(f"{run_dir} holds a run made with other options ({', '.join(f'{k}: was {a!r}, now {b!r}' for k, (a, b) in changed.items())}); "
                              "use another --out, or the same options")
         step, samples, resumed = state["step"], state["samples"], state["step"]
+        if exported_step(run_dir) != step:  # stopped between its last checkpoint and that checkpoint's export
+            print(f"exporting checkpoint {step} to {run_dir} (the model there was not that checkpoint's)")
+            _export(model, run_dir, tok, step)
         if step >= args.steps:
             print(f"{run_dir} has already trained {step} of {args.steps} steps")
     use_autocast = bf16_autocast(args.autocast, device, state.get("bf16_autocast"))
@@ -286,7 +297,7 @@ def main(args: argparse.Namespace) -> dict:
         if step % args.save_every == 0 or step == args.steps:
             save_checkpoint(run_dir, step, model, optimizer, {"samples": samples, "args": run_args, "skipped": skipped,
                                                               "bf16_autocast": use_autocast}, keep=args.keep)
-            save_pretrained(model, run_dir, dtype=torch.float32, tokenizer=tok)
+            _export(model, run_dir, tok, step)
     bar.close()
     metrics.close()
     if not args.no_plots:
