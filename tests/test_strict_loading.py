@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 import dsv3
 from dsv3.ckpt.io import CheckpointError, SafetensorsFile
 from dsv3.ckpt.pretrained import INDEX
+from dsv3.tokenizer import Tokenizer, train_bpe
 
 from conftest import random_model, tiny_config
 
@@ -347,3 +348,57 @@ def test_hugging_face_cache_layout_still_loads(sharded_dir, tmp_path, x, ref_log
         shutil.copy(sharded_dir / fn, repo / "blobs" / blob)
         os.symlink(os.path.join("..", "..", "blobs", blob), snap / fn)
     loads_exactly(snap, x, ref_logits)
+
+
+# ---- 3. tokenizer files --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    train_bpe(["hello world, hello tokens\n"] * 20, vocab_size=300).save_pretrained(d)
+    return d
+
+
+BAD_TOKENIZERS = {
+    "garbage_bytes": ("tokenizer.json", b"\x00\xff\xfe garbage \x89PNG\r\n"),
+    "truncated_json": ("tokenizer.json", b'{"version": "1.0", "model": {"type": "BPE", "vocab": {'),
+    "json_list": ("tokenizer.json", b"[1, 2, 3]"),
+    "wrong_model": ("tokenizer.json", b'{"model": 3}'),
+    "empty": ("tokenizer.json", b""),
+    "config_not_utf8": ("tokenizer_config.json", b'{"bos_token": "\xff\xfe"}'),
+    "config_a_list": ("tokenizer_config.json", b'["bos_token"]'),
+    "config_bad_special_token": ("tokenizer_config.json", b'{"bos_token": 7}'),
+    "config_bad_template_list": ("tokenizer_config.json", b'{"chat_template": ["x"]}'),
+    "template_not_utf8": ("chat_template.jinja", b"{{ bos_token }}\xff\xfe"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TOKENIZERS))
+def test_unreadable_tokenizer_file_is_named(case, tok_dir, tmp_path):
+    fn, content = BAD_TOKENIZERS[case]
+    d = tmp_path / "tok"
+    shutil.copytree(tok_dir, d)
+    if fn == "chat_template.jinja":  # read only when tokenizer_config.json has no template
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        cfg.pop("chat_template")
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (d / fn).write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        Tokenizer.from_dir(d)
+    msg = str(e.value)
+    assert str(d / fn) in msg, msg
+    assert "\n" not in msg
+
+
+def test_bad_tokenizer_in_a_model_directory_names_it(fp32_dir, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(fp32_dir, d)
+    (d / "tokenizer.json").write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError) as e:
+        dsv3.LLM(d)
+    assert str(d / "tokenizer.json") in str(e.value)
+
+
+def test_valid_tokenizer_still_loads(tok_dir):
+    tok = Tokenizer.from_dir(tok_dir)
+    assert tok.decode(tok.encode("hello world")) == "hello world"

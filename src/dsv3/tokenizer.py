@@ -30,6 +30,10 @@ def _content(tok: Any) -> str | None:
     raise ValueError(f"a special token must be a string or an object with 'content', not {tok!r}")
 
 
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
 class Tokenizer:
     def __init__(self, tokenizer: _HFTokenizer, config: dict | None = None):
         self.tok = tokenizer
@@ -39,30 +43,46 @@ class Tokenizer:
         self.add_eos_token = bool(self.config.get("add_eos_token", False))
         self.chat_template: str | None = self.config.get("chat_template")
         if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in self.chat_template}
+            if not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in self.chat_template):
+                raise ValueError("chat_template must be a string or a list of {name, template} objects")
+            named = {t.get("name"): t["template"] for t in self.chat_template}
             self.chat_template = named.get("default") or next(iter(named.values()), None)
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            raise ValueError(f"chat_template must be a string, not {type(self.chat_template).__name__}")
         self._template = None
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "Tokenizer":
+        """A model directory's tokenizer; a file that does not parse is a ValueError naming it."""
         path = os.fspath(path)
         tj = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tj):
             raise FileNotFoundError(f"no tokenizer.json in {path}")
-        tok = _HFTokenizer.from_file(tj)
+        try:
+            tok = _HFTokenizer.from_file(tj)
+        except Exception as e:  # the tokenizers library raises a bare Exception that does not name the file
+            raise ValueError(f"{tj} is not a valid tokenizer.json: {_one_line(e)}") from None
         config = {}
         tc = os.path.join(path, "tokenizer_config.json")
         if os.path.isfile(tc):
-            with open(tc, encoding="utf-8") as f:
-                try:
+            try:
+                with open(tc, encoding="utf-8") as f:
                     config = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{tc} is not valid JSON: {e}") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{tc} is not valid JSON: {_one_line(e)}") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"{tc} must hold a JSON object, not {type(config).__name__}")
         tmpl = os.path.join(path, "chat_template.jinja")
         if "chat_template" not in config and os.path.isfile(tmpl):
-            with open(tmpl, encoding="utf-8") as f:
-                config["chat_template"] = f.read()
-        return cls(tok, config)
+            try:
+                with open(tmpl, encoding="utf-8") as f:
+                    config["chat_template"] = f.read()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{tmpl} is not UTF-8 text: {_one_line(e)}") from None
+        try:
+            return cls(tok, config)
+        except ValueError as e:  # a special token or chat_template of the wrong shape
+            raise ValueError(f"{tc}: {_one_line(e)}") from None
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         path = os.fspath(path)
