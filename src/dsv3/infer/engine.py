@@ -10,6 +10,7 @@ continuous batching drives the engine that way.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -231,40 +232,67 @@ class LLM:
 
     # ---- requests --------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """The prompt's token ids, checked: not empty, each in the model's vocabulary, room for a new token."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model directory has no tokenizer.json: pass prompts as lists of token ids")
             ids = self.tokenizer.encode(prompt)
-        else:
+        elif isinstance(prompt, (list, tuple)):
             ids = list(prompt)
             if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
                 raise ValueError("a prompt must be a string or a list of integer token ids")
-            bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
-            if bad:
-                raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        else:
+            raise ValueError(f"a prompt must be a string or a list of integer token ids, not {type(prompt).__name__}")
+        # (a string's too: a tokenizer may know more tokens than the model's embedding has rows)
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens but the context is {self.max_model_len}: "
                              "it needs room for at least one new token")
+        self.scheduler.check_fits(len(ids))
         return ids
+
+    def _prepare(self, prompt: str | list[int], params: SamplingParams | None, cache_salt: str | None) -> _Request:
+        """Check a request and build everything it needs that could fail, touching no shared state: a request
+        that is refused leaves the engine as it was (no id taken, nothing queued, no random number drawn)."""
+        if params is None:
+            params = SamplingParams()
+        elif not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, not {type(params).__name__}")
+        else:  # the engine's own copy, checked again (a dataclass can be changed after it was built)
+            params = dataclasses.replace(params)
+        bad = [t for t in params.stop_token_ids if t >= self.config.vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids: token id {bad[0]} is outside the vocabulary "
+                             f"[0, {self.config.vocab_size})")
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ValueError(f"cache_salt={cache_salt!r} must be a string or None")
+        ids = self.encode_prompt(prompt)
+        # prompt logprobs need every prompt position's logits: no cached prefix (chunks are fine)
+        seq = Sequence(seq_id=-1, token_ids=list(ids), num_prompt_tokens=len(ids), params=params,
+                       reuse_prefix=params.prompt_logprobs is None, cache_salt=cache_salt or None)
+        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        return _Request(seq, params, Sampler.generator_for(params.seed), detok, stop_ids=stop_ids)
+
+    def _admit(self, req: _Request) -> int:
+        """Queue a prepared request (nothing here can fail for a request _prepare accepted); -> its id."""
+        rid = req.seq.seq_id = next(self._ids)
+        self.scheduler.add(req.seq)
+        self.requests[rid] = req
+        return rid
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     cache_salt: str | None = None) -> int:
-        """Queue a request; -> its id. cache_salt: requests share prefix-cache blocks only with requests of the
-        same salt (none by default: all share). A server with several tenants gives each its own, so that none
-        can tell from the timing or from `cached_tokens` what another's prompts began with (vLLM's cache_salt)."""
-        params = params or SamplingParams()
-        ids = self.encode_prompt(prompt)
-        rid = next(self._ids)
-        # prompt logprobs need every prompt position's logits: no cached prefix (chunks are fine)
-        seq = Sequence(seq_id=rid, token_ids=list(ids), num_prompt_tokens=len(ids), params=params,
-                       reuse_prefix=params.prompt_logprobs is None, cache_salt=cache_salt or None)
-        self.scheduler.add(seq)
-        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-        self.requests[rid] = _Request(seq, params, Sampler.generator_for(params.seed), detok, stop_ids=stop_ids)
-        return rid
+        """Queue a request; -> its id. Every field of params and the prompt are checked first (ValueError naming
+        the one at fault; the engine is then as it was). cache_salt: requests share prefix-cache blocks only with
+        requests of the same salt (none by default: all share). A server with several tenants gives each its own,
+        so that none can tell from the timing or from `cached_tokens` what another's prompts began with (vLLM's
+        cache_salt)."""
+        return self._admit(self._prepare(prompt, params, cache_salt))
 
     def abort(self, request_id: int) -> None:
         req = self.requests.get(request_id)
@@ -450,16 +478,26 @@ class LLM:
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         if single:
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts must be a string, a list of token ids, or a list of either, not "
+                             f"{type(prompts).__name__}")
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        for p in prompts:  # reject bad input before any work is done
-            self.encode_prompt(p)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
-        disable = (not use_tqdm) if use_tqdm is not None else (len(ids) < 4 or None)
-        with tqdm(total=len(ids), desc="generating", disable=disable) as bar:
-            while any(self.requests[i].seq.status is not Status.FINISHED for i in ids):
-                for out in self.step():
-                    bar.update(int(out.finished))
+        reqs = [self._prepare(p, sp, None) for p, sp in zip(prompts, params)]  # all checked before any is queued
+        ids: list[int] = []
+        try:
+            for r in reqs:
+                ids.append(self._admit(r))
+            disable = (not use_tqdm) if use_tqdm is not None else (len(ids) < 4 or None)
+            with tqdm(total=len(ids), desc="generating", disable=disable) as bar:
+                while any(self.requests[i].seq.status is not Status.FINISHED for i in ids):
+                    for out in self.step():
+                        bar.update(int(out.finished))
+        except BaseException:  # an error or Ctrl-C: leave none of this call's requests behind in the engine
+            for i in ids:
+                self.abort(i)
+                self.requests.pop(i, None)
+            raise
         return [self.release(i) for i in ids]

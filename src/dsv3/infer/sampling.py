@@ -4,9 +4,14 @@ when it has a seed (so a seeded request gives the same tokens whatever else is i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+# the seeds torch.Generator.manual_seed takes (a negative one is read as its two's complement)
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
+MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -23,22 +28,44 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (scoring a text's likelihood)
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            raise ValueError(f"temperature={self.temperature!r} must be a number >= 0")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field at fault. The engine calls this again when a request is added
+        (a dataclass can be changed after it was built): nothing a request carries can fail later, mid-step."""
+        def number(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        def integer(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if not (number(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature={self.temperature!r} must be a finite number >= 0")
+        if not (number(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+        if not (integer(self.top_k) and self.top_k >= 0):
             raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0 (0: no limit)")
-        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+        if not (integer(self.max_new_tokens) and self.max_new_tokens >= 1):
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
+        elif isinstance(self.stop, tuple):
+            self.stop = list(self.stop)
+        if self.stop is not None and not (isinstance(self.stop, list) and all(isinstance(s, str) and s
+                                                                               for s in self.stop)):
             raise ValueError(f"stop={self.stop!r} must be a non-empty string or a list of them")
+        if self.seed is not None and not (integer(self.seed) and SEED_MIN <= self.seed <= SEED_MAX):
+            raise ValueError(f"seed={self.seed!r} must be an integer in [{SEED_MIN}, {SEED_MAX}] (or None)")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos={self.ignore_eos!r} must be a bool")
+        if isinstance(self.stop_token_ids, tuple):
+            self.stop_token_ids = list(self.stop_token_ids)
+        if not (isinstance(self.stop_token_ids, list) and all(integer(t) and t >= 0 for t in self.stop_token_ids)):
+            raise ValueError(f"stop_token_ids={self.stop_token_ids!r} must be a list of token ids (integers >= 0)")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
-            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 20):
-                raise ValueError(f"{name}={v!r} must be an integer in [0, 20]")
+            if v is not None and not (integer(v) and 0 <= v <= MAX_LOGPROBS):
+                raise ValueError(f"{name}={v!r} must be an integer in [0, {MAX_LOGPROBS}]")
 
     @property
     def greedy(self) -> bool:
