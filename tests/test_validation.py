@@ -4,12 +4,22 @@ request the engine is exactly as it was: the next generate gives what a fresh en
 
 from __future__ import annotations
 
-import pytest
+import json
+import math
+import pathlib
 
+import pytest
+import torch
+
+import dsv3
+from dsv3 import ModelConfig
 from dsv3.infer import LLM, SamplingParams
 from dsv3.tokenizer import train_bpe
 
 from conftest import TINY, random_model, tiny_config
+
+REFERENCE = pathlib.Path("/work/shared/reference")
+
 
 # ---- requests ----------------------------------------------------------------------------------------------
 
@@ -146,3 +156,129 @@ def test_prompt_the_tokenizer_encodes_beyond_the_model_vocabulary():
     assert llm.requests == {} and not llm.has_unfinished()
     out = llm.generate("the", SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True))[0]
     assert len(out.token_ids) == 3
+
+
+# ---- model configs -----------------------------------------------------------------------------------------
+
+YARN = dict(rope_type="yarn", rope_factor=4.0, original_max_position_embeddings=128)
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(rms_norm_eps=-1.0), "rms_norm_eps"), (dict(rms_norm_eps=0.0), "rms_norm_eps"),
+    (dict(rms_norm_eps=float("nan")), "rms_norm_eps"),
+    (dict(rope_theta=-1.0), "rope_theta"), (dict(rope_theta=0), "rope_theta"),
+    (dict(rope_theta=float("inf")), "rope_theta"),
+    (dict(initializer_range=-0.02), "initializer_range"),
+    (dict(routed_scaling_factor=0.0), "routed_scaling_factor"),
+    (dict(routed_scaling_factor=float("nan")), "routed_scaling_factor"),
+    (dict(aux_loss_alpha=-0.1), "aux_loss_alpha"),
+    (dict(bos_token_id=TINY["vocab_size"]), "bos_token_id"), (dict(bos_token_id=-1), "bos_token_id"),
+    (dict(eos_token_id=TINY["vocab_size"]), "eos_token_id"), (dict(eos_token_id=-1), "eos_token_id"),
+    (dict(eos_token_id=[1, TINY["vocab_size"] + 5]), "eos_token_id"), (dict(eos_token_id=[1, True]), "eos_token_id"),
+    (dict(eos_token_id=[1, "2"]), "eos_token_id"),
+    (dict(pad_token_id=TINY["vocab_size"]), "pad_token_id"),
+    (dict(YARN, rope_factor=float("nan")), "factor"),
+    (dict(YARN, beta_fast=0.0), "beta_fast"), (dict(YARN, beta_slow=-1.0), "beta_slow"),
+    (dict(YARN, mscale=-1.0), "mscale"), (dict(YARN, mscale_all_dim=float("inf")), "mscale_all_dim"),
+    (dict(quantization_config={"quant_method": "fp8", "weight_block_size": 128}), "weight_block_size"),
+])
+def test_config_refuses_values_no_model_can_run_with(kw, field):
+    with pytest.raises(ValueError, match=field) as e:
+        tiny_config(**kw)
+    bad = kw.get(field, kw.get("rope_factor"))
+    if not isinstance(bad, (dict, list)) and field != "weight_block_size":
+        assert repr(bad) in str(e.value) or str(bad) in str(e.value)
+
+
+def write_config(dirpath: pathlib.Path, **changes) -> pathlib.Path:
+    d = tiny_config().to_hf()
+    d.update(changes)
+    (dirpath / "config.json").write_text(json.dumps(d))
+    return dirpath / "config.json"
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(rms_norm_eps=-1), "rms_norm_eps"), (dict(rope_theta=-1), "rope_theta"),
+    (dict(eos_token_id=100000), "eos_token_id"), (dict(rope_theta=None), "rope_theta"),
+    (dict(rope_theta="10000"), "rope_theta"), (dict(rope_theta=True), "rope_theta"),
+    (dict(rope_scaling={"type": "yarn", "factor": "x"}), "factor"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": "x"}),
+     "original_max_position_embeddings"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 100.5}),
+     "original_max_position_embeddings"),
+])
+def test_config_file_errors_name_the_file_and_field(tmp_path, changes, field):
+    path = write_config(tmp_path, **changes)
+    with pytest.raises(ValueError, match=field) as e:
+        ModelConfig.from_hf(tmp_path)
+    assert str(path) in str(e.value)
+
+
+def test_a_model_that_cannot_run_is_refused_at_load(tmp_path):
+    dsv3.save_pretrained(random_model(tiny_config()), tmp_path, dtype=torch.float32)
+    d = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(d, rms_norm_eps=-1)))
+    with pytest.raises(ValueError, match="rms_norm_eps") as e:
+        dsv3.load_pretrained(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value)
+    with pytest.raises(ValueError, match="rms_norm_eps"):
+        LLM(tmp_path, cpu_kernels=False, kv_cache_tokens=64)
+
+
+# Real configs, as published (the fields that matter here), that must keep loading
+DEEPSEEK_V2 = dict(  # DeepSeek-V2 / V2-Chat (236B): group-limited greedy routing, 16x routed scaling
+    model_type="deepseek_v2", vocab_size=102400, hidden_size=5120, intermediate_size=12288,
+    moe_intermediate_size=1536, num_hidden_layers=60, num_attention_heads=128, num_key_value_heads=128,
+    n_shared_experts=2, n_routed_experts=160, routed_scaling_factor=16.0, kv_lora_rank=512, q_lora_rank=1536,
+    qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, topk_method="group_limited_greedy", n_group=8,
+    topk_group=3, num_experts_per_tok=6, moe_layer_freq=1, first_k_dense_replace=1, norm_topk_prob=False,
+    scoring_func="softmax", aux_loss_alpha=0.003, seq_aux=True, hidden_act="silu", max_position_embeddings=163840,
+    initializer_range=0.02, rms_norm_eps=1e-6, rope_theta=10000, attention_bias=False, bos_token_id=100000,
+    eos_token_id=100001, pad_token_id=None,
+    rope_scaling=dict(beta_fast=32, beta_slow=1, factor=40, mscale=0.707, mscale_all_dim=0.707,
+                      original_max_position_embeddings=4096, type="yarn"),
+)
+KIMI_K2_LIKE = dict(  # DeepseekV3ForCausalLM with one group, beta_fast == beta_slow, a larger vocabulary
+    model_type="deepseek_v3", vocab_size=163840, hidden_size=7168, intermediate_size=18432,
+    moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=64, num_key_value_heads=64,
+    n_shared_experts=1, n_routed_experts=384, routed_scaling_factor=2.827, kv_lora_rank=512, q_lora_rank=1536,
+    qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, topk_method="noaux_tc", n_group=1, topk_group=1,
+    num_experts_per_tok=8, first_k_dense_replace=1, norm_topk_prob=True, scoring_func="sigmoid",
+    max_position_embeddings=131072, rms_norm_eps=1e-6, rope_theta=50000.0, bos_token_id=163584,
+    eos_token_id=163585, num_nextn_predict_layers=0,
+    rope_scaling=dict(type="yarn", factor=32.0, original_max_position_embeddings=4096, beta_fast=1.0,
+                      beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
+)
+
+
+def official_demo_config(path: pathlib.Path) -> dict:
+    """The official inference demo's ModelArgs JSON -> HF config.json fields (the demo's defaults for the rest)."""
+    a = json.loads(path.read_text())
+    d = dict(model_type="deepseek_v3", vocab_size=a["vocab_size"], hidden_size=a["dim"],
+             intermediate_size=a["inter_dim"], moe_intermediate_size=a["moe_inter_dim"],
+             num_hidden_layers=a["n_layers"], first_k_dense_replace=a["n_dense_layers"],
+             num_attention_heads=a["n_heads"], n_routed_experts=a["n_routed_experts"],
+             n_shared_experts=a["n_shared_experts"], num_experts_per_tok=a["n_activated_experts"],
+             n_group=a.get("n_expert_groups", 1), topk_group=a.get("n_limited_groups", 1),
+             routed_scaling_factor=a.get("route_scale", 1.0), scoring_func=a.get("score_func", "softmax"),
+             q_lora_rank=a["q_lora_rank"], kv_lora_rank=a["kv_lora_rank"], qk_nope_head_dim=a["qk_nope_head_dim"],
+             qk_rope_head_dim=a["qk_rope_head_dim"], v_head_dim=a["v_head_dim"], max_position_embeddings=163840,
+             rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
+                               beta_slow=1, mscale=a.get("mscale", 1.0), mscale_all_dim=a.get("mscale", 1.0)))
+    if d["scoring_func"] == "softmax":  # V2: greedy or group-limited greedy
+        d["topk_method"] = "group_limited_greedy" if d["n_group"] > 1 else "greedy"
+    return d
+
+
+def test_every_preset_and_real_config_loads():
+    for name in dsv3.config.PRESETS:
+        c = ModelConfig.preset(name)
+        assert ModelConfig.from_hf(c.to_hf()) == c
+    configs = [DEEPSEEK_V2, KIMI_K2_LIKE]
+    configs += [json.loads(p.read_text()) for p in sorted(REFERENCE.glob("*.json"))]
+    configs += [official_demo_config(p) for p in sorted(REFERENCE.glob("official-inference-configs/*.json"))]
+    assert len(configs) >= 2 + 1 + 4 or not REFERENCE.exists()
+    for d in configs:
+        c = ModelConfig.from_hf(d)
+        assert ModelConfig.from_hf(c.to_hf()) == c
+        assert math.isfinite(c.softmax_scale) and c.eos_token_id is not None

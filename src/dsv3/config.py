@@ -81,14 +81,27 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)  # config.json keys we do not interpret, kept for to_hf()
 
     def __post_init__(self) -> None:
+        """Refuse a config no model can run with: each check raises ValueError naming the field and its value."""
         for f in dataclasses.fields(self):
             value, allowed = getattr(self, f.name), _TYPES[f.type]
             if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
                 raise ValueError(f"{f.name}={value!r} must be of type {f.type}")
+            if f.type == "float" and not math.isfinite(value):
+                raise ValueError(f"{f.name}={value!r} must be a finite number")
         if self.q_lora_rank == 0:
             self.q_lora_rank = None  # the official demo writes 0 for "no q latent"
         if self.model_type not in _ARCHS:
             raise ValueError(f"model_type={self.model_type!r} is not supported; expected one of {sorted(_ARCHS)}")
+        self._check_sizes()
+        self._check_numerics()
+        self._check_token_ids()
+        if self.n_routed_experts is not None:
+            self._check_moe()
+        self._check_rope()
+        if self.quantization_config is not None:
+            self._check_quantization()
+
+    def _check_sizes(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                      "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
             if getattr(self, name) <= 0:
@@ -108,26 +121,54 @@ class ModelConfig:
         if self.first_k_dense_replace > 0 or self.n_routed_experts is None:
             if self.intermediate_size <= 0:
                 raise ValueError(f"intermediate_size={self.intermediate_size} must be positive for dense layers")
-        if self.n_routed_experts is not None:
-            self._check_moe()
+
+    def _check_numerics(self) -> None:
+        # eps <= 0 divides by zero on a zero row; theta <= 0 gives NaN frequencies: every forward would fail
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"rms_norm_eps={self.rms_norm_eps} must be > 0")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta={self.rope_theta} must be > 0")
+        if self.initializer_range < 0:
+            raise ValueError(f"initializer_range={self.initializer_range} must be >= 0 (a standard deviation)")
+
+    def _check_token_ids(self) -> None:
+        V = self.vocab_size
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) else [] if value is None else [value]
+            for i in ids:
+                if not isinstance(i, int) or isinstance(i, bool):
+                    raise ValueError(f"{name}={value!r} must hold integer token ids")
+                if not 0 <= i < V:
+                    raise ValueError(f"{name}={value!r}: token id {i} is outside the vocabulary [0, vocab_size={V})")
+
+    def _check_rope(self) -> None:
         if self.rope_type not in ("default", "yarn"):
             raise ValueError(f"rope_scaling type {self.rope_type!r} is not supported; expected 'yarn' or none")
-        if self.rope_type == "yarn":
-            if self.rope_factor < 1:
-                raise ValueError(f"rope_scaling.factor={self.rope_factor} must be >= 1")
-            if self.original_max_position_embeddings <= 0:
-                raise ValueError(f"rope_scaling.original_max_position_embeddings="
-                                 f"{self.original_max_position_embeddings} must be positive")
-        if self.quantization_config is not None:
-            qc = self.quantization_config
-            if qc.get("quant_method") != "fp8":
-                raise ValueError(f"quantization_config.quant_method={qc.get('quant_method')!r} is not supported; "
-                                 "only the official block-scaled 'fp8' is")
-            if list(qc.get("weight_block_size", [128, 128])) != [128, 128]:
-                raise ValueError(f"quantization_config.weight_block_size={qc.get('weight_block_size')} is not "
-                                 "supported; expected [128, 128]")
-            if qc.get("fmt", "e4m3") != "e4m3":
-                raise ValueError(f"quantization_config.fmt={qc.get('fmt')!r} is not supported; expected 'e4m3'")
+        if self.rope_type != "yarn":
+            return
+        if self.rope_factor < 1:
+            raise ValueError(f"rope_scaling.factor={self.rope_factor} must be >= 1")
+        if self.original_max_position_embeddings <= 0:
+            raise ValueError(f"rope_scaling.original_max_position_embeddings="
+                             f"{self.original_max_position_embeddings} must be positive")
+        for name in ("beta_fast", "beta_slow"):  # rotation counts: the correction range divides by them
+            if getattr(self, name) <= 0:
+                raise ValueError(f"rope_scaling.{name}={getattr(self, name)} must be > 0")
+        for name in ("mscale", "mscale_all_dim"):  # 0: off
+            if getattr(self, name) < 0:
+                raise ValueError(f"rope_scaling.{name}={getattr(self, name)} must be >= 0")
+
+    def _check_quantization(self) -> None:
+        qc = self.quantization_config
+        if qc.get("quant_method") != "fp8":
+            raise ValueError(f"quantization_config.quant_method={qc.get('quant_method')!r} is not supported; "
+                             "only the official block-scaled 'fp8' is")
+        block = qc.get("weight_block_size", [128, 128])
+        if not isinstance(block, (list, tuple)) or list(block) != [128, 128]:
+            raise ValueError(f"quantization_config.weight_block_size={block!r} is not supported; expected [128, 128]")
+        if qc.get("fmt", "e4m3") != "e4m3":
+            raise ValueError(f"quantization_config.fmt={qc.get('fmt')!r} is not supported; expected 'e4m3'")
 
     def _check_moe(self) -> None:
         E, G = self.n_routed_experts, self.n_group
@@ -139,6 +180,10 @@ class ModelConfig:
             raise ValueError(f"n_shared_experts={self.n_shared_experts} must be >= 0")
         if self.moe_layer_freq < 1:
             raise ValueError(f"moe_layer_freq={self.moe_layer_freq} must be >= 1")
+        if self.routed_scaling_factor <= 0:
+            raise ValueError(f"routed_scaling_factor={self.routed_scaling_factor} must be > 0")
+        if self.aux_loss_alpha < 0:
+            raise ValueError(f"aux_loss_alpha={self.aux_loss_alpha} must be >= 0")
         if self.topk_method not in _TOPK_METHODS:
             raise ValueError(f"topk_method={self.topk_method!r} is not supported; expected one of {_TOPK_METHODS}")
         if self.scoring_func not in ("sigmoid", "softmax"):
@@ -296,26 +341,31 @@ class ModelConfig:
         if not isinstance(rs, dict) or not isinstance(rp, dict):
             raise ValueError(f"{where}: rope_scaling / rope_parameters must be objects")
         rope = {**rp, **rs}
-        kw["rope_theta"] = float(d.get("rope_theta", rope.get("rope_theta", 10000.0)))
+        theta = d.get("rope_theta")
+        if theta is None:  # (transformers 5 keeps it in rope_parameters; an explicit null is an error)
+            theta = rope.get("rope_theta", None if "rope_theta" in d else 10000.0)
+        kw["rope_theta"] = _number(where, "rope_theta", theta)
         rtype = rope.get("type", rope.get("rope_type", "default")) or "default"
         kw["rope_type"] = rtype
         if rtype == "yarn":
             mpe = d.get("max_position_embeddings")
             factor = rope.get("factor")
-            omp = rope.get("original_max_position_embeddings", mpe)
+            omp = _number(where, "rope_scaling.original_max_position_embeddings",
+                          rope.get("original_max_position_embeddings", mpe), integer=True)
             if factor is None:
                 if not (mpe and omp):
                     raise ValueError(f"{where}: rope_scaling of type yarn needs 'factor'")
-                factor = mpe / omp
-            kw.update(rope_factor=float(factor), original_max_position_embeddings=int(omp),
-                      beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
-                      mscale=float(rope.get("mscale") or 0.0), mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0))
+                factor = _number(where, "max_position_embeddings", mpe) / omp
+            kw.update(rope_factor=_number(where, "rope_scaling.factor", factor), original_max_position_embeddings=omp,
+                      **{k: _number(where, f"rope_scaling.{k}", rope.get(k) or default)
+                         for k, default in (("beta_fast", 32.0), ("beta_slow", 1.0), ("mscale", 0.0),
+                                            ("mscale_all_dim", 0.0))})
         used = names | {"rope_theta", "rope_scaling", "rope_parameters", "dtype", "torch_dtype"}
         derived = {"qk_head_dim", "head_dim", "num_key_value_heads", "architectures", "transformers_version"}
         kw["extra"] = {k: v for k, v in d.items() if k not in used and k not in derived}
         try:
             return cls(**kw)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:  # (a value the checks of __post_init__ refuse, named with the file)
             raise ValueError(f"{where}: {e}") from None
 
     def to_hf(self) -> dict:
@@ -355,6 +405,16 @@ class ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
         return cls(**PRESETS[name])
+
+
+def _number(where: str, name: str, value: Any, integer: bool = False) -> float | int:
+    """A config.json number (JSON may write 4096.0 for an integer) -> float, or int; ValueError naming it."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if not ok:
+        raise ValueError(f"{where}: {name}={value!r} must be {'an integer' if integer else 'a number'}")
+    return int(value) if integer else float(value)
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
