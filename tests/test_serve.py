@@ -60,6 +60,18 @@ class GatedLLM(LLM):
             raise RuntimeError("injected failure")
         return super().step()
 
+    def add_request(self, *args, **kwargs):
+        """refuse_after = k: the engine's own validation refuses the request added after k more (a ValueError);
+        crash_after = k: the same with an unexpected error (a bug)."""
+        for name, error in (("refuse_after", ValueError("refused by the engine (injected)")),
+                            ("crash_after", RuntimeError("injected crash in add_request"))):
+            k = getattr(self, name, None)
+            if k is not None:
+                setattr(self, name, None if k == 0 else k - 1)
+                if k == 0:
+                    raise error
+        return super().add_request(*args, **kwargs)
+
 
 def wait_for(predicate, what: str, limit: float = 60.0):
     """Poll until predicate() holds (a deadline only so that a broken server fails instead of hanging)."""
@@ -72,10 +84,11 @@ def wait_for(predicate, what: str, limit: float = 60.0):
 class Server:
     """create_app(...) under uvicorn in a background thread, on a port the OS picked."""
 
-    def __init__(self, model_dir, api_key=None, max_queue=64, **llm_kwargs):
+    def __init__(self, model_dir, api_key=None, max_queue=64, max_seqs_per_request=None, **llm_kwargs):
         llm_kwargs.setdefault("max_model_len", CONTEXT)
         self.llm = GatedLLM(model_dir, **llm_kwargs)
-        app = create_app(self.llm, MODEL, api_key=api_key, max_queue=max_queue)
+        limits = {} if max_seqs_per_request is None else {"max_seqs_per_request": max_seqs_per_request}
+        app = create_app(self.llm, MODEL, api_key=api_key, max_queue=max_queue, **limits)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -347,6 +360,18 @@ def _cmpl(**kw):
     return {"path": "/v1/completions", "json": {"model": MODEL, "prompt": "the cat", "max_tokens": 2, **kw}}
 
 
+def _raw(message: str) -> dict:
+    """A chat request with one message written as raw JSON (httpx cannot encode a lone surrogate itself)."""
+    return {"path": "/v1/chat/completions",
+            "content": f'{{"model": "{MODEL}", "max_tokens": 2, "messages": [{message}]}}'.encode()}
+
+
+def _raw_cmpl(fields: str) -> dict:
+    """A completion request with fields written as raw JSON (later keys replace the defaults')."""
+    body = json.loads(f'{{"model": "{MODEL}", "prompt": "the cat", "max_tokens": 2, {fields}}}')
+    return {"path": "/v1/completions", "content": json.dumps(body).encode()}  # ASCII, surrogates as escapes
+
+
 def _without(key):
     body = dict(GOOD_CHAT)
     del body[key]
@@ -391,6 +416,29 @@ BAD = {  # case -> (request, status, param named or None, a phrase of the messag
     "token id outside the vocabulary": (_cmpl(prompt=[1, 2, 100000]), 400, "prompt", "outside the vocabulary"),
     "empty token list": (_cmpl(prompt=[]), 400, "prompt", "non-empty"),
     "prompt wrong type": (_cmpl(prompt=3), 400, "prompt", "must be a string"),
+    # strings JSON can spell but UTF-8 cannot encode (a lone surrogate): the tokenizer cannot take them
+    "lone surrogate in a message": (_raw('{"role": "user", "content": "hi \\ud800"}'), 400, "messages.0.content",
+                                    "lone surrogate"),
+    "lone surrogate in a text part": (_raw('{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}'),
+                                      400, "messages.0.content", "lone surrogate"),
+    "lone surrogate in a name": (_raw('{"role": "user", "content": "hi", "name": "\\ud800"}'), 400,
+                                 "messages.0.name", "lone surrogate"),
+    "lone surrogate in a prompt": (_raw_cmpl('"prompt": "the \\ud800 cat"'), 400, "prompt", "lone surrogate"),
+    "lone surrogate in a prompt list": (_raw_cmpl('"prompt": ["the cat", "\\udc00"]'), 400, "prompt", "item 1"),
+    "lone surrogate in a stop": (_raw_cmpl('"stop": ["\\ud800"]'), 400, "stop", "lone surrogate"),
+    "lone surrogate in user": (_raw_cmpl('"user": "\\ud800"'), 400, "user", "lone surrogate"),
+    "lone surrogate in cache_salt": (_raw_cmpl('"cache_salt": "\\ud800"'), 400, "cache_salt", "lone surrogate"),
+    "max_tokens null with n 0": (_cmpl(max_tokens=None, n=0), 400, "n", "greater than or equal to 1"),
+    "completion max_tokens negative": (_cmpl(max_tokens=-5), 400, "max_tokens", "greater than or equal to 0"),
+    "max_completion_tokens 0": (_chat(max_completion_tokens=0), 400, "max_completion_tokens", "greater than"),
+    "top_logprobs negative": (_chat(logprobs=True, top_logprobs=-1), 400, "top_logprobs", "greater than"),
+    "completion logprobs a bool": (_cmpl(logprobs=True), 400, "logprobs", "integer"),
+    "stop a number": (_cmpl(stop=5), 400, "stop", "string"),
+    "stop a list of numbers": (_chat(stop=[1, 2]), 400, "stop", "string"),
+    "top_k below -1": (_cmpl(top_k=-2), 400, "top_k", "greater than or equal to -1"),
+    "seed beyond 64 bits": (_cmpl(seed=2**64), 400, "seed", "less than"),
+    "messages null": (_chat(messages=None), 400, "messages", "list"),
+    "message not an object": (_chat(messages=["hi"]), 400, "messages.0", "dictionary"),
     "unknown endpoint": ({"path": "/v1/embeddings", "json": {}}, 404, None, "no such endpoint"),
     "wrong method": ({"path": "/v1/models", "method": "DELETE"}, 405, None, "not allowed"),
 }

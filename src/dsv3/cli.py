@@ -237,7 +237,8 @@ def _add_serve(sub) -> None:
         description="Serve a model directory with the OpenAI API (/v1/chat/completions, /v1/completions, "
                     "/v1/models; /health, /metrics) and continuous batching: requests join and leave the running "
                     "batch between engine steps; the cache budget decides how many run at once, at most "
-                    "--max-queue wait, and more get a 429.")
+                    "--max-queue sequences (prompts x n) wait, and a request that does not fit gets a 429. The "
+                    "model runs once before the server starts: one that cannot run is refused.")
     p.add_argument("--model", required=True, help="model directory (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -250,7 +251,12 @@ def _add_serve(sub) -> None:
                    help="the model name clients send (default: the model directory's name)")
     p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
     p.add_argument("--max-queue", type=int, default=256,
-                   help="requests that may wait for a slot; more get 429 (default 256)")
+                   help="sequences (each prompt x n choices of a request counts) that may wait for a slot; a request "
+                        "whose sequences do not fit beside those waiting gets a 429, one larger than the whole "
+                        "queue a 400 (default 256)")
+    p.add_argument("--max-seqs-per-request", type=int, default=64, metavar="N",
+                   help="the most sequences (prompts x n) one request may hold, so that one client cannot take the "
+                        "whole queue; more is a 400 (default 64)")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + reply (default: the config's)")
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="latent cache size in token positions over all requests (default: GPU 90%% of free "
@@ -272,7 +278,8 @@ def _serve(args) -> None:
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     llm = _engine(args, kv_cache_tokens=args.kv_cache_tokens)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    app = create_app(llm, name, api_key=args.api_key, max_queue=args.max_queue)
+    app = create_app(llm, name, api_key=args.api_key, max_queue=args.max_queue,
+                     max_seqs_per_request=args.max_seqs_per_request)
     cache = llm.cache.capacity
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 ({llm.model.device}, {llm.model.dtype}; up to "
           f"{args.max_batch_size} requests at once, cache {cache} tokens, context {llm.max_model_len}"

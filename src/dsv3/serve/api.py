@@ -1,7 +1,7 @@
 """The OpenAI-compatible server: a FastAPI app over one engine loop.
 
     llm = dsv3.LLM("path/to/model")
-    app = create_app(llm, "my-model", api_key=None, max_queue=256)
+    app = create_app(llm, "my-model", api_key=None, max_queue=256, max_seqs_per_request=64)
     uvicorn.run(app, host="127.0.0.1", port=8000)              # what `dsv3 serve --model DIR` does
 
 Continuous batching. One thread, the engine loop, owns the LLM: the model runs only there. Between two engine
@@ -10,7 +10,13 @@ and decodes everything running together, preempting when the cache is full) and 
 that went away (`LLM.abort`, which frees their cache blocks at once). After each step it hands every request's
 new tokens to the HTTP handler waiting for them, through that handler's asyncio queue. A request leaves the
 batch when it finishes. How many run at once is the engine's to decide (its cache budget, `kv_cache_tokens`,
-and `max_num_seqs`); the others wait, and at most `max_queue` of them: beyond that a request gets a 429.
+and `max_num_seqs`); the others wait, and at most `max_queue` of them. Admission counts sequences, one per
+prompt and choice (prompts x n), however they were packed into HTTP requests: a request whose sequences do not
+fit beside those waiting gets a 429, and one that could never fit (more than `max_queue`, or than
+`max_seqs_per_request`, the cap that keeps one client from taking the whole queue) a 400.
+
+Before it serves, the app runs the model once (`warm_up`): a model that cannot run is refused at startup, and
+/health reports 200 only for one that has generated.
 
 The handlers run on the event loop: they validate, tokenize, submit, and turn engine outputs into OpenAI
 responses or server-sent events. Everything a client can get wrong is answered with a 4xx in OpenAI's error
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import threading
 from collections import Counter
@@ -68,6 +75,7 @@ class Job:
     events: asyncio.Queue  # Output, APIError (the engine failed it) or _DISCONNECTED
     cache_salt: str | None = None  # the request's prefix-cache namespace
     live: dict[int, int] = field(default_factory=dict)  # engine request id -> choice, until it finishes
+    held: int = 0  # its sequences in the engine loop's in-flight count: not yet finished, aborted or failed
     cancelled: bool = False
 
     def post(self, item) -> None:
@@ -79,25 +87,40 @@ class Job:
 
 
 class EngineLoop:
-    """The thread that runs the LLM, and the figures /metrics reports. `submit` and `cancel` are called from
-    the event loop; everything else that touches the LLM runs on the engine thread."""
+    """The thread that runs the LLM, admission, and the figures /metrics reports. `check_size`, `submit` and
+    `cancel` are called from the event loop; everything else that touches the LLM runs on the engine thread.
 
-    def __init__(self, llm: LLM, max_queue: int):
-        if max_queue < 0:
-            raise ValueError(f"max_queue={max_queue} must be >= 0")
-        self.llm, self.max_queue = llm, max_queue
+    Admission counts sequences (engine requests: prompts x n), not HTTP requests. `in_flight` is every sequence
+    submitted and not yet finished, aborted or failed; `running` those in the engine's running batch after its
+    last step; the rest wait, and a request is admitted only if its sequences fit beside them in `max_queue`. A
+    request larger than `max_seqs_per_request` or than `max_queue` is a 400 (it could never be admitted); one
+    that does not fit now is a 429. The two counts change together, under `cond`, so the waiting figure never
+    shows a sequence released but still running."""
+
+    def __init__(self, llm: LLM, max_queue: int, max_seqs_per_request: int):
+        if max_queue < 1:
+            raise ValueError(f"max_queue={max_queue} must be >= 1 (sequences that may wait for a slot)")
+        if max_seqs_per_request < 1:
+            raise ValueError(f"max_seqs_per_request={max_seqs_per_request} must be >= 1")
+        self.llm, self.max_queue, self.max_seqs_per_request = llm, max_queue, max_seqs_per_request
         self.cond = threading.Condition()  # guards everything below that both threads touch
         self.inbox: list[Job] = []  # submitted, not yet added to the engine
         self.cancels: list[Job] = []
         self.stopping = False
         self.thread: threading.Thread | None = None
         self.jobs: dict[int, Job] = {}  # engine request id -> its job (engine thread only)
-        # figures for /metrics, written under cond
-        self.num_waiting = 0  # engine requests not running yet (inbox + the scheduler's queue): the 429 rule
-        self.num_running = 0
+        self.held: set[Job] = set()  # jobs with sequences in the in-flight count
+        # admission and the figures for /metrics, written under cond
+        self.in_flight = 0  # sequences submitted, not yet finished, aborted or failed
+        self.num_running = 0  # of those, in the engine's running batch after its last step
         self.cache_usage = 0.0
         self.engine_stats: dict = dict(llm.stats)
         self.counts: Counter = Counter()
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences waiting for a slot: in the inbox, in the scheduler's queue, or preempted."""
+        return self.in_flight - self.num_running
 
     # ---- called from the event loop ------------------------------------------------------------------------
     def start(self) -> None:
@@ -115,18 +138,34 @@ class EngineLoop:
     def alive(self) -> bool:
         return self.thread is not None and self.thread.is_alive() and not self.stopping
 
+    def check_size(self, num_prompts: int, n: int) -> None:
+        """A 400 for a request that could never be admitted (before anything is tokenized)."""
+        count = num_prompts * n
+        if count <= min(self.max_seqs_per_request, self.max_queue):
+            return
+        what = f"{num_prompts} prompt{'s' if num_prompts > 1 else ''} x n={n}"
+        limit = (f"more than this server takes in one request (max_seqs_per_request={self.max_seqs_per_request})"
+                 if count > self.max_seqs_per_request else
+                 f"more than may ever wait for a slot (max_queue={self.max_queue})")
+        raise APIError(400, f"this request asks for {count} sequences ({what}), {limit}: send fewer prompts or a "
+                            "smaller n", param="n" if n > 1 else "prompt", code="too_many_sequences")
+
     def submit(self, prompts: list[list[int]], params: list[SamplingParams], cache_salt: str | None = None) -> Job:
         job = Job(prompts, params, asyncio.get_running_loop(), asyncio.Queue(), cache_salt=cache_salt)
+        count = len(prompts)
         with self.cond:
             if not self.alive:
                 raise APIError(503, "the engine is not running", type="server_error")
-            if self.num_waiting >= self.max_queue:
+            waiting = self.num_waiting
+            if waiting + count > self.max_queue:
                 self.counts["rejected"] += 1
-                raise APIError(429, f"the server is busy: {self.num_waiting} requests are already waiting for a "
-                                    f"slot (max_queue={self.max_queue}); retry later",
+                raise APIError(429, f"the server is busy: {waiting} sequences are waiting for a slot and this "
+                                    f"request adds {count} (max_queue={self.max_queue}); retry later",
                                type="rate_limit_exceeded", code="queue_full")
+            job.held = count
+            self.in_flight += count
+            self.held.add(job)
             self.inbox.append(job)
-            self.num_waiting += len(prompts)
             self.cond.notify()
         return job
 
@@ -156,25 +195,31 @@ class EngineLoop:
                     self._admit(job)
                 for job in cancels:
                     self._abort(job)
-                self._update_figures()  # the waiting count moves from the inbox to the scheduler's queue
                 if llm.has_unfinished():
                     self._deliver(llm.step())
             except Exception as e:  # a bug, or out of memory: fail what is in flight and keep serving
                 log.exception("the engine loop failed")
-                self._fail_all(APIError(500, f"the engine failed: {type(e).__name__}: {e}", type="server_error"),
-                               inbox)
-            self._update_figures()
-        self._fail_all(APIError(503, "the server is shutting down", type="server_error"), self.inbox)
+                self._fail_all(APIError(500, f"the engine failed: {type(e).__name__}: {e}", type="server_error"))
+        self._fail_all(APIError(503, "the server is shutting down", type="server_error"), also_inbox=True)
 
     def _admit(self, job: Job) -> None:
-        if job.cancelled:
+        """Add the job's sequences to the engine. An error here is the job's alone: the engine's refusal (its
+        ValueError) is a 400, anything else a 500, and the sequences already added are taken out again."""
+        if job.cancelled:  # the client left before its turn
+            self._abort(job)
             return
         for i, (prompt, params) in enumerate(zip(job.prompts, job.params)):
             try:
                 rid = self.llm.add_request(prompt, params, cache_salt=job.cache_salt)
-            except ValueError as e:  # the handler checked already; the engine's own checks have the last word
+            except Exception as e:
+                if isinstance(e, ValueError):  # the handler checked already; the engine's checks have the last word
+                    error = APIError(400, str(e))
+                else:
+                    log.exception("adding a request to the engine failed")
+                    error = APIError(500, f"the engine failed to add the request: {type(e).__name__}: {e}",
+                                     type="server_error")
                 self._abort(job, count=False)
-                job.post(APIError(400, str(e)))
+                job.post(error)
                 return
             job.live[rid] = i
             self.jobs[rid] = job
@@ -183,45 +228,90 @@ class EngineLoop:
             self.counts["prompt_tokens"] += sum(len(p) for p in job.prompts)
 
     def _abort(self, job: Job, count: bool = True) -> None:
-        for rid in list(job.live):
-            self.llm.abort(rid)
-            self.llm.release(rid)
-            del self.jobs[rid]
+        """Take the job's unfinished sequences out of the engine (freeing their cache blocks) and out of the
+        in-flight count."""
+        aborted = len(job.live)
+        try:
+            for rid in list(job.live):
+                self.llm.abort(rid)
+                self.llm.release(rid)
+                del self.jobs[rid], job.live[rid]
+        finally:  # even if the engine is in a state it should not be in: the count is released
+            for rid in job.live:
+                self.jobs.pop(rid, None)
+            job.live.clear()
+        with self.cond:
             if count:
-                with self.cond:
-                    self.counts["finished:abort"] += 1
-        job.live.clear()
+                self.counts["finished:abort"] += aborted
+            self._release(job, job.held)
+            self._update_figures()
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
-        generated = 0
+        news, reasons = [], []
         for out in outputs:
             job = self.jobs[out.request_id]
-            index = job.live[out.request_id]
             final = None
             if out.finished:
                 final = self.llm.release(out.request_id)
-                del self.jobs[out.request_id], job.live[out.request_id]
-                with self.cond:
-                    self.counts[f"finished:{out.finish_reason}"] += 1
-            generated += len(out.new_token_ids)
-            job.post(Output(index, out, final))
-        with self.cond:
-            self.counts["generation_tokens"] += generated
+                del self.jobs[out.request_id]
+                reasons.append((job, out.finish_reason))
+            news.append((job, Output(job.live[out.request_id], out, final)))
+            if out.finished:
+                del job.live[out.request_id]
+        with self.cond:  # released and no longer running, in one go
+            for job, reason in reasons:
+                self.counts[f"finished:{reason}"] += 1
+                self._release(job, 1)
+            self.counts["generation_tokens"] += sum(len(out.new_token_ids) for out in outputs)
+            self._update_figures()
+        for job, o in news:  # after the figures: a client that has its answer sees them updated
+            job.post(o)
 
-    def _fail_all(self, error: APIError, also: list[Job] = ()) -> None:
-        """Answer every job in flight (and `also`) with error; abort their engine requests."""
-        for job in {*self.jobs.values(), *also}:
-            if job.live or job in also:
+    def _fail_all(self, error: APIError, also_inbox: bool = False) -> None:
+        """Answer every job in flight with error (the inbox's too when shutting down); abort their sequences."""
+        with self.cond:
+            victims = [j for j in self.held if also_inbox or j not in self.inbox]
+        for job in victims:
+            job.post(error)
+            try:
                 self._abort(job, count=False)
-                job.post(error)
+            except Exception:  # the engine is broken: the next job is still answered
+                log.exception("aborting a failed request")
+        with self.cond:
+            self._update_figures()
+
+    def _release(self, job: Job, count: int) -> None:
+        """Under cond: count of the job's sequences leave the in-flight count."""
+        count = min(count, job.held)
+        job.held -= count
+        self.in_flight -= count
+        if not job.held:
+            self.held.discard(job)
 
     def _update_figures(self) -> None:
+        """Under cond, right after the engine changed: what runs, the cache, the engine's counters."""
         sched = self.llm.scheduler
-        with self.cond:
-            self.num_waiting = len(sched.waiting) + sum(len(j.prompts) for j in self.inbox)
-            self.num_running = len(sched.running)
-            self.cache_usage = 1 - sched.blocks.num_free / sched.blocks.num_blocks
-            self.engine_stats = dict(self.llm.stats)
+        self.num_running = len(sched.running)
+        self.cache_usage = 1 - sched.blocks.num_free / sched.blocks.num_blocks
+        self.engine_stats = dict(self.llm.stats)
+
+
+def warm_up(llm: LLM) -> None:
+    """Run the model once, as a request would (a prefill and a decode step, greedy, with logprobs): a model
+    that cannot run (a forward that raises, logits that are not finite: a config value out of range, broken
+    weights) raises a RuntimeError here, before anything is served, instead of failing every request."""
+    params = SamplingParams(temperature=0, max_new_tokens=max(1, min(2, llm.max_model_len - 1)), ignore_eos=True,
+                            logprobs=0)
+    try:
+        out = llm.generate([[0]], params, use_tqdm=False)[0]
+    except Exception as e:
+        raise RuntimeError(f"the model failed its warm-up generate (one prompt token, greedy): {type(e).__name__}: "
+                           f"{e}; refusing to serve it") from e
+    lps = [x.logprob for x in out.logprobs or []]
+    if not lps or not all(map(math.isfinite, lps)):
+        raise RuntimeError(f"the model's logits are not finite (its warm-up tokens' log-probabilities: {lps}): a "
+                           "config value out of range (rms_norm_eps, rope_theta ...) or broken weights; refusing to "
+                           "serve it")
 
 
 # ---- the app ----------------------------------------------------------------------------------------------------
@@ -255,15 +345,19 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
             return
 
 
-def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue: int = 256) -> FastAPI:
-    """An OpenAI-compatible app serving `llm` as `model_name`. The engine loop starts and stops with the app
-    (its lifespan). api_key: required on /v1/* when given. max_queue: engine requests that may wait for a slot
-    (a request with n choices counts n); a request arriving while that many wait gets a 429."""
+def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue: int = 256,
+               max_seqs_per_request: int = 64) -> FastAPI:
+    """An OpenAI-compatible app serving `llm` as `model_name`; runs the model once first (`warm_up`: a
+    RuntimeError if it cannot run). The engine loop starts and stops with the app (its lifespan).
+    api_key: required on /v1/* when given. max_queue: sequences (engine requests, one per prompt and choice)
+    that may wait for a slot; a request whose sequences do not fit beside those waiting gets a 429.
+    max_seqs_per_request: the most sequences (prompts x n) one request may hold; more is a 400."""
     if llm.tokenizer is None:
         raise ValueError("serving needs the model's tokenizer (tokenizer.json in the model directory)")
     tok = llm.tokenizer
     token_text = TokenText(tok)
-    engine = EngineLoop(llm, max_queue)
+    engine = EngineLoop(llm, max_queue, max_seqs_per_request)
+    warm_up(llm)
     blocks = llm.scheduler.blocks
     # the longest prompt + output a request may ask for: the context, and what the whole cache holds
     context_len = min(llm.max_model_len, blocks.num_blocks * blocks.block_size - llm.scheduler.lookahead)
@@ -392,6 +486,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body)
+        n = body.n or 1
+        engine.check_size(1, n)
         messages = [m.as_template_input() for m in body.messages]
 
         def render() -> list[int]:
@@ -405,7 +501,6 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
 
         prompt = await run_in_threadpool(render)
         max_new = budget(len(prompt), body.max_new_tokens, "messages")
-        n = body.n or 1
         top = (body.top_logprobs or 0) if body.logprobs else None
         job = engine.submit([prompt] * n, [body.sampling_params(max_new, j, logprobs=top) for j in range(n)],
                             cache_salt=body.cache_salt)
@@ -446,6 +541,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_model(body)
+        n, echo = body.n or 1, bool(body.echo)
+        engine.check_size(len(body.prompt), n)
 
         def encode() -> list[list[int]]:
             """Strings through the tokenizer (BOS added as the model expects); token ids checked. The length is
@@ -464,8 +561,9 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
 
         prompts = await run_in_threadpool(encode)
         score_only = body.max_tokens == 0  # echo the prompt with its logprobs, generate nothing
-        max_new = [budget(len(p), max(body.max_tokens, 1), "prompt") for p in prompts]
-        n, echo = body.n or 1, bool(body.echo)
+        # max_tokens null: the rest of the context, for each prompt (as vLLM)
+        max_new = [budget(len(p), None if body.max_tokens is None else max(body.max_tokens, 1), "prompt")
+                   for p in prompts]
         top = body.logprobs
         params = [body.sampling_params(max_new[i], j, logprobs=top, prompt_logprobs=top if echo else None)
                   for i in range(len(prompts)) for j in range(n)]
@@ -560,15 +658,19 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
                [(f'{{reason="{r}"}}', counts[f"finished:{r}"]) for r in ("stop", "length", "abort")])
         metric("requests_cancelled_total", "counter", "HTTP requests whose client went away before the answer.",
                counts["cancelled"])
-        metric("requests_rejected_total", "counter", "HTTP requests refused with 429 because the queue was full.",
+        metric("requests_rejected_total", "counter", "HTTP requests refused with 429: their sequences did not fit "
+               "in the queue.",
                counts["rejected"])
         metric("http_errors_total", "counter", "Error responses, by status.",
                [(f'{{status="{s}"}}', c) for s, c in sorted(errors.items())] or [('{status="none"}', 0)])
         metric("prompt_tokens_total", "counter", "Prompt tokens admitted.", counts["prompt_tokens"])
         metric("generation_tokens_total", "counter", "Tokens generated.", counts["generation_tokens"])
-        metric("num_requests_waiting", "gauge", "Engine requests waiting for a slot (the queue).", waiting)
+        metric("num_requests_waiting", "gauge", "Engine requests (sequences: prompts x n) waiting for a slot.",
+               waiting)
         metric("num_requests_running", "gauge", "Engine requests in the running batch.", running)
-        metric("max_queue", "gauge", "Waiting requests beyond which new ones get 429.", max_queue)
+        metric("max_queue", "gauge", "Waiting sequences beyond which new requests get 429.", max_queue)
+        metric("max_seqs_per_request", "gauge", "The most sequences (prompts x n) one request may hold.",
+               max_seqs_per_request)
         metric("max_num_seqs", "gauge", "The most requests decoded together.", llm.scheduler.max_num_seqs)
         metric("kv_cache_usage_ratio", "gauge", "Fraction of the latent cache's blocks in use.", f"{cache_usage:.6f}")
         metric("kv_cache_tokens", "gauge", "Token positions the latent cache holds in all.",

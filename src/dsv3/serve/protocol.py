@@ -6,6 +6,8 @@ Supported beyond OpenAI, as vLLM spells them: `top_k` (0 or -1: no limit), `igno
 (requests share prefix-cache blocks only with requests of the same salt). Known OpenAI
 parameters this server does not implement (penalties, logit_bias, tools, suffix, best_of > n) are refused
 with a 400 when set to anything but their neutral value; unknown fields are ignored, as vLLM does.
+`max_tokens: null` asks for the rest of the context (vLLM's reading). Text must be valid Unicode: JSON can spell a
+lone surrogate ("\\ud800"), which no tokenizer can encode, and such a string is a 400 naming its field.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..tokenizer import IncrementalDetokenizer, Tokenizer
 MAX_STOP = 4  # OpenAI's limit on stop strings
 MAX_N = 128  # OpenAI's limit on choices per request
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI: 20 for chat, 5 for completions; vLLM allows 20 for both)
+TOP_K_ALL = 1 << 31  # a top_k this large keeps every token of any vocabulary (and would overflow the engine's int64)
 
 
 # ---- errors -------------------------------------------------------------------------------------------------
@@ -68,6 +71,26 @@ def validation_error(errors: list[dict]) -> APIError:
 
 # ---- requests -------------------------------------------------------------------------------------------------
 
+def check_text(v: Any, where: str = "") -> Any:
+    """v itself, if every string in it (nested in lists and dicts too) can be encoded as UTF-8; else a ValueError
+    saying where the lone surrogate is."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{where or 'the text '}has a lone surrogate (U+{ord(v[e.start]):04X}) at character "
+                             f"{e.start}, which no encoding can write: text must be valid Unicode") from None
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            if not isinstance(x, int):  # token ids: nothing to check, and there may be many
+                check_text(x, f"{where}item {i} ")
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            check_text(k, f"{where}a key ")
+            check_text(x, f"{where}{k!r}: ")
+    return v
+
+
 class _Strict(BaseModel):
     # strict: "5" is not an int, 1 is not a bool (OpenAI refuses them too); extra fields are kept in
     # model_extra so that the server can log what it ignored
@@ -82,6 +105,11 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Any = None  # a string, or a list of {"type": "text", "text": ...} parts (checked below)
     name: str | None = None
+
+    @field_validator("content", "name", mode="before")
+    @classmethod
+    def _encodable(cls, v: Any) -> Any:
+        return check_text(v)
 
     @field_validator("content")
     @classmethod
@@ -128,6 +156,11 @@ class _Sampling(_Strict):
     logit_bias: dict | None = None
     user: str | None = None
 
+    @field_validator("model", "stop", "user", "cache_salt", mode="before")
+    @classmethod
+    def _encodable(cls, v: Any) -> Any:
+        return check_text(v)
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: Any) -> list[str] | None:
@@ -158,11 +191,12 @@ class _Sampling(_Strict):
     def sampling_params(self, max_new_tokens: int, choice: int, logprobs: int | None = None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
         """Choice j of n gets seed + j: the choices differ, and the request stays reproducible."""
+        top_k = self.top_k or 0
         try:
             return SamplingParams(
                 temperature=1.0 if self.temperature is None else float(self.temperature),
                 top_p=1.0 if self.top_p is None else float(self.top_p),
-                top_k=max(self.top_k or 0, 0), max_new_tokens=max_new_tokens, stop=self.stop,
+                top_k=top_k if 0 < top_k < TOP_K_ALL else 0, max_new_tokens=max_new_tokens, stop=self.stop,
                 seed=None if self.seed is None else (self.seed + choice) % (1 << 64),
                 ignore_eos=bool(self.ignore_eos), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except ValueError as e:  # the fields were checked above; the engine's own checks have the last word
@@ -200,6 +234,11 @@ class CompletionRequest(_Sampling):
     echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = None
+
+    @field_validator("prompt", "suffix", mode="before")
+    @classmethod
+    def _encodable_prompt(cls, v: Any) -> Any:  # a name of its own: the same name would replace _Sampling's
+        return check_text(v)
 
     @field_validator("prompt")
     @classmethod
