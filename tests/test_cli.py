@@ -163,8 +163,8 @@ def test_fp8_cast_bf16(fp8_dir, x, tmp_path, capsys):
     rc, stdout, stderr = run_cli(["fp8-cast-bf16", "--input", fp8_dir, "--output", out], "main", capsys)
     assert rc == 0, stderr
     assert f"wrote {out}" in stdout
-    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors",
-                                       "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(os.listdir(out)) == [".dsv3-output.json", "config.json", "generation_config.json",
+                                       "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     _check_cast_output(out, fp8_dir, x)
     assert snapshot(fp8_dir) == before  # the input is only read
 
@@ -340,7 +340,7 @@ BAD = {
     "convert_missing_dir": ("convert", None, None, [], ["IN", "does not exist"]),
     "cast_not_fp8": ("fp8-cast-bf16", "bf16", None, [], ["IN", "no FP8 weights"]),
     "quantize_already_fp8": ("quantize-fp8", "fp8", None, [], ["already has a quantization_config"]),
-    "cast_output_is_input": ("fp8-cast-bf16", "fp8", None, ["--output", "IN"], ["--output must differ"]),
+    "cast_output_is_input": ("fp8-cast-bf16", "fp8", None, ["--output", "IN"], ["is the input"]),
     "cast_config_not_json": ("fp8-cast-bf16", "fp8", _config_not_json, [], ["config.json", "not valid JSON"]),
     "convert_config_not_json": ("convert", "bf16", _config_not_json, [], ["config.json", "not valid JSON"]),
     "convert_truncated": ("convert", "bf16", _truncate, [], ["model.safetensors", "truncated"]),
@@ -426,7 +426,9 @@ def test_streaming_tools_replace_an_older_checkpoint_in_the_output(cmd, bf16_dir
     out = tmp_path / "out"
     dsv3.save_pretrained(random_model(tiny_config(), seed=99), out, dtype=torch.bfloat16, max_shard_size="200KB")
     src = fp8_dir if cmd == "fp8-cast-bf16" else bf16_dir
-    assert run_cli([cmd, "--input", src, "--output", out], "main", capsys)[0] == 0
+    rc, _, stderr = run_cli([cmd, "--input", src, "--output", out], "main", capsys)  # not ours: refused
+    assert rc == 2 and "not written by dsv3" in stderr and "--overwrite" in stderr
+    assert run_cli([cmd, "--input", src, "--output", out, "--overwrite"], "main", capsys)[0] == 0
     ref = (dsv3.load_pretrained(fp8_dir, dtype=torch.bfloat16, fp8=False) if cmd == "fp8-cast-bf16"
            else dsv3.load_pretrained(bf16_dir, fp8=True))
     assert torch.equal(logits(dsv3.load_pretrained(out), x), logits(ref, x))

@@ -23,16 +23,18 @@ def _add_convert(sub) -> None:
     p.add_argument("--scale-fmt", choices=["ue8m0"], default=None,
                    help="with --fp8: round scales up to powers of two (DeepSeek-V3.1's format)")
     p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the model in an output directory that dsv3 did not write (its other files, such "
+                        "as an adapter, are kept); without it such a directory is refused. An output dsv3 wrote "
+                        "is replaced whole either way, and a kill leaves the old model or the new one")
     p.set_defaults(func=_convert)
 
 
 def _convert(args) -> None:
-    from .ckpt.pretrained import TOKENIZER_FILES, copy_files, load_pretrained, save_pretrained
+    from .ckpt.convert import convert
     t0 = time.time()
-    model = load_pretrained(args.input, dtype=args.dtype)
-    save_pretrained(model, args.output, dtype=args.dtype, fp8=args.fp8, scale_fmt=args.scale_fmt,
-                    max_shard_size=args.max_shard_size)
-    copy_files(args.input, args.output, [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(args.input, f))])
+    convert(args.input, args.output, dtype=args.dtype, fp8=args.fp8, scale_fmt=args.scale_fmt,
+            max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     print(f"wrote {args.output} in {time.time() - t0:.1f}s")
 
 
@@ -46,13 +48,17 @@ def _add_fp8_cast(sub) -> None:
     p.add_argument("--output", "--output-bf16-hf-path", dest="output", required=True, help="directory to write")
     p.add_argument("--dtype", default="bfloat16", help="output dtype: bfloat16 (default) or float32")
     p.add_argument("--device", default=None, help="where to dequantise (default cpu; e.g. cuda)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the model in an output directory that dsv3 did not write (its other files, such "
+                        "as an adapter, are kept); without it such a directory is refused. An output dsv3 wrote "
+                        "is replaced whole either way, and a kill leaves the old model or the new one")
     p.set_defaults(func=_fp8_cast)
 
 
 def _fp8_cast(args) -> None:
     from .ckpt.convert import fp8_cast
     t0 = time.time()
-    fp8_cast(args.input, args.output, dtype=args.dtype, device=args.device)
+    fp8_cast(args.input, args.output, dtype=args.dtype, device=args.device, overwrite=args.overwrite)
     print(f"wrote {args.output} in {time.time() - t0:.1f}s")
 
 
@@ -67,13 +73,17 @@ def _add_quantize(sub) -> None:
     p.add_argument("--scale-fmt", choices=["ue8m0"], default=None,
                    help="round scales up to powers of two (DeepSeek-V3.1's format)")
     p.add_argument("--device", default=None, help="where to quantise (default cpu; e.g. cuda)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the model in an output directory that dsv3 did not write (its other files, such "
+                        "as an adapter, are kept); without it such a directory is refused. An output dsv3 wrote "
+                        "is replaced whole either way, and a kill leaves the old model or the new one")
     p.set_defaults(func=_quantize)
 
 
 def _quantize(args) -> None:
     from .ckpt.convert import quantize_fp8
     t0 = time.time()
-    quantize_fp8(args.input, args.output, scale_fmt=args.scale_fmt, device=args.device)
+    quantize_fp8(args.input, args.output, scale_fmt=args.scale_fmt, device=args.device, overwrite=args.overwrite)
     print(f"wrote {args.output} in {time.time() - t0:.1f}s")
 
 

@@ -5,8 +5,10 @@
   treat the BF16 weights as FP8) and carrying the tokenizer and other files along.
 - `quantize_fp8`: the way back, BF16/FP32 -> the official FP8 layout (optionally with power-of-two
   `ue8m0` scales, as DeepSeek-V3.1).
+- `convert` (not streaming: the whole model in memory): another dtype, FP8, other shard sizes.
 
-Shard names are kept, so a sharded checkpoint stays sharded the same way.
+Shard names are kept, so a sharded checkpoint stays sharded the same way. Both write their output through
+`output.model_output`: whole or not at all, an existing output that is not ours only with `overwrite`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tqdm.auto import tqdm
 from ..quant import fp8 as fp8q
 from .hf import is_quantizable
 from .io import CheckpointError, PendingTensor, atomic_write_json
+from .output import RECORD, model_output
 from .pretrained import (INDEX, CheckpointDir, commit_weights, copy_files, dtype_name, fp8_pair, resolve_dtype,
                          stage_weights)
 
@@ -38,11 +41,9 @@ def _read_config(path: str) -> dict:
         raise ValueError(f"{p} is not valid JSON: {e}") from None
 
 
-def _check_dirs(src: str, dst: str) -> None:
+def _check_input(src: str) -> None:
     if not os.path.isdir(src):
         raise FileNotFoundError(f"input directory {src!r} does not exist")
-    if os.path.exists(dst) and os.path.samefile(src, dst):
-        raise ValueError("--output must differ from --input (the input is read while the output is written)")
 
 
 def _rewrite(ckpt: CheckpointDir, dst: str, per_file, config: dict, desc: str, progress: bool | None) -> None:
@@ -61,17 +62,17 @@ def _rewrite(ckpt: CheckpointDir, dst: str, per_file, config: dict, desc: str, p
                  "weight_map": {p.name: fn for fn, g in zip(names, shards) for p in g}}
     commit_weights(dst, staged, index)
     atomic_write_json(os.path.join(dst, "config.json"), config)
-    skip = set(ckpt.files) | {INDEX, "config.json"}
+    skip = set(ckpt.files) | {INDEX, "config.json", RECORD}  # (the record of what is written comes last)
     copy_files(ckpt.path, dst, [f for f in sorted(os.listdir(ckpt.path))
                                 if f not in skip and os.path.isfile(os.path.join(ckpt.path, f))
                                 and not f.endswith(".safetensors")])
 
 
 def fp8_cast(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype | str = torch.bfloat16,
-             device: str | None = None, progress: bool | None = None) -> None:
+             device: str | None = None, progress: bool | None = None, overwrite: bool = False) -> None:
     """Dequantise every FP8 weight of `src` (e4m3 x its 128x128 block `weight_scale_inv`) into `dtype`."""
     src, dst = os.fspath(src), os.fspath(dst)
-    _check_dirs(src, dst)
+    _check_input(src)
     dtype = resolve_dtype(dtype)
     config = _read_config(src)
     ckpt = CheckpointDir(src)
@@ -103,17 +104,18 @@ def fp8_cast(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype 
         config.pop("quantization_config", None)
         config["torch_dtype"] = dtype_name(dtype)
         config.pop("dtype", None)
-        _rewrite(ckpt, dst, per_file, config, "fp8 -> " + dtype_name(dtype), progress)
+        with model_output(dst, inputs=[src], overwrite=overwrite, writer="fp8-cast-bf16") as tmp:
+            _rewrite(ckpt, tmp, per_file, config, "fp8 -> " + dtype_name(dtype), progress)
     finally:
         ckpt.close()
 
 
 def quantize_fp8(src: str | os.PathLike, dst: str | os.PathLike, scale_fmt: str | None = None,
-                 device: str | None = None, progress: bool | None = None) -> None:
+                 device: str | None = None, progress: bool | None = None, overwrite: bool = False) -> None:
     """Quantise every projection weight of `src` (attention and MLPs; not embeddings, head, norms, gate or
     the MTP eh_proj, as the official release) to FP8 e4m3 with 128x128 block scales."""
     src, dst = os.fspath(src), os.fspath(dst)
-    _check_dirs(src, dst)
+    _check_input(src)
     config = _read_config(src)
     if config.get("quantization_config"):
         raise CheckpointError(f"{src}/config.json already has a quantization_config: the checkpoint is quantised")
@@ -133,6 +135,21 @@ def quantize_fp8(src: str | os.PathLike, dst: str | os.PathLike, scale_fmt: str 
             return out
 
         config["quantization_config"] = dict(FP8_QUANT_CONFIG, **({"scale_fmt": scale_fmt} if scale_fmt else {}))
-        _rewrite(ckpt, dst, per_file, config, "-> fp8", progress)
+        with model_output(dst, inputs=[src], overwrite=overwrite, writer="quantize-fp8") as tmp:
+            _rewrite(ckpt, tmp, per_file, config, "-> fp8", progress)
     finally:
         ckpt.close()
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype | str = torch.bfloat16,
+            fp8: bool = False, scale_fmt: str | None = None, max_shard_size: int | str = "5GB",
+            overwrite: bool = False) -> None:
+    """`dsv3 convert`: load `src` whole and write it again in `dtype` (FP8 projections with fp8=True),
+    sharded at max_shard_size, with its tokenizer files: through `model_output`, like the streaming tools."""
+    from .pretrained import TOKENIZER_FILES, load_pretrained, save_pretrained
+    src, dst = os.fspath(src), os.fspath(dst)
+    _check_input(src)
+    model = load_pretrained(src, dtype=dtype)
+    with model_output(dst, inputs=[src], overwrite=overwrite, writer="convert") as tmp:
+        save_pretrained(model, tmp, dtype=dtype, fp8=fp8, scale_fmt=scale_fmt, max_shard_size=max_shard_size)
+        copy_files(src, tmp, [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))])
