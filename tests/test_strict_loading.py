@@ -399,6 +399,19 @@ def test_bad_tokenizer_in_a_model_directory_names_it(fp32_dir, tmp_path):
     assert str(d / "tokenizer.json") in str(e.value)
 
 
+def test_a_bad_tokenizer_is_reported_before_the_weights_load(fp32_dir, tmp_path, monkeypatch):
+    import dsv3.infer.engine as engine
+    d = tmp_path / "m"
+    shutil.copytree(fp32_dir, d)
+    (d / "tokenizer.json").write_bytes(b"\x00garbage")
+
+    def no_load(*a, **k):
+        raise AssertionError("the weights were loaded before the tokenizer was read")
+    monkeypatch.setattr(engine, "load_pretrained", no_load)
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        dsv3.LLM(d)
+
+
 def test_valid_tokenizer_still_loads(tok_dir):
     tok = Tokenizer.from_dir(tok_dir)
     assert tok.decode(tok.encode("hello world")) == "hello world"

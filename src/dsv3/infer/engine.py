@@ -105,21 +105,22 @@ class LLM:
                  cuda_graphs: bool | None = None, enable_prefix_caching: bool = True,
                  cpu_kernels: bool | None = None):
         path = None
+        if speculative not in (None, "mtp"):
+            raise ValueError(f"speculative={speculative!r} is not supported; expected None or 'mtp'")
         if isinstance(model, DeepSeekV3):
             self.model = model.eval()
             if device is not None or dtype is not None:
                 self.model.to(device=device, dtype=dtype)
         else:
             path = os.fspath(model)
+            # the tokenizer first: a bad one is reported at once, not after minutes of loading weights
+            if tokenizer is None and os.path.isfile(os.path.join(path, "tokenizer.json")):
+                tokenizer = Tokenizer.from_dir(path)
             self.model = load_pretrained(path, dtype=dtype, device=device)
         config = self.config = self.model.config
-        if speculative not in (None, "mtp"):
-            raise ValueError(f"speculative={speculative!r} is not supported; expected None or 'mtp'")
         if speculative == "mtp" and not self.model.mtp:
             raise ValueError("speculative='mtp' needs a model with an MTP module; this one has "
                              f"num_nextn_predict_layers={config.num_nextn_predict_layers}")
-        if tokenizer is None and path is not None and os.path.isfile(os.path.join(path, "tokenizer.json")):
-            tokenizer = Tokenizer.from_dir(path)
         self.tokenizer = tokenizer
         self.eos_token_ids = self._eos_ids(path)
 
