@@ -36,6 +36,11 @@ def models(tmp_path_factory):
     return out
 
 
+def leftovers(parent) -> list[str]:
+    """Hidden entries beside an output, but the writers' lock files."""
+    return [d for d in os.listdir(parent) if d.startswith(".") and not d.endswith(".lock")]
+
+
 def head(path) -> torch.Tensor:
     return dsv3.load_pretrained(path, dtype=torch.float32).head.weight.detach().clone()
 
@@ -78,7 +83,7 @@ def test_a_directory_not_ours_is_replaced_only_with_overwrite_and_its_other_file
     assert torch.allclose(head(out), head(b)) and not torch.allclose(head(out), head(a))
     assert {"adapter_model.safetensors", "notes.txt", "added_later.txt"} <= set(os.listdir(out))
     # nothing of ours left beside it
-    assert [d for d in os.listdir(tmp_path) if d.startswith(".")] == []
+    assert leftovers(tmp_path) == []
 
 
 def test_a_failed_write_leaves_the_old_output(models, tmp_path):
@@ -91,7 +96,7 @@ def test_a_failed_write_leaves_the_old_output(models, tmp_path):
             (open(os.path.join(tmp, "model.safetensors"), "wb")).write(b"half")
             raise RuntimeError("disk full")
     assert sorted(os.listdir(out)) == before and torch.allclose(head(out), head(a))
-    assert [d for d in os.listdir(tmp_path) if d.startswith(".")] == []
+    assert leftovers(tmp_path) == []
 
 
 def test_kill_at_any_moment_leaves_the_old_model_or_the_new_one(models, tmp_path):
@@ -123,7 +128,7 @@ def test_kill_at_any_moment_leaves_the_old_model_or_the_new_one(models, tmp_path
             quantize_fp8(a, out)
     subprocess.run(cmd, env=ENV, check=True, capture_output=True)
     assert torch.equal(head(out), want["B"])
-    assert [d for d in os.listdir(tmp_path) if d.startswith(".")] == []
+    assert leftovers(tmp_path) == []
 
 
 def test_without_an_atomic_exchange_a_kill_between_the_renames_is_undone(models, tmp_path, monkeypatch):
@@ -151,7 +156,7 @@ def test_without_an_atomic_exchange_a_kill_between_the_renames_is_undone(models,
             assert torch.allclose(head(out), head(a))
             raise RuntimeError("stop")
     assert torch.allclose(head(out), head(a)) and not os.path.exists(tmp)
-    assert [d for d in os.listdir(tmp_path) if d.startswith(".")] == []
+    assert leftovers(tmp_path) == []
 
 
 def test_convert_refuses_its_input_and_foreign_outputs_through_the_command_line(models, tmp_path, capsys):
@@ -170,3 +175,33 @@ def test_convert_refuses_its_input_and_foreign_outputs_through_the_command_line(
     assert torch.allclose(head(out), head(a)) and (out / "adapter_model.safetensors").read_bytes() == b"lora"
     assert main(["convert", "--input", b, "--output", str(out), "--dtype", "float32"]) == 0  # ours now
     assert torch.allclose(head(out), head(b)) and read_record(out)["writer"] == "convert"
+
+
+def test_the_output_is_the_path_the_check_resolved(models, tmp_path):
+    """`work/link/../m` with link -> elsewhere/sub is elsewhere/m: the output is written there, and the
+    input at work/m (which the text `work/link/../m` seems to name) is left alone."""
+    import shutil
+    a, b = models
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    (elsewhere / "sub").mkdir(parents=True)
+    (work / "link").symlink_to(elsewhere / "sub")
+    quantize_fp8(a, work / "m")  # the input: a dsv3 output itself (it holds the record)
+    before = head(work / "m")
+    quantize_fp8(b, str(work / "link" / ".." / "m"))
+    assert torch.equal(head(work / "m"), before)
+    assert torch.allclose(head(elsewhere / "m"), head(b))
+
+
+def test_a_second_writer_of_the_same_output_is_refused_while_the_first_writes(models, tmp_path):
+    a, b = models
+    out = tmp_path / "out"
+    quantize_fp8(a, out)
+    with model_output(out, inputs=[a]) as tmp:
+        with pytest.raises(OutputError, match="another process is writing"):
+            quantize_fp8(b, out)
+        assert os.path.isdir(tmp)  # the first writer's directory is still there
+        for f in os.listdir(out):
+            if f != RECORD:
+                os.link(os.path.join(out, f), os.path.join(tmp, f))
+    assert torch.allclose(head(out), head(a)) and leftovers(tmp_path) == []

@@ -84,6 +84,7 @@ BAD_REQUESTS = [  # (prompt, params, what the error names)
     ([5, 9, 2], mutated(temperature=float("nan")), "temperature"),
     ([5, 9, 2], mutated(top_p=0.0), "top_p"),
     ([5, 9, 2], mutated(top_k=-2), "top_k"),
+    ([5, 9, 2], mutated(top_k=2 ** 63), "top_k"),  # accepted, it broke every later step of the engine
     ([5, 9, 2], mutated(max_new_tokens=0), "max_new_tokens"),
     ([5, 9, 2], mutated(stop=[""]), "stop"),
     ([5, 9, 2], mutated(logprobs=21), "logprobs"),
@@ -156,6 +157,9 @@ def test_prompt_the_tokenizer_encodes_beyond_the_model_vocabulary():
     assert llm.requests == {} and not llm.has_unfinished()
     out = llm.generate("the", SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True))[0]
     assert len(out.token_ids) == 3
+    with pytest.raises(ValueError, match="not valid text"):  # a lone surrogate (was the tokenizer's TypeError)
+        llm.add_request("the \ud800 cat", SamplingParams(max_new_tokens=2))
+    assert llm.requests == {} and not llm.has_unfinished()
 
 
 # ---- model configs -----------------------------------------------------------------------------------------

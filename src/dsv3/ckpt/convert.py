@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..quant import fp8 as fp8q
 from .hf import is_quantizable
 from .io import CheckpointError, PendingTensor, atomic_write_json
-from .output import RECORD, model_output
+from .output import RECORD, check_paths, model_output
 from .pretrained import (INDEX, CheckpointDir, commit_weights, copy_files, dtype_name, fp8_pair, resolve_dtype,
                          stage_weights)
 
@@ -149,6 +149,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype |
     from .pretrained import TOKENIZER_FILES, load_pretrained, save_pretrained
     src, dst = os.fspath(src), os.fspath(dst)
     _check_input(src)
+    check_paths(dst, [src])  # before the load, which can take minutes (model_output checks again)
     model = load_pretrained(src, dtype=dtype)
     with model_output(dst, inputs=[src], overwrite=overwrite, writer="convert") as tmp:
         save_pretrained(model, tmp, dtype=dtype, fp8=fp8, scale_fmt=scale_fmt, max_shard_size=max_shard_size)

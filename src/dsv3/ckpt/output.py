@@ -64,7 +64,7 @@ def read_record(path: str) -> dict | None:
     return record if isinstance(record, dict) and isinstance(record.get("files"), list) else None
 
 
-_MODEL_WEIGHTS = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$|^model\.safetensors\.index\.json$")
+_MODEL_WEIGHTS = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$|^model\.safetensors\.index\.json$")
 
 
 def _is_weights(name: str) -> bool:
@@ -124,11 +124,32 @@ def model_output(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike]
     write into; on leaving the block without an error, puts it in place of `path`."""
     path = os.fspath(path)
     check_paths(path, [os.fspath(i) for i in inputs])
-    final = os.path.abspath(path)
-    if os.path.islink(final):
-        final = os.path.realpath(final)
+    final = os.path.realpath(path)  # the very path the check resolved (`link/../x` is not `x` here)
     parent, name = os.path.split(final)
     os.makedirs(parent, exist_ok=True)
+    with _lock(parent, name, path):
+        yield from _write(path, final, parent, name, overwrite, writer)
+
+
+@contextlib.contextmanager
+def _lock(parent: str, name: str, path: str) -> Iterator[None]:
+    """One writer at a time per output (an advisory lock on `.NAME.lock` beside it, kept: removing a lock
+    file races with the next writer's open): a second one is refused at once, not left to undo the first."""
+    fd = os.open(os.path.join(parent, f".{name}.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # (no flock: Windows)
+            pass
+        except OSError:
+            raise OutputError(f"another process is writing {path!r} right now; wait for it to finish") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write(path: str, final: str, parent: str, name: str, overwrite: bool, writer: str) -> Iterator[str]:
     _recover(final)
     if os.path.exists(final) and not os.path.isdir(final):
         raise OutputError(f"the output {path!r} exists and is not a directory")

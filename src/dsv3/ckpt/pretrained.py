@@ -13,6 +13,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Iterable
@@ -425,6 +426,9 @@ def stage_weights(path: str, names: list[str], shards: list[list[PendingTensor]]
     return staged
 
 
+_MODEL_WEIGHTS = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")
+
+
 def commit_weights(path: str, staged: list[tuple[str, str]], index: dict | None) -> None:
     """Put staged shards in place, in an order that keeps the directory loadable after a kill at any point:
     (1) remove the old index (the loader then reads model.safetensors, else every shard: still the old
@@ -440,8 +444,8 @@ def commit_weights(path: str, staged: list[tuple[str, str]], index: dict | None)
     if index is not None:
         atomic_write_json(index_path, index)
     keep = {fn for _, fn in staged}
-    for stale in glob.glob(os.path.join(path, "*.safetensors")):
-        if os.path.basename(stale) not in keep:
+    for stale in glob.glob(os.path.join(path, "model*.safetensors")):  # an old model's weights; not an adapter's
+        if os.path.basename(stale) not in keep and _MODEL_WEIGHTS.match(os.path.basename(stale)):
             os.unlink(stale)
 
 

@@ -43,8 +43,8 @@ class SamplingParams:
             raise ValueError(f"temperature={self.temperature!r} must be a finite number >= 0")
         if not (number(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
-        if not (integer(self.top_k) and self.top_k >= 0):
-            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0 (0: no limit)")
+        if not (integer(self.top_k) and 0 <= self.top_k < 2**63):  # (an int64 in the sampling step)
+            raise ValueError(f"top_k={self.top_k!r} must be an integer in [0, 2^63) (0: no limit)")
         if not (integer(self.max_new_tokens) and self.max_new_tokens >= 1):
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
         if isinstance(self.stop, str):

@@ -30,6 +30,7 @@ stay open for load balancers and scrapers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import secrets
@@ -240,16 +241,21 @@ class EngineLoop:
             for rid in job.live:
                 self.jobs.pop(rid, None)
             job.live.clear()
-        with self.cond:
-            if count:
-                self.counts["finished:abort"] += aborted
-            self._release(job, job.held)
-            self._update_figures()
+            with self.cond:
+                if count:
+                    self.counts["finished:abort"] += aborted
+                self._release(job, job.held)
+                self._update_figures()
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
         news, reasons = [], []
         for out in outputs:
-            job = self.jobs[out.request_id]
+            job = self.jobs.get(out.request_id)
+            if job is None or out.request_id not in job.live:  # a sequence whose request was cleared by a failed
+                if out.finished:                                # abort: no one waits for it (not a KeyError for all)
+                    with contextlib.suppress(KeyError):
+                        self.llm.release(out.request_id)
+                continue
             final = None
             if out.finished:
                 final = self.llm.release(out.request_id)
