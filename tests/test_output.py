@@ -205,3 +205,25 @@ def test_a_second_writer_of_the_same_output_is_refused_while_the_first_writes(mo
             if f != RECORD:
                 os.link(os.path.join(out, f), os.path.join(tmp, f))
     assert torch.allclose(head(out), head(a)) and leftovers(tmp_path) == []
+
+
+def test_saving_over_a_model_keeps_other_safetensors_files(tmp_path):
+    """save_pretrained (the trainer's export) replaces a model's weight files, not an adapter beside them."""
+    out = tmp_path / "run"
+    dsv3.save_pretrained(random_model(tiny_config(), seed=1), out, dtype=torch.bfloat16, max_shard_size="200KB")
+    assert len([f for f in os.listdir(out) if f.startswith("model-")]) > 1
+    (out / "adapter_model.safetensors").write_bytes(b"lora")
+    dsv3.save_pretrained(random_model(tiny_config(), seed=2), out, dtype=torch.bfloat16)
+    names = set(os.listdir(out))
+    assert "model.safetensors" in names and not any(f.startswith("model-") for f in names)
+    assert (out / "adapter_model.safetensors").read_bytes() == b"lora"
+
+
+def test_a_mount_point_as_output_is_refused_before_anything_is_written(models, tmp_path, monkeypatch):
+    import dsv3.ckpt.output as output
+    out = tmp_path / "volume"
+    out.mkdir()
+    monkeypatch.setattr(output.os.path, "ismount", lambda p: os.fspath(p) == str(out))
+    with pytest.raises(OutputError, match="mount point"):
+        quantize_fp8(models[0], out)
+    assert os.listdir(out) == [] and leftovers(tmp_path) == []

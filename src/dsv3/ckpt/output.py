@@ -150,6 +150,9 @@ def _lock(parent: str, name: str, path: str) -> Iterator[None]:
 
 
 def _write(path: str, final: str, parent: str, name: str, overwrite: bool, writer: str) -> Iterator[str]:
+    if os.path.ismount(final):  # refused before anything is written, not when the swap fails at the end
+        raise OutputError(f"the output {path!r} is a mount point: a new model is written beside its output and "
+                          "swapped in, which cannot cross filesystems; write into a directory inside it")
     _recover(final)
     if os.path.exists(final) and not os.path.isdir(final):
         raise OutputError(f"the output {path!r} exists and is not a directory")
