@@ -210,6 +210,8 @@ def write_config(dirpath: pathlib.Path, **changes) -> pathlib.Path:
      "original_max_position_embeddings"),
     (dict(rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 100.5}),
      "original_max_position_embeddings"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 64, "beta_fast": 0}),
+     "beta_fast"),  # (was read as "not given": 32)
 ])
 def test_config_file_errors_name_the_file_and_field(tmp_path, changes, field):
     path = write_config(tmp_path, **changes)

@@ -357,7 +357,7 @@ class ModelConfig:
                     raise ValueError(f"{where}: rope_scaling of type yarn needs 'factor'")
                 factor = _number(where, "max_position_embeddings", mpe) / omp
             kw.update(rope_factor=_number(where, "rope_scaling.factor", factor), original_max_position_embeddings=omp,
-                      **{k: _number(where, f"rope_scaling.{k}", rope.get(k) or default)
+                      **{k: _number(where, f"rope_scaling.{k}", default if rope.get(k) is None else rope.get(k))
                          for k, default in (("beta_fast", 32.0), ("beta_slow", 1.0), ("mscale", 0.0),
                                             ("mscale_all_dim", 0.0))})
         used = names | {"rope_theta", "rope_scaling", "rope_parameters", "dtype", "torch_dtype"}
