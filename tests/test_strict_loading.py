@@ -291,8 +291,6 @@ OUTSIDE = {
     "dotdot": _outside_relative,
     "absolute": _outside_absolute,
     "dotdot_through_subdir": _outside_through_subdir,
-    "symlink_to_outside": _symlink_outside,
-    "symlinked_subdir": _symlinked_subdir_outside,
     "not_a_string": _entry_not_a_string,
 }
 
@@ -312,15 +310,22 @@ def test_index_entry_outside_the_directory_is_refused(case, sharded_dir, tmp_pat
     assert snapshot(d) == before
 
 
-def test_model_safetensors_symlinked_outside_is_refused(fp32_dir, tmp_path):
-    """Without an index the same rule holds: the weights are the directory's own files."""
+@pytest.mark.parametrize("layout", [_symlink_outside, _symlinked_subdir_outside])
+def test_symbolic_links_placed_in_the_directory_are_followed(layout, sharded_dir, tmp_path, x, ref_logits):
+    """A link in the directory is someone's deliberate layout (a shard on another disk, a shared store): it
+    is followed; only an index entry whose text leads out is refused."""
+    d = tmp_path / "m"
+    shutil.copytree(sharded_dir, d)
+    layout(d)
+    loads_exactly(d, x, ref_logits)
+
+
+def test_model_safetensors_symlinked_elsewhere_loads(fp32_dir, tmp_path, x, ref_logits):
     d = tmp_path / "m"
     shutil.copytree(fp32_dir, d)
-    shutil.move(d / "model.safetensors", tmp_path / "outside.safetensors")
-    os.symlink(tmp_path / "outside.safetensors", d / "model.safetensors")
-    with pytest.raises(CheckpointError, match="outside") as e:
-        dsv3.load_pretrained(d)
-    assert str(d / "model.safetensors") in str(e.value)
+    shutil.move(d / "model.safetensors", tmp_path / "elsewhere.safetensors")
+    os.symlink(tmp_path / "elsewhere.safetensors", d / "model.safetensors")
+    loads_exactly(d, x, ref_logits)
 
 
 def test_links_inside_the_directory_and_a_linked_directory_still_load(sharded_dir, tmp_path, x, ref_logits):
@@ -348,6 +353,11 @@ def test_hugging_face_cache_layout_still_loads(sharded_dir, tmp_path, x, ref_log
         shutil.copy(sharded_dir / fn, repo / "blobs" / blob)
         os.symlink(os.path.join("..", "..", "blobs", blob), snap / fn)
     loads_exactly(snap, x, ref_logits)
+    sub = snap / "v3-tiny"  # a model in a subfolder of the repository
+    os.makedirs(sub)
+    for fn in os.listdir(sharded_dir):
+        os.symlink(os.path.join("..", os.readlink(snap / fn)), sub / fn)
+    loads_exactly(sub, x, ref_logits)
 
 
 # ---- 3. tokenizer files --------------------------------------------------------------------------------
