@@ -473,6 +473,8 @@ def test_api_key(model_dir):
         assert srv.client("sekret").chat.completions.create(**GOOD_CHAT).choices[0].finish_reason
         assert srv.http.get("/health").json() == {"status": "ok"}  # health and metrics stay open
         assert srv.metrics()['dsv3_http_errors_total{status="401"}'] == 5
+        assert srv.http.post("/tokenize", json={"prompt": "the cat"}).status_code == 401  # the tokenizer: guarded
+        assert srv.http.get("/tokenizer_info", headers={"Authorization": "Bearer sekret"}).status_code == 200
     finally:
         srv.stop()
 
@@ -585,3 +587,35 @@ def test_dsv3_serve_command(model_dir, ref):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+
+def test_tokenizer_endpoints_as_vllm(server, ref):
+    """POST /tokenize (a text, or chat messages through the chat template), POST /detokenize, GET /tokenizer_info:
+    the server's own tokens, as vLLM serves them."""
+    tok = ref.tokenizer
+    r = server.http.post("/tokenize", json={"model": MODEL, "prompt": "the cat sat", "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == tok.encode("the cat sat") and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] > 0 and len(body["token_strs"]) == body["count"]
+    plain = server.http.post("/tokenize", json={"prompt": "the cat sat", "add_special_tokens": False}).json()
+    assert plain["tokens"] == tok.encode("the cat sat", add_special_tokens=False) and plain["token_strs"] is None
+    messages = [{"role": "user", "content": "the cat"}]
+    r = server.http.post("/tokenize", json={"messages": messages})
+    if tok.chat_template is not None:
+        assert r.json()["tokens"] == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    else:
+        assert r.status_code == 400
+    r = server.http.post("/detokenize", json={"model": MODEL, "tokens": body["tokens"]})
+    assert r.status_code == 200 and r.json()["prompt"] == tok.decode(body["tokens"], skip_special_tokens=False)
+    info = server.http.get("/tokenizer_info").json()
+    assert info["vocab_size"] == tok.vocab_size and info["bos_token_id"] == tok.bos_token_id
+    assert info["model_max_length"] == body["max_model_len"]
+    for path, bad, status in [("/tokenize", {"prompt": "x", "messages": messages}, 400), ("/tokenize", {}, 400),
+                              ("/tokenize", {"prompt": "\ud800"}, 400), ("/tokenize", {"prompt": 5}, 400),
+                              ("/tokenize", {"model": "other", "prompt": "x"}, 404),
+                              ("/detokenize", {"tokens": [10 ** 9]}, 400), ("/detokenize", {"tokens": "x"}, 400),
+                              ("/detokenize", {}, 400)]:
+        r = server.http.post(path, content=json.dumps(bad), headers={"Content-Type": "application/json"})
+        assert r.status_code == status and "error" in r.json(), (path, bad, r.status_code, r.text)

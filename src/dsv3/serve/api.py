@@ -22,9 +22,10 @@ The handlers run on the event loop: they validate, tokenize, submit, and turn en
 responses or server-sent events. Everything a client can get wrong is answered with a 4xx in OpenAI's error
 shape; the engine loop never sees a request that failed validation.
 
-Endpoints: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions, POST /v1/completions, GET /health,
-GET /metrics (Prometheus text). With an API key, /v1/* needs `Authorization: Bearer KEY`; /health and /metrics
-stay open for load balancers and scrapers.
+Endpoints: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions, POST /v1/completions; vLLM's POST
+/tokenize (a text, or chat messages rendered by the chat template -> token ids), POST /detokenize and GET
+/tokenizer_info; GET /health, GET /metrics (Prometheus text). With an API key, /v1/* and the tokenizer
+endpoints need `Authorization: Bearer KEY`; /health and /metrics stay open for load balancers and scrapers.
 """
 
 from __future__ import annotations
@@ -48,10 +49,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..infer.engine import LLM, RequestOutput, StepOutput
 from ..infer.sampling import SamplingParams
-from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, TextOffsets, TokenText, chat_logprobs,
-                       completion_logprobs, error_body, new_id, now, sse, usage, validation_error)
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TextOffsets,
+                       TokenizeRequest, TokenText, chat_logprobs, completion_logprobs, error_body, new_id, now, sse,
+                       usage, validation_error)
 
 log = logging.getLogger("dsv3.serve")
+PROTECTED = ("/v1", "/tokenize", "/detokenize", "/tokenizer_info")  # what an API key guards (/health, /metrics: open)
 
 
 # ---- the engine loop -------------------------------------------------------------------------------------------
@@ -330,7 +333,7 @@ class _APIKeyMiddleware:
         self.app, self.key, self.errors = app, api_key.encode(), errors
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and scope["path"].startswith(PROTECTED):
             auth = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = auth.partition(b" ")
             if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.key):
@@ -638,6 +641,48 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
         cached = sum(f.num_cached_tokens for k, f in done.items() if k % n == 0)  # once per prompt
         return {"id": rid, "object": "text_completion", "created": t, "model": model_name, "choices": choices,
                 "usage": usage(n_prompt, completion, cached)}
+
+    # ---- tokenizer endpoints (as vLLM's: clients count tokens and render chats the server's way) ------------
+    def check_optional_model(body) -> None:
+        if body.model is not None:
+            check_model(body)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        check_optional_model(body)
+
+        def run() -> list[int]:
+            if body.prompt is not None:
+                return tok.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+            from jinja2.exceptions import TemplateError
+            try:
+                return tok.apply_chat_template([m.as_template_input() for m in body.messages],
+                                               add_generation_prompt=body.add_generation_prompt, tokenize=True)
+            except TemplateError as e:
+                raise APIError(400, f"messages: the chat template refused them: {e}", param="messages") from None
+            except ValueError as e:  # no chat template
+                raise APIError(400, str(e), param="messages") from None
+
+        ids = await run_in_threadpool(run)
+        return {"count": len(ids), "max_model_len": context_len, "tokens": ids,
+                "token_strs": [token_text.text(i) for i in ids] if body.return_token_strs else None}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        check_optional_model(body)
+        bad = [i for i in body.tokens if not 0 <= i < llm.config.vocab_size]
+        if bad:
+            raise APIError(400, f"tokens: {bad[:5]} outside the vocabulary [0, {llm.config.vocab_size})",
+                           param="tokens")
+        return {"prompt": tok.decode(body.tokens, skip_special_tokens=False)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        config = {k: v for k, v in tok.config.items() if k != "added_tokens_decoder"}
+        return {**config, "tokenizer_class": config.get("tokenizer_class", "dsv3.Tokenizer"),
+                "vocab_size": tok.vocab_size, "model_vocab_size": llm.config.vocab_size,
+                "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                "chat_template": tok.chat_template, "model_max_length": context_len}
 
     @app.get("/health")
     async def health():

@@ -378,3 +378,39 @@ def completion_logprobs(tt: TokenText, token_ids: list[int], lps: list[TokenLogp
         tops.append(top)
     return {"tokens": [tt.text(t) for t in token_ids], "token_logprobs": token_lps, "top_logprobs": tops,
             "text_offset": offsets}
+
+
+# ---- tokenizer endpoints (vLLM's /tokenize, /detokenize, /tokenizer_info) ----------------------------------
+
+class TokenizeRequest(_Strict):
+    """Either a text (`prompt`, BOS added as the model expects unless add_special_tokens is false) or chat
+    `messages` rendered by the chat template (`add_generation_prompt`, as /v1/chat/completions renders them)."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: True for a prompt (vLLM), unused for messages
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @field_validator("prompt", "model", mode="before")
+    @classmethod
+    def _encodable(cls, v: Any) -> Any:
+        return check_text(v)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either 'prompt' (a string) or 'messages' (a chat), not both or neither")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages must not be empty")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _encodable(cls, v: Any) -> Any:
+        return check_text(v)
