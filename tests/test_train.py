@@ -411,3 +411,16 @@ def assert_exported(run_dir, step):
         assert set(exported) == set(ckpt.keys())
         for k, v in exported.items():
             assert torch.equal(v, ckpt.read(k)), k
+
+
+def test_a_directory_that_is_not_a_run_is_refused_as_out(corpus_file, tmp_path):
+    """--out on someone's model directory (or any non-empty folder that is not a run) is refused with its
+    files untouched: the trainer would write its tokenizer and model over them."""
+    out = tmp_path / "a-model"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"weights")
+    r = subprocess.run(train_cmd(out, corpus_file, steps=2), capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 2 and "not a dsv3 run directory" in r.stderr
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == b"weights"

@@ -162,9 +162,25 @@ def _export(model, run_dir: str, tok, step: int) -> None:
     mark_exported(run_dir, step)
 
 
+RUN_MARKS = ("checkpoints", "run.json", "metrics.jsonl", "data")  # what makes a directory a run directory of ours
+
+
+def _claim_run_dir(run_dir: str) -> None:
+    """--out is a new or empty directory, or one of our runs: anything else (a model directory someone made,
+    a folder of data) is refused, since the trainer writes its tokenizer and model over what is there."""
+    os.makedirs(run_dir, exist_ok=True)
+    entries = sorted(os.listdir(run_dir))
+    if entries and not any(m in entries for m in RUN_MARKS):
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise ValueError(f"--out {run_dir} is not empty ({shown}) and is not a dsv3 run directory (it has none of "
+                         f"{', '.join(RUN_MARKS)}): training would write its tokenizer and model over what is "
+                         "there; choose a new or empty directory")
+    os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)  # ours from now on, even if stopped at once
+
+
 def main(args: argparse.Namespace) -> dict:
     run_dir = args.out
-    os.makedirs(run_dir, exist_ok=True)
+    _claim_run_dir(run_dir)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seq_len0, batch0, lr0 = PRESET_TRAINING.get(args.preset, (1024, 32, 1e-3))
     args.seq_len = args.seq_len or seq_len0
