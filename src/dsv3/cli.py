@@ -23,11 +23,16 @@ def _add_convert(sub) -> None:
     p.add_argument("--scale-fmt", choices=["ue8m0"], default=None,
                    help="with --fp8: round scales up to powers of two (DeepSeek-V3.1's format)")
     p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB (default 5GB)")
+    _add_overwrite(p)
+    p.set_defaults(func=_convert)
+
+
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    """--overwrite, for the commands that write a model directory (ckpt/output.py)."""
     p.add_argument("--overwrite", action="store_true",
                    help="replace the model in an output directory that dsv3 did not write (its other files, such "
                         "as an adapter, are kept); without it such a directory is refused. An output dsv3 wrote "
                         "is replaced whole either way, and a kill leaves the old model or the new one")
-    p.set_defaults(func=_convert)
 
 
 def _convert(args) -> None:
@@ -48,10 +53,7 @@ def _add_fp8_cast(sub) -> None:
     p.add_argument("--output", "--output-bf16-hf-path", dest="output", required=True, help="directory to write")
     p.add_argument("--dtype", default="bfloat16", help="output dtype: bfloat16 (default) or float32")
     p.add_argument("--device", default=None, help="where to dequantise (default cpu; e.g. cuda)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the model in an output directory that dsv3 did not write (its other files, such "
-                        "as an adapter, are kept); without it such a directory is refused. An output dsv3 wrote "
-                        "is replaced whole either way, and a kill leaves the old model or the new one")
+    _add_overwrite(p)
     p.set_defaults(func=_fp8_cast)
 
 
@@ -73,10 +75,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--scale-fmt", choices=["ue8m0"], default=None,
                    help="round scales up to powers of two (DeepSeek-V3.1's format)")
     p.add_argument("--device", default=None, help="where to quantise (default cpu; e.g. cuda)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the model in an output directory that dsv3 did not write (its other files, such "
-                        "as an adapter, are kept); without it such a directory is refused. An output dsv3 wrote "
-                        "is replaced whole either way, and a kill leaves the old model or the new one")
+    _add_overwrite(p)
     p.set_defaults(func=_quantize)
 
 
@@ -155,8 +154,8 @@ def _engine(args, **kwargs):
 
     return LLM(args.model, dtype=args.dtype, device=_device(args), speculative=args.speculative,
                speculative_topk=args.speculative_topk, num_speculative_tokens=args.num_speculative_tokens,
-               speculative_policy=args.speculative_policy, max_model_len=args.max_model_len, cuda_graphs=False if args.enforce_eager else None,
-               cpu_kernels=False if args.enforce_eager else None,
+               speculative_policy=args.speculative_policy, max_model_len=args.max_model_len,
+               cuda_graphs=False if args.enforce_eager else None, cpu_kernels=False if args.enforce_eager else None,
                enable_prefix_caching=args.enable_prefix_caching, max_num_batched_tokens=args.max_num_batched_tokens,
                max_num_seqs=args.max_batch_size, seed=args.seed, **kwargs)
 

@@ -25,12 +25,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
+
+from .io import _umask, fsync_dir
+from .pretrained import INDEX, MODEL_WEIGHTS
 
 RECORD = ".dsv3-output.json"
 
@@ -64,13 +67,10 @@ def read_record(path: str) -> dict | None:
     return record if isinstance(record, dict) and isinstance(record.get("files"), list) else None
 
 
-_MODEL_WEIGHTS = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$|^model\.safetensors\.index\.json$")
-
-
 def _is_weights(name: str) -> bool:
     """A model's weights (what a new model replaces): model.safetensors, its shards and index. Other
     .safetensors files (a LoRA adapter's) are not."""
-    return bool(_MODEL_WEIGHTS.match(name)) or name == RECORD
+    return bool(MODEL_WEIGHTS.match(name)) or name in (INDEX, RECORD)
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -85,18 +85,9 @@ def _exchange(a: str, b: str) -> bool:
     if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
         return True
     err = ctypes.get_errno()
-    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: a kernel or filesystem without the exchange
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a kernel or filesystem without the exchange
         return False
     raise OSError(err, f"exchanging {a} and {b}: {os.strerror(err)}")
-
-
-def _fsync_dir(path: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _leftovers(parent: str, name: str) -> tuple[list[str], list[str]]:
@@ -183,7 +174,7 @@ def _write(path: str, final: str, parent: str, name: str, overwrite: bool, write
             f.flush()
             os.fsync(f.fileno())
         os.chmod(staging, 0o777 & ~_umask())
-        _fsync_dir(staging)
+        fsync_dir(staging)
         if not os.path.isdir(final):
             os.rename(staging, final)
         elif _exchange(staging, final):
@@ -194,7 +185,7 @@ def _write(path: str, final: str, parent: str, name: str, overwrite: bool, write
             os.rename(final, aside)
             os.rename(staging, final)
             shutil.rmtree(aside, ignore_errors=True)
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -208,9 +199,3 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -418,7 +418,8 @@ def stage_weights(path: str, names: list[str], shards: list[list[PendingTensor]]
     return staged
 
 
-_MODEL_WEIGHTS = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")
+# a model's weight files (what a new save replaces; an adapter's .safetensors is not one)
+MODEL_WEIGHTS = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")
 
 
 def commit_weights(path: str, staged: list[tuple[str, str]], index: dict | None) -> None:
@@ -437,7 +438,7 @@ def commit_weights(path: str, staged: list[tuple[str, str]], index: dict | None)
         atomic_write_json(index_path, index)
     keep = {fn for _, fn in staged}
     for stale in glob.glob(os.path.join(path, "model*.safetensors")):  # an old model's weights; not an adapter's
-        if os.path.basename(stale) not in keep and _MODEL_WEIGHTS.match(os.path.basename(stale)):
+        if os.path.basename(stale) not in keep and MODEL_WEIGHTS.match(os.path.basename(stale)):
             os.unlink(stale)
 
 

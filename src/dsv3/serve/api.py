@@ -417,6 +417,17 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
         if body.model_extra:
             log.warning("ignoring unsupported request fields: %s", ", ".join(sorted(body.model_extra)))
 
+    def render_chat(messages, add_generation_prompt: bool, no_template_hint: str = "") -> list[int]:
+        """Chat messages -> token ids through the chat template (in a worker thread: it can be slow)."""
+        from jinja2.exceptions import TemplateError
+        try:
+            return tok.apply_chat_template([m.as_template_input() for m in messages],
+                                           add_generation_prompt=add_generation_prompt, tokenize=True)
+        except TemplateError as e:
+            raise APIError(400, f"messages: the chat template refused them: {e}", param="messages") from None
+        except ValueError as e:  # no chat template
+            raise APIError(400, f"{e}{no_template_hint}", param="messages") from None
+
     def budget(n_prompt: int, max_tokens: int | None, what: str) -> int:
         """The new tokens a request may generate: max_tokens if prompt + max_tokens fit the context, else a
         400; without max_tokens, the rest of the context."""
@@ -497,18 +508,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
         check_model(body)
         n = body.n or 1
         engine.check_size(1, n)
-        messages = [m.as_template_input() for m in body.messages]
-
-        def render() -> list[int]:
-            from jinja2.exceptions import TemplateError
-            try:
-                return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            except TemplateError as e:
-                raise APIError(400, f"messages: the chat template refused them: {e}", param="messages") from None
-            except ValueError as e:  # no chat template
-                raise APIError(400, f"{e}; use /v1/completions", param="messages") from None
-
-        prompt = await run_in_threadpool(render)
+        prompt = await run_in_threadpool(render_chat, body.messages, True, "; use /v1/completions")
         max_new = budget(len(prompt), body.max_new_tokens, "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
         job = engine.submit([prompt] * n, [body.sampling_params(max_new, j, logprobs=top) for j in range(n)],
@@ -651,19 +651,11 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
     async def tokenize(body: TokenizeRequest):
         check_optional_model(body)
 
-        def run() -> list[int]:
-            if body.prompt is not None:
-                return tok.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
-            from jinja2.exceptions import TemplateError
-            try:
-                return tok.apply_chat_template([m.as_template_input() for m in body.messages],
-                                               add_generation_prompt=body.add_generation_prompt, tokenize=True)
-            except TemplateError as e:
-                raise APIError(400, f"messages: the chat template refused them: {e}", param="messages") from None
-            except ValueError as e:  # no chat template
-                raise APIError(400, str(e), param="messages") from None
-
-        ids = await run_in_threadpool(run)
+        if body.prompt is not None:
+            special = body.add_special_tokens is not False  # (a prompt gets BOS as the model expects by default)
+            ids = await run_in_threadpool(tok.encode, body.prompt, add_special_tokens=special)
+        else:
+            ids = await run_in_threadpool(render_chat, body.messages, body.add_generation_prompt)
         return {"count": len(ids), "max_model_len": context_len, "tokens": ids,
                 "token_strs": [token_text.text(i) for i in ids] if body.return_token_strs else None}
 

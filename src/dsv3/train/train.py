@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from ..ckpt.io import atomic_write_json
 from ..ckpt.pretrained import save_pretrained
-from ..ckpt.state import exported_step, list_checkpoints, load_checkpoint, mark_exported, remove_stale, save_checkpoint
+from ..ckpt.state import (exported_step, list_checkpoints, load_checkpoint, mark_exported, remove_stale,
+                          save_checkpoint)
 from ..config import PRESETS, ModelConfig
 from ..data.corpus import builtin_corpus, corpus_hash, load_corpus, split
 from ..data.dataset import PackedSequences, cached_tokens, tokenize, unigram_entropy
