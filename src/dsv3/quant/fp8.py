@@ -22,6 +22,20 @@ import torch.nn.functional as F
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 BLOCK = 128
+AMAX_FLOOR = 1e-12  # an all-zero tile still gets a finite scale (its values quantise to 0 exactly)
+SCALE_FMTS = (None, "ue8m0")
+
+
+def round_scale(scale: torch.Tensor, scale_fmt: str | None) -> torch.Tensor:
+    """None: the scale as computed. "ue8m0": rounded up to the next power of two (kept if it is one), exactly,
+    from the float's exponent and mantissa bits rather than through log2, whose rounding can land a value
+    just above 2^k on k and round it down, so the tile's max would overflow e4m3."""
+    if scale_fmt is None:
+        return scale
+    if scale_fmt != "ue8m0":
+        raise ValueError(f"scale_fmt={scale_fmt!r} is not supported; expected one of {SCALE_FMTS}")
+    mantissa, exponent = torch.frexp(scale)  # scale = mantissa * 2^exponent, mantissa in [0.5, 1)
+    return torch.ldexp(torch.ones_like(scale), exponent - (mantissa == 0.5).to(exponent.dtype))
 
 
 def scale_shape(shape: tuple[int, ...] | torch.Size, block: int = BLOCK) -> tuple[int, ...]:
@@ -57,31 +71,92 @@ def weight_quant(w: torch.Tensor, block: int = BLOCK, scale_fmt: str | None = No
     w32 = F.pad(w.to(torch.float32), (0, nb * block - n, 0, mb * block - m))
     blocks = w32.reshape(*lead, mb, block, nb, block)
     amax = blocks.abs().amax(dim=(-3, -1))  # (..., mb, nb)
-    scale = amax.clamp(min=1e-12) / FP8_MAX
-    if scale_fmt == "ue8m0":
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    elif scale_fmt is not None:
-        raise ValueError(f"scale_fmt={scale_fmt!r} is not supported; expected None or 'ue8m0'")
+    scale = round_scale(amax.clamp(min=AMAX_FLOOR) / FP8_MAX, scale_fmt)
     q = (blocks / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
     q = q.reshape(*lead, mb * block, nb * block)[..., :m, :n].to(FP8)
     return q.contiguous(), scale
 
 
-def act_quant(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations (..., K) -> (e4m3 (..., K), float32 scales (..., ceil(K/128))), one scale per 1x128 tile."""
+def act_quant(x: torch.Tensor, block: int = BLOCK, scale_fmt: str | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations (..., K) -> (e4m3 (..., K), float32 scales (..., ceil(K/128))), one scale per 1x128 tile
+    along the last dimension: s = amax(|tile|) / 448 (rounded up to a power of two with scale_fmt="ue8m0"),
+    q = e4m3(x / s) rounded to nearest, ties to even. A partial last tile is scaled by its own amax."""
     k = x.shape[-1]
     kb = -(-k // block)
     x32 = F.pad(x.to(torch.float32), (0, kb * block - k)).unflatten(-1, (kb, block))
-    scale = x32.abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX
+    scale = round_scale(x32.abs().amax(dim=-1).clamp(min=AMAX_FLOOR) / FP8_MAX, scale_fmt)
     q = (x32 / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).flatten(-2)[..., :k].to(FP8)
     return q, scale
+
+
+def act_dequant(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,
+                block: int = BLOCK) -> torch.Tensor:
+    """The inverse of `act_quant`: e4m3 (..., K) and its 1x128 tile scales -> q * s in `dtype`."""
+    k = q.shape[-1]
+    if scale.shape[-1] != -(-k // block) or scale.shape[:-1] != q.shape[:-1]:
+        raise ValueError(f"scales of shape {tuple(scale.shape)} do not tile a tensor of shape {tuple(q.shape)} "
+                         f"in 1x{block} tiles")
+    return (q.to(torch.float32) * scale.repeat_interleave(block, dim=-1)[..., :k]).to(dtype)
+
+
+def requant_transpose(q: torch.Tensor, scale: torch.Tensor, block: int = BLOCK, scale_fmt: str | None = "ue8m0"
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) e4m3 in 1x128 tiles -> its transpose (K, M) in 1x128 tiles, i.e. the same values in 128x1 tiles
+    of the original: what the weight gradient dW = dY^T X needs from an input X cached in FP8 for the forward.
+    With power-of-two scales on both sides every value survives exactly unless it falls below e4m3's smallest
+    subnormal in its new, larger-scaled tile (V3 report §3.3.3: "round scaled" factors for exactly this)."""
+    return act_quant(act_dequant(q, scale, block=block).T, block, scale_fmt)
 
 
 def fp8_gemm_ref(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
                  out_dtype: torch.dtype = torch.bfloat16, block: int = BLOCK) -> torch.Tensor:
     """y = x @ W^T from 1x128-tile FP8 activations and 128x128-block FP8 weights, with FP32 accumulation of
-    each 128-wide K chunk (what the official demo's Triton GEMM and the V3 training recipe compute)."""
-    k = xq.shape[-1]
-    x = xq.to(torch.float32) * xs.repeat_interleave(block, dim=-1)[..., :k]
+    each 128-wide K chunk (what the official demo's Triton GEMM and the V3 training recipe compute): the
+    forward GEMM and the input-gradient GEMM (dX = dY W, W's blocks transposed) of a Linear."""
+    x = act_dequant(xq, xs, block=block)
     w = weight_dequant(wq, ws, torch.float32, block)
     return (x @ w.T).to(out_dtype)
+
+
+def fp8_gemm_1d1d_ref(aq: torch.Tensor, a_s: torch.Tensor, bq: torch.Tensor, b_s: torch.Tensor,
+                      out_dtype: torch.dtype = torch.float32, block: int = BLOCK) -> torch.Tensor:
+    """a @ b^T with both operands (M, K), (N, K) in 1x128 tiles along K: the weight-gradient GEMM of a Linear
+    (a = dY^T, b = X^T, K = tokens). Each 128-wide K chunk's FP32 partial sum times both tiles' scales."""
+    return (act_dequant(aq, a_s, block=block) @ act_dequant(bq, b_s, block=block).T).to(out_dtype)
+
+
+def _check_offs(offs: torch.Tensor, rows: int, groups: int, block: int) -> None:
+    if offs.shape != (groups,):
+        raise ValueError(f"offs has shape {tuple(offs.shape)}; expected ({groups},), one end offset per group")
+    if offs.numel() and int(offs[-1]) > rows:
+        raise ValueError(f"offs ends at {int(offs[-1])}, past the {rows} rows given")
+
+
+def fp8_grouped_gemm_ref(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
+                         offs: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16, block: int = BLOCK
+                         ) -> torch.Tensor:
+    """Grouped along M: rows offs[g-1]:offs[g] of x (S, K) (1x128 tiles) times W_g^T for W (G, N, K) (128x128
+    blocks, scales (G, ceil(N/128), ceil(K/128))) -> (S, N); rows past offs[-1] are zero. The routed experts'
+    forward and input-gradient GEMMs, one call for every expert."""
+    _check_offs(offs, xq.shape[0], wq.shape[0], block)
+    x = act_dequant(xq, xs, block=block)
+    w = weight_dequant(wq, ws, torch.float32, block)
+    y = F.grouped_mm(x, w.transpose(1, 2), offs=offs.to(torch.int32))
+    if offs.numel() and int(offs[-1]) < y.shape[0]:
+        y[int(offs[-1]):] = 0  # grouped_mm leaves rows outside every group undefined
+    return y.to(out_dtype)
+
+
+def fp8_grouped_gemm_1d1d_ref(aq: torch.Tensor, a_s: torch.Tensor, bq: torch.Tensor, b_s: torch.Tensor,
+                              offs: torch.Tensor, out_dtype: torch.dtype = torch.float32, block: int = BLOCK
+                              ) -> torch.Tensor:
+    """Grouped along K: a (M, S) and b (N, S), both in 1x128 tiles along S, group g = columns
+    offs[g-1]:offs[g] -> (G, M, N) with out[g] = a_g @ b_g^T: the routed experts' weight gradients
+    (dW_g = dY_g^T X_g, S = tokens). Every group starts at a multiple of 128 so that no tile spans two groups."""
+    _check_offs(offs, aq.shape[1], offs.shape[0], block)
+    if bool((offs % block).any()):
+        raise ValueError(f"group ends {offs.tolist()} are not multiples of {block}: a tile would span two groups")
+    a = act_dequant(aq, a_s, block=block)
+    b = act_dequant(bq, b_s, block=block)
+    return F.grouped_mm(a, b.T, offs=offs.to(torch.int32)).to(out_dtype)
