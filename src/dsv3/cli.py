@@ -337,6 +337,24 @@ def _experiment(args) -> None:
     experiment_main(args)
 
 
+def _add_eval(sub) -> None:
+    from .eval.bpb import __doc__ as bpb_doc, add_args as add_bpb_args
+    p = sub.add_parser("eval", help="evaluate a model directory (bpb: bits per byte)",
+                       description="Evaluations of a model directory, each writing its metrics (lm-eval's names) to "
+                                   "--output as JSON.")
+    tasks = p.add_subparsers(dest="task", metavar="TASK")
+    tasks.required = True
+    bpb = tasks.add_parser("bpb", help="validation loss and bits per byte on a text corpus", description=bpb_doc,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_bpb_args(bpb)
+    bpb.set_defaults(func=_eval_bpb)
+
+
+def _eval_bpb(args) -> None:
+    from .eval.bpb import main as bpb_main
+    bpb_main(args)
+
+
 def _add_plot(sub) -> None:
     p = sub.add_parser("plot", help="write a run's PNG plots (loss, MaxVio, expert loads)",
                        description="Draw loss.png, maxvio.png and expert_load.png into a run directory from its "
@@ -364,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_plot(sub)
     _add_experiment(sub)
+    _add_eval(sub)
     _add_convert(sub)
     _add_fp8_cast(sub)
     _add_quantize(sub)

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .layers import KeepDtype, Linear, MLP, PackedWeights, RMSNorm, cast, pack, packed
-from .moe import MoE
+from .moe import MoE, RoutingStats
 from .mtp import MTPModule
 
 
@@ -174,16 +174,19 @@ class Block(nn.Module):
             self.ffn = MoE(config, shared)
         else:
             self.ffn = MLP(d, config.intermediate_size)
+        self.is_moe = isinstance(self.ffn, MoE)
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, mask: torch.Tensor | None = None,
+                stats: RoutingStats | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), freqs, mask)
-        x = x + self.ffn(self.ffn_norm(x))
+        x = x + (self.ffn(self.ffn_norm(x), stats) if self.is_moe else self.ffn(self.ffn_norm(x)))
         return x
 
 
 class DeepSeekV3(nn.Module):
     """Embedding -> blocks -> final norm -> head, plus the MTP modules (which share the embedding and head).
-    `model(input_ids)` returns the main head's logits (B, T, vocab)."""
+    `model(input_ids)` returns the main head's logits (B, T, vocab). Training passes `stats`, a RoutingStats
+    into which every MoE layer the forward runs records its expert loads and balance loss."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -211,7 +214,7 @@ class DeepSeekV3(nn.Module):
                              f"{self.config.max_position_embeddings}")
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                      mask: torch.Tensor | None = None) -> torch.Tensor:
+                      mask: torch.Tensor | None = None, stats: RoutingStats | None = None) -> torch.Tensor:
         """input_ids (B, T) -> the final-normed hidden states (B, T, D) that the head maps to logits."""
         self._check_input(input_ids)
         if positions is None:
@@ -219,7 +222,7 @@ class DeepSeekV3(nn.Module):
         freqs = self.rope(positions)
         h = self.embed(input_ids)
         for layer in self.layers:
-            h = self._run(layer, h, freqs, mask)
+            h = self._run(layer, h, freqs, mask, stats)
         return self.norm(h)
 
     def _run(self, block: nn.Module, *args) -> torch.Tensor:
@@ -228,10 +231,11 @@ class DeepSeekV3(nn.Module):
         return block(*args)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.hidden_states(input_ids, positions, mask))
+                mask: torch.Tensor | None = None, stats: RoutingStats | None = None) -> torch.Tensor:
+        return self.head(self.hidden_states(input_ids, positions, mask, stats))
 
-    def mtp_hidden_states(self, h: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    def mtp_hidden_states(self, h: torch.Tensor, input_ids: torch.Tensor,
+                          stats: RoutingStats | None = None) -> list[torch.Tensor]:
         """Run the MTP modules in sequence from the main model's hidden states h (B, T, D). Module k returns
         (B, T-k, D): position i sees tokens up to i+k and predicts token i+k+1."""
         T = input_ids.shape[1]
@@ -240,14 +244,15 @@ class DeepSeekV3(nn.Module):
             if T - k <= 0:
                 break
             freqs = self.rope(torch.arange(T - k, device=input_ids.device))
-            h = self._run(module, h[:, :T - k], self.embed(input_ids[:, k:]), freqs)
+            h = self._run(module, h[:, :T - k], self.embed(input_ids[:, k:]), freqs, None, stats)
             outs.append(h)
         return outs
 
-    def forward_with_mtp(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward_with_mtp(self, input_ids: torch.Tensor,
+                         stats: RoutingStats | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """-> (main logits (B, T, V), [MTP module k's logits (B, T-k, V) for k = 1..D]), one pass."""
-        h = self.hidden_states(input_ids)
-        mtp_h = self.mtp_hidden_states(h, input_ids)
+        h = self.hidden_states(input_ids, stats=stats)
+        mtp_h = self.mtp_hidden_states(h, input_ids, stats)
         return self.head(h), [self.head(m.norm(hk)) for m, hk in zip(self.mtp, mtp_h)]
 
     def pack_projections(self) -> "DeepSeekV3":

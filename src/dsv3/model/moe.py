@@ -1,8 +1,8 @@
 """DeepSeekMoE (DeepSeek-V3 report §2.1.2): fine-grained routed experts plus always-on shared experts, a
 sigmoid gate with group-limited routing, and the auxiliary-loss-free balancing bias.
 
-Shape suffixes: N tokens, D hidden size, E routed experts, K experts per token, G expert groups,
-S = N*K routed (token, expert) pairs, I one expert's hidden size.
+Shape suffixes: N tokens (B sequences of T), D hidden size, E routed experts, K experts per token, G expert
+groups, S = N*K routed (token, expert) pairs, I one expert's hidden size, L MoE layers.
 """
 
 from __future__ import annotations
@@ -184,30 +184,26 @@ class MoE(nn.Module):
         self.gate = Gate(config)
         self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
         self.shared_experts = shared_experts
-        # Instrumentation for training, switched on by the trainer (inference leaves both off):
-        self.record_loads = False  # count the tokens routed to each expert into tokens_per_expert
-        self.balance_loss: str | None = None  # "sequence" (V3's) or "batch" (the classic auxiliary loss)
-        self.register_buffer("tokens_per_expert", torch.zeros(self.n_experts, dtype=torch.long), persistent=False)
-        self.aux_loss: torch.Tensor | None = None  # the last forward's balance loss (before its weight alpha)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stats: RoutingStats | None = None) -> torch.Tensor:
+        """x (..., D) -> (..., D). With `stats` (training), the layer records its routing there."""
         shape = x.shape
         x_ND = x.reshape(-1, shape[-1])
         weights_NK, experts_NK, scores_NE = self.gate(x_ND)
         # the routed outputs are added into the shared experts' output (one op, not a zero-fill and an add)
         shared_ND = None if self.shared_experts is None else cast(self.shared_experts(x_ND), x_ND.dtype)
-        y_ND = self.routed(x_ND, weights_NK, experts_NK, shared_ND)
-        if self.balance_loss is not None and self.training:
-            batch = shape[0] if self.balance_loss == "sequence" and x.dim() == 3 else 1
-            self.aux_loss = balance_loss(scores_NE.view(batch, -1, self.n_experts),
-                                         experts_NK.view(batch, -1, self.topk), self.n_experts)
+        y_ND = self.routed(x_ND, weights_NK, experts_NK, shared_ND, fast=stats is None)
+        if stats is not None:
+            B = shape[0] if x.dim() == 3 else 1  # sequences, for the sequence-wise loss
+            stats.record(self, scores_NE.view(B, -1, self.n_experts), experts_NK.view(B, -1, self.topk))
         return y_ND.view(shape)
 
     def routed(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor,
-               out_ND: torch.Tensor | None = None) -> torch.Tensor:
-        """-> out_ND (zeros if not given) plus each token's gate-weighted routed experts' outputs."""
+               out_ND: torch.Tensor | None = None, fast: bool = True) -> torch.Tensor:
+        """-> out_ND (zeros if not given) plus each token's gate-weighted routed experts' outputs. fast: an
+        installed inference kernel may take them (outside autograd); training leaves them to the reference."""
         kernel = self.experts.kernel
-        if kernel is not None and not self.record_loads and not torch.is_grad_enabled():
+        if kernel is not None and fast and not torch.is_grad_enabled():
             y = kernel(self.experts, x_ND, weights_NK, experts_NK, torch.zeros_like(x_ND) if out_ND is None else out_ND)
             if y is not None:
                 return y
@@ -224,8 +220,6 @@ class MoE(nn.Module):
             counts = torch.bincount(expert_S, minlength=self.n_experts)
         else:  # CUDA's bincount reads the largest id back to the host, which a CUDA graph cannot do
             counts = expert_S.new_zeros(self.n_experts).index_add_(0, expert_S, torch.ones_like(expert_S))
-        if self.record_loads:
-            self.tokens_per_expert += counts
         return x_ND.index_select(0, token_S), token_S, weights_NK.flatten().index_select(0, order_S), counts
 
     def combine(self, y_SD, token_S, out_ND):
@@ -243,6 +237,69 @@ class MoE(nn.Module):
             h = linear(F.silu(linear(x_ND[tok], w1)) * linear(x_ND[tok], w3), w2)
             y_ND.index_add_(0, tok, (h * weights_NK[tok, k, None]).to(x_ND.dtype))
         return y_ND
+
+
+class RoutingStats:
+    """What one training forward records about routing, handed back to the caller instead of left on the
+    modules (under pipelining several micro-batches are in flight at once, each with its own record). Per MoE
+    layer: the tokens each expert received, counted from the gate's choice, and, when `balance_loss` asks
+    for one, the layer's balance loss (before its weight alpha). Use a new one for every forward:
+
+        stats = RoutingStats("sequence")
+        logits, mtp_logits = model.forward_with_mtp(input_ids, stats=stats)
+        loss = loss + alpha * stats.balance_loss_sum()
+        loads_LE = stats.loads(moe_layers(model))
+
+    balance_loss: None, "sequence" (V3's complementary sequence-wise loss) or "batch" (the classic auxiliary
+    loss: the whole batch as one sequence).
+    """
+
+    KINDS = (None, "sequence", "batch")
+
+    def __init__(self, balance_loss: str | None = None):
+        if balance_loss not in self.KINDS:
+            raise ValueError(f"balance_loss={balance_loss!r}: expected one of {self.KINDS}")
+        self.balance_loss = balance_loss
+        self.counts: dict[nn.Module, torch.Tensor] = {}  # per MoE layer: tokens per expert (E,), int64
+        self.losses: dict[nn.Module, torch.Tensor] = {}  # per MoE layer: its balance loss, a scalar
+
+    def record(self, moe: MoE, scores_BTE: torch.Tensor, experts_BTK: torch.Tensor) -> None:
+        """Called by each MoE layer in its forward. A block recomputed in backward (model.recompute) routes the
+        same tokens a second time: that record is dropped, so nothing counts twice; its loss is still computed,
+        as the recomputation must save the same tensors as the forward it replays."""
+        experts = experts_BTK.flatten()
+        if experts.device.type == "cpu":
+            counts_E = torch.bincount(experts, minlength=moe.n_experts)
+        else:  # as MoE.dispatch: CUDA's bincount would read the largest id back to the host
+            counts_E = experts.new_zeros(moe.n_experts).index_add_(0, experts, torch.ones_like(experts))
+        loss = None
+        if self.balance_loss is not None:
+            if self.balance_loss == "batch":
+                scores_BTE, experts_BTK = scores_BTE.flatten(0, 1)[None], experts_BTK.flatten(0, 1)[None]
+            loss = balance_loss(scores_BTE, experts_BTK, moe.n_experts)
+        if moe in self.counts:
+            return
+        self.counts[moe] = counts_E
+        if loss is not None:
+            self.losses[moe] = loss
+
+    def loads(self, layers: list[MoE]) -> torch.Tensor:
+        """-> (len(layers), E) tokens routed to each expert of each layer; zeros for a layer this forward did
+        not run (the MTP modules' when only the main model ran)."""
+        if not layers:
+            return torch.zeros(0, 0, dtype=torch.long)
+        device = next((c.device for c in self.counts.values()), None)
+        return torch.stack([self.counts[m] if m in self.counts else
+                            torch.zeros(m.n_experts, dtype=torch.long, device=device) for m in layers])
+
+    def balance_loss_sum(self) -> torch.Tensor | None:
+        """The sum over MoE layers of their balance losses, or None when none was asked for (or no MoE ran)."""
+        return torch.stack(list(self.losses.values())).sum() if self.losses else None
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """The model's MoE layers in module order (main blocks, then the MTP modules')."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
 
 
 def balance_loss(scores_BTE: torch.Tensor, experts_BTK: torch.Tensor, n_experts: int) -> torch.Tensor:

@@ -14,37 +14,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.moe import MoE
+from ..model.moe import moe_layers
 
 MODES = ("aux-free", "aux-loss", "none")
+__all__ = ["MODES", "moe_layers", "configure", "update_bias", "maxvio"]
 
 
-def moe_layers(model: nn.Module) -> list[MoE]:
-    return [m for m in model.modules() if isinstance(m, MoE)]
-
-
-def configure(model: nn.Module, mode: str, alpha: float) -> None:
-    """Turn on load recording, and the balance loss that `mode` uses (none when alpha is 0)."""
+def configure(model: nn.Module, mode: str, alpha: float) -> str | None:
+    """Check that `mode` can balance this model; -> the balance loss it trains with ("sequence", "batch", or
+    None when alpha is 0), for the RoutingStats of each forward (model/moe.py)."""
     if mode not in MODES:
         raise ValueError(f"--balance {mode!r}: expected one of {', '.join(MODES)}")
+    if mode == "aux-free" and any(m.gate.bias is None for m in moe_layers(model)):
+        raise ValueError("--balance aux-free needs the V3 gate's balancing bias (topk_method noaux_tc); this model "
+                         f"routes with {moe_layers(model)[0].gate.method!r}: use --balance aux-loss or none")
     loss = {"aux-free": "sequence", "aux-loss": "batch", "none": None}[mode]
-    for moe in moe_layers(model):
-        moe.record_loads = True
-        moe.balance_loss = loss if alpha > 0 else None
-
-
-def balance_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum over MoE layers of the last forward's balance loss (before alpha), or None."""
-    losses = [m.aux_loss for m in moe_layers(model) if m.balance_loss is not None and m.aux_loss is not None]
-    return torch.stack(losses).sum() if losses else None
-
-
-def take_loads(model: nn.Module) -> torch.Tensor:
-    """-> (MoE layers, experts) token counts since the last call, and reset them."""
-    loads = torch.stack([m.tokens_per_expert.clone() for m in moe_layers(model)])
-    for m in moe_layers(model):
-        m.tokens_per_expert.zero_()
-    return loads
+    return loss if alpha > 0 else None
 
 
 @torch.no_grad()
