@@ -248,6 +248,19 @@ def test_init_from_a_transformers_directory(source_run, corpus_file, tmp_path, q
     assert first == pytest.approx(first_batch_loss(source_run, out), rel=1e-5)
 
 
+def test_init_from_an_fp8_checkpoint(source_run, corpus_file, tmp_path):
+    """The official layout (e4m3 weights with 128x128 block scales): dequantised to float32 at load, trained
+    from there, and written back without the quantization_config."""
+    fp8_dir = tmp_path / "fp8"
+    dsv3.save_pretrained(dsv3.load_pretrained(source_run), fp8_dir, fp8=True, tokenizer=str(source_run))
+    assert "quantization_config" in json.loads((fp8_dir / "config.json").read_text())
+    out = tmp_path / "from-fp8"
+    main(from_dir(fp8_dir, out, corpus_file, 1))
+    first = read_metrics(os.path.join(out, "metrics.jsonl"))[0]["loss"]
+    assert first == pytest.approx(first_batch_loss(fp8_dir, out), rel=1e-5)  # the same dequantised weights
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
 def test_resume_keeps_its_precision_and_refuses_another(corpus_file, tmp_path):
     out = tmp_path / "bf16"
     base = ["--preset", "micro", "--out", str(out), "--data", corpus_file, "--save-every", "1", "--eval-every",
