@@ -10,11 +10,13 @@ times the two tiles' scales is added to an FP32 accumulator in registers ("promo
 
 Rounding to e4m3 is done here in float32 arithmetic (`_round_to_e4m3`), and only values already on the e4m3
 grid are cast: triton 3.9's interpreter (TRITON_INTERPRET=1, what CI runs on CPU) rounds float32 -> e4m3
-casts wrongly (no carry into the exponent when the mantissa rounds up: -7.79 -> -4.0; subnormals truncated),
-while exact values convert exactly there as on a GPU.
+casts wrongly in three ways (the carry of a mantissa that rounds up is lost when the exponent is odd: 7.75 ->
+4, -7.79 -> -4; ties go away from zero, not to even; subnormal results are truncated), while values already
+on the grid convert exactly there as on a GPU.
 
-Triton reads TRITON_INTERPRET when the kernels below are decorated, i.e. when this module is imported. Without
-triton the module still imports (the kernels stay plain functions) and `available()` is False.
+Triton reads TRITON_INTERPRET when a kernel is decorated: its own library (tl.max, tl.sum) when triton is
+first imported, the kernels below when this module is. Without triton the module still imports (the kernels
+stay plain functions) and `available()` is False.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk,
                       UE8M0: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (i, j): rows [i*BLOCK_M, (i+1)*BLOCK_M) of x (M, K) times the 1xBLOCK_K tile j along K; one scale
     per row of the tile. q is (M, K) and s (M, ceil(K/BLOCK_K)), both contiguous."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # offsets past 2^31 elements
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows < M)[:, None] & (cols < K)[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
@@ -132,7 +134,7 @@ def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_we, stride_wn, stride
                          UE8M0: tl.constexpr, BLOCK: tl.constexpr):
     """Program (i, j, e): the BLOCKxBLOCK block (i, j) of weight e of w (E, N, K); one scale per block.
     q is (E, N, K) and s (E, ceil(N/BLOCK), ceil(K/BLOCK)), both contiguous."""
-    i, j, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i, j, e = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # 256 experts: > 2^31 elements
     rows = i * BLOCK + tl.arange(0, BLOCK)
     cols = j * BLOCK + tl.arange(0, BLOCK)
     mask = (rows < N)[:, None] & (cols < K)[None, :]
@@ -150,8 +152,8 @@ def _requant_transpose_kernel(q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_qm, str
     old scale per row; dequantised, then requantised along its columns: 128 new 1xBLOCK tiles, rows of the
     transpose qt (K, M) (contiguous), with scales st (K, ceil(M/BLOCK)) (contiguous)."""
     i, j = tl.program_id(0), tl.program_id(1)
-    rows = i * BLOCK + tl.arange(0, BLOCK)  # along M
-    cols = j * BLOCK + tl.arange(0, BLOCK)  # along K
+    rows = (i * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)  # along M
+    cols = (j * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)  # along K
     mask = (rows < M)[:, None] & (cols < K)[None, :]
     q = tl.load(q_ptr + rows[:, None] * stride_qm + cols[None, :] * stride_qk, mask=mask, other=0.0)
     s = tl.load(s_ptr + rows * stride_sm + j * stride_sk, mask=rows < M, other=0.0)
@@ -169,8 +171,8 @@ def _fp8_gemm_kernel(a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr, M, N, K,
                      BLOCK_K: tl.constexpr):
     """Program (i, j): the BLOCK_MxBLOCK_N tile (i, j) of c = a b^T (M, N), over all of K. b's scales cover
     B_ROWS_PER_SCALE rows each: BLOCK_K for 128x128-block weights (fp8_gemm), 1 for 1x128 tiles (1d1d)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # offsets past 2^31 elements
+    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_m, mask_n = offs_m < M, offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _block_scaled_dot(acc, a_ptr, a_s_ptr, b_ptr, b_s_ptr, offs_m, offs_n, mask_m, mask_n, 0, K,
@@ -189,8 +191,8 @@ def _fp8_grouped_gemm_kernel(a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr, offs_ptr, M,
     """Program (i, j): the BLOCK_MxBLOCK_N tile (i, j) of c (M, N), whose rows in group g (offs[g-1] <= row <
     offs[g]) are a_rows b_g^T, b (G, N, K) in 128x128 blocks. A tile that spans several groups takes each in
     turn with the other rows masked; rows in no group (past offs[-1]) stay 0."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # offsets past 2^31 elements
+    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_n = offs_n < N
     # the groups meeting rows [m0, m0 + BLOCK_M): from the first that ends after m0 to the last that starts before
     m0 = tl.program_id(0) * BLOCK_M
@@ -204,7 +206,8 @@ def _fp8_grouped_gemm_kernel(a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr, offs_ptr, M,
         end = tl.load(offs_ptr + g)
         if end > start:  # empty groups cost nothing
             in_group = (offs_m >= start) & (offs_m < end)
-            acc = _block_scaled_dot(acc, a_ptr, a_s_ptr, b_ptr + g * stride_bg, b_s_ptr + g * stride_bsg,
+            b_g = b_ptr + tl.cast(g, tl.int64) * stride_bg  # past 2^31 elements for V3's 256 experts
+            acc = _block_scaled_dot(acc, a_ptr, a_s_ptr, b_g, b_s_ptr + g * stride_bsg,
                                     offs_m, offs_n, in_group, mask_n, 0, K,
                                     stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk,
                                     stride_bsn, stride_bsk, BLOCK_K, BLOCK_K)
@@ -220,11 +223,11 @@ def _fp8_grouped_gemm_1d1d_kernel(a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr, offs_pt
     """Program (i, j, g): the BLOCK_MxBLOCK_N tile (i, j) of c[g] = a_g b_g^T (G, M, N), a_g and b_g the columns
     offs[g-1]:offs[g] of a (M, S) and b (N, S), both in 1x128 tiles along S; group ends are multiples of
     BLOCK_K, so every chunk is one tile of each. An empty group's tile is 0."""
-    g = tl.program_id(2)
+    g = tl.program_id(2).to(tl.int64)
     start = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
     end = tl.load(offs_ptr + g)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # offsets past 2^31 elements
+    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_m, mask_n = offs_m < M, offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _block_scaled_dot(acc, a_ptr, a_s_ptr, b_ptr, b_s_ptr, offs_m, offs_n, mask_m, mask_n, start, end,
