@@ -244,6 +244,51 @@ def test_fp8_grouped_gemm_1d1d(K, offs):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# What the interpreter cannot check: that each kernel compiles for Hopper (sm_90: H100/H200), through triton's
+# compiler and ptxas, with no GPU needed; the GEMMs on the FP8 tensor cores (wgmma). Pointers, sizes and strides
+# carry the 16-divisibility and unit strides that launches at V3's sizes get (what lets the loads pipeline).
+
+_CONFIGS = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128)
+_HOPPER = [
+    ("_act_quant_kernel", dict(UE8M0=True, BLOCK_M=32, BLOCK_K=128), dict(num_warps=4)),
+    ("_weight_quant_kernel", dict(UE8M0=False, BLOCK=128), dict(num_warps=8)),
+    ("_requant_transpose_kernel", dict(UE8M0=True, BLOCK=128), dict(num_warps=8)),
+    ("_fp8_gemm_kernel", dict(B_ROWS_PER_SCALE=128, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128),
+     dict(num_warps=4, num_stages=4)),
+    ("_fp8_gemm_kernel", dict(B_ROWS_PER_SCALE=1, **_CONFIGS), dict(num_warps=8, num_stages=3)),
+    ("_fp8_grouped_gemm_kernel", dict(BLOCK_G=256, **_CONFIGS), dict(num_warps=8, num_stages=3)),
+    ("_fp8_grouped_gemm_1d1d_kernel", _CONFIGS, dict(num_warps=8, num_stages=3)),
+]
+_POINTERS = {"x_ptr": "*bf16", "w_ptr": "*bf16", "c_ptr": "*bf16", "offs_ptr": "*i32", "q_ptr": "*fp8e4nv",
+             "qt_ptr": "*fp8e4nv", "a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv"}  # other pointers: scales, fp32
+_UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_qk", "stride_ak", "stride_bk", "stride_cn", "stride_sk",
+                 "stride_ask", "stride_bsk"}
+_ALIGNED = {"M", "N", "K", "G", "stride_xm", "stride_we", "stride_wn", "stride_qm", "stride_am", "stride_bg",
+            "stride_bn", "stride_cg", "stride_cm"}  # as V3's sizes (7168, ...); the scales' rows (K/128) are not
+
+
+@pytest.mark.parametrize("name, constexprs, options", _HOPPER, ids=[f"{n}-{i}" for i, (n, *_) in enumerate(_HOPPER)])
+def test_kernels_compile_for_hopper(name, constexprs, options, monkeypatch, tmp_path):
+    if INTERPRETED:
+        pytest.skip("the kernels are interpreted in this process")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from dsv3.quant import kernels
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    fn = getattr(kernels, name)
+    constexprs = {**constexprs, **{a: 1 for a in fn.arg_names if a in _UNIT_STRIDES}}
+    signature = {a: "constexpr" if a in constexprs else _POINTERS.get(a, "*fp32") if a.endswith("_ptr") else "i32"
+                 for a in fn.arg_names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+               if a.endswith("_ptr") or a in _ALIGNED}
+    src = ASTSource(fn, signature, constexprs=constexprs, attrs=aligned)
+    compiled = compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    if "gemm" in name:
+        assert "wgmma.mma_async" in compiled.asm["ptx"] and ".e4m3.e4m3" in compiled.asm["ptx"]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The contract: the references' signatures, and clear errors
 
 
