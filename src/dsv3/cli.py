@@ -324,16 +324,24 @@ def _train(args) -> None:
 
 
 def _add_experiment(sub) -> None:
-    from .train.experiment import __doc__ as doc, add_args
-    p = sub.add_parser("experiment", help="small-scale experiments from the papers (balance)", description=doc,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", choices=["balance"], help="balance: aux-free vs aux-loss vs none")
-    add_args(p)
-    p.set_defaults(func=_experiment)
+    from .train import experiment, fp8_experiment
+    p = sub.add_parser("experiment", help="small-scale experiments from the papers (balance, fp8)",
+                       description="Small-scale experiments from the DeepSeek-V3 report and its papers: "
+                                   "'balance' (aux-free balancing) and 'fp8' (FP8 mixed-precision training).")
+    names = p.add_subparsers(dest="name", required=True, metavar="{balance,fp8}")
+    for name, module, help_ in (("balance", experiment, "aux-free vs aux-loss vs none"),
+                                ("fp8", fp8_experiment, "FP8 vs BF16 vs FP32 training, per-op fidelity, studies")):
+        q = names.add_parser(name, help=help_, description=module.__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_args(q)
+        q.set_defaults(func=_experiment)
 
 
 def _experiment(args) -> None:
-    from .train.experiment import main as experiment_main
+    if args.name == "fp8":
+        from .train.fp8_experiment import main as experiment_main
+    else:
+        from .train.experiment import main as experiment_main
     experiment_main(args)
 
 

@@ -191,6 +191,21 @@ def resolve_precision(requested: str, device: torch.device, saved: str | None = 
     return requested
 
 
+def bf16_products(device: torch.device, precision: str):
+    """A context for the steps of a run in `precision`: on a CPU that multiplies BF16 matrices more slowly than
+    FP32 ones (AVX2), BF16 products taken as FP32 kernels on widened operands, the same numbers at FP32 speed
+    (quant/bf16.py); elsewhere nothing."""
+    if device.type != "cpu" or precision not in ("bf16", "fp8"):
+        return contextlib.nullcontext()
+    speedup = cpu.bf16_matmul_speedup()
+    if speedup >= 1:
+        return contextlib.nullcontext()
+    from ..quant.bf16 import fp32_products
+    print(f"BF16 matrix products in FP32 kernels: this CPU multiplies BF16 matrices at {speedup:.2f}x its FP32 "
+          "speed (same results: exact products, FP32 sums, BF16 outputs)")
+    return fp32_products()
+
+
 def saved_precision(state: dict) -> str:
     """The precision a checkpoint's run trains in (runs from before --precision recorded bf16_autocast)."""
     return state.get("precision") or ("bf16" if state.get("bf16_autocast") else "fp32")
@@ -371,6 +386,7 @@ class Trainer:
         self.export = export
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if self.precision in ("bf16", "fp8")
                          else contextlib.nullcontext())
+        self.products = bf16_products(device, self.precision)
 
         # ---- resume ------------------------------------------------------------------------------------------
         self.global_step, self.samples, self.skipped = 0, 0, 0
@@ -419,9 +435,10 @@ class Trainer:
             batch = self.train_data.batch(self.samples, c.micro_batch_size).to(self.device)
             self.samples += c.micro_batch_size
             stats = RoutingStats(self.balance_loss)  # this micro-batch's expert loads and balance losses
-            with self.autocast:
-                loss, terms = self.objective(model, batch, stats, step)  # forward and loss terms
-            (loss / c.accumulation).backward()
+            with self.products:  # forward and backward: how BF16 products are taken on this device
+                with self.autocast:
+                    loss, terms = self.objective(model, batch, stats, step)  # forward and loss terms
+                (loss / c.accumulation).backward()
             loads = loads + stats.loads(self.moe_layers)
             _accumulate(logged, terms, c.accumulation)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip).item()
@@ -453,8 +470,9 @@ class Trainer:
         """Validation loss and bits per byte over the first eval_batches batches, and the expert loads' MaxVio
         over all of them (eval/bpb.py)."""
         c = self.config
-        r = next_token_loss(self.model, self.val_data, c.eval_batches * c.micro_batch_size, c.micro_batch_size,
-                            self.device, count_loads=True)
+        with self.products:
+            r = next_token_loss(self.model, self.val_data, c.eval_batches * c.micro_batch_size, c.micro_batch_size,
+                                self.device, count_loads=True)
         return {"val_loss": r.loss, "val_bpb": bits_per_byte(r.loss, self.val_tokens_per_byte),
                 "maxvio_global": balance.maxvio(r.loads).nanmean().item(),
                 "unigram_entropy": self.data_info["unigram_entropy"]}

@@ -1,0 +1,245 @@
+"""`dsv3 experiment fp8`: FP8 mixed-precision training against BF16 and FP32 (DeepSeek-V3 report §3.3 and
+appendix B.1), at small scale: the same seed, data and steps in FP32, BF16 and FP8, plus BF16 with a second seed
+for the seed-to-seed noise band; then the op-by-op fidelity of FP8 against FP32 on the trained model, the
+accumulation study and the block-scaled-gradient negative result.
+
+    dsv3 experiment fp8 --out runs/fp8                  # the `make demo` recipe: tiny, 250 steps, 4 runs
+
+Writes under --out: one run directory per precision (fp32/, bf16/, fp8/, bf16-seed{S+1}/), fp8.json with every
+number, fp8.md with the tables and fp8.png (loss curves and FP8's relative loss error against BF16).
+
+The headline figure is the report's: the relative error of FP8's training loss against BF16's, both smoothed
+with an exponential moving average (0.9, as the report's curves), at the end of training and at its worst; the
+same figure for BF16 against BF16 with another seed is the noise band it must sit inside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+
+import torch
+
+from ..ckpt.io import atomic_write_json
+from .metrics import read_metrics
+
+EMA = 0.9  # the smoothing of the report's loss curves
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    from .train import add_args as add_train_args
+    add_train_args(p)
+    # the `make demo` recipe (dsv3.demo): tiny, 250 steps of 8 sequences, faster bias updates for a short run
+    p.set_defaults(preset="tiny", steps=250, batch_size=8, gamma=0.01, eval_every=50, save_every=50,
+                   no_plots=False)
+    p.add_argument("--runs", default="fp32,bf16,fp8,bf16-seed", help="which runs, comma-separated (default all "
+                   "four; bf16-seed is BF16 with --seed + 1)")
+    p.add_argument("--fidelity-sequences", type=int, default=16,
+                   help="validation sequences for the per-op table (default 16)")
+
+
+def ema(values: list[float], beta: float = EMA) -> list[float]:
+    """Exponential moving average with bias correction (so the first values are not pulled toward 0)."""
+    out, m = [], 0.0
+    for i, v in enumerate(values, start=1):
+        m = beta * m + (1 - beta) * v
+        out.append(m / (1 - beta ** i))
+    return out
+
+
+def relative_error(run: list[float], baseline: list[float]) -> list[float]:
+    """(EMA(run) - EMA(baseline)) / EMA(baseline), step by step."""
+    a, b = ema(run), ema(baseline)
+    return [(x - y) / y for x, y in zip(a, b)]
+
+
+def _losses(run_dir: str) -> list[float]:
+    return [r["loss"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def summarize_curves(runs: dict[str, str]) -> dict:
+    """Relative loss errors against the BF16 run (final and worst over the second half of training, where the
+    curves are no longer dominated by the first steps' fast fall)."""
+    losses = {name: _losses(d) for name, d in runs.items()}
+    base = losses.get("bf16")
+    out = {"final_loss_ema": {n: ema(v)[-1] for n, v in losses.items()}}
+    if base is None:
+        return out
+    for name, vals in losses.items():
+        if name == "bf16":
+            continue
+        rel = relative_error(vals, base)
+        half = rel[len(rel) // 2:]
+        out[name] = {"final_rel_err": rel[-1], "worst_rel_err_2nd_half": max(half, key=abs),
+                     "worst_rel_err": max(rel, key=abs), "curve": rel}
+    return out
+
+
+def fidelity(run_dir: str, sequences: int) -> list[dict]:
+    """Per-op SQNR table of FP8 against FP32 on the FP32 run's final model and its validation data."""
+    import numpy as np
+
+    from ..ckpt.pretrained import load_pretrained
+    from ..data.dataset import PackedSequences
+    from ..quant.fidelity import per_op_fidelity
+    model = load_pretrained(run_dir, dtype=torch.float32)
+    seq_len = read_run(run_dir)["args"]["seq_len"]
+    val = PackedSequences(np.load(os.path.join(run_dir, "data", "val.npy")), seq_len, 0, shuffle=False)
+    batch = val.batch(0, min(sequences, val.num_sequences))
+    return per_op_fidelity(model, batch)
+
+
+def read_run(run_dir: str) -> dict:
+    import json
+    with open(os.path.join(run_dir, "run.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def accumulation_study(k: int = 4096, size: int = 128, seed: int = 0) -> list[dict]:
+    """Relative error (Frobenius) of a K=4096 FP8 GEMM against exact (float64) products of the same e4m3
+    operands: FP32 accumulation, a 14-bit accumulator without promotion, and with promotion every 128."""
+    from ..quant import fp8
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for dist, make in (("uniform [0, 1)", lambda: torch.rand(size, k, generator=g)),
+                       ("normal", lambda: torch.randn(size, k, generator=g))):
+        a = fp8.act_dequant(*fp8.act_quant(make()))
+        b = fp8.act_dequant(*fp8.act_quant(make()))
+        exact = a.double() @ b.double().T
+        for label, kw in (("FP32 accumulator", dict(acc_bits=None)),
+                          ("14-bit accumulator, no promotion", dict(promote_every=None)),
+                          ("14-bit accumulator, promoted every 128", dict(promote_every=128))):
+            c = fp8.gemm_limited_accumulator(a, b, **kw).double()
+            rows.append({"operands": dist, "accumulation": label,
+                         "rel_err": ((c - exact).norm() / exact.norm()).item()})
+    return rows
+
+
+def outlier_study() -> list[dict]:
+    """Input-gradient SQNR of ordinary tokens next to outlier tokens (8 of 512, `ratio` times larger), with
+    output gradients in 1x128 tiles (V3) or 128x128 blocks (the rejected scheme)."""
+    from ..quant import fp8
+    from ..quant.training import Fp8Recipe, _quant_grad, sqnr_db
+    rows = []
+    for ratio in (1e1, 1e2, 1e3, 1e4, 1e5):
+        g = torch.Generator().manual_seed(0)
+        dy = torch.randn(512, 256, generator=g) * 1e-3
+        outliers = torch.randperm(512, generator=g)[:8]
+        dy[outliers] *= ratio
+        w = torch.randn(256, 384, generator=g)
+        normal = torch.ones(512, dtype=torch.bool)
+        normal[outliers] = False
+        wq, ws = fp8.weight_quant(w.T.contiguous())
+        row = {"outlier_ratio": ratio}
+        for grad_block in ("1x128", "128x128"):
+            dx = fp8.fp8_gemm_ref(*_quant_grad(dy, Fp8Recipe(grad_block=grad_block)), wq, ws, torch.float32)
+            row[grad_block] = sqnr_db((dy @ w)[normal], dx[normal])
+        rows.append(row)
+    return rows
+
+
+def main(args: argparse.Namespace) -> dict:
+    from ..quant.fidelity import format_table
+    from .train import main as train
+    root = args.out
+    os.makedirs(root, exist_ok=True)
+    wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
+    known = ("fp32", "bf16", "fp8", "bf16-seed")
+    if not wanted or any(r not in known for r in wanted):
+        raise ValueError(f"--runs {args.runs!r}: expected a comma-separated subset of {', '.join(known)}")
+    runs, summaries, first = {}, {}, None
+    for name in wanted:
+        run = copy.copy(args)
+        precision = "bf16" if name == "bf16-seed" else name
+        run.precision, run.autocast = precision, None
+        if name == "bf16-seed":
+            run.seed = args.seed + 1
+            name = f"bf16-seed{run.seed}"
+        run.out = os.path.join(root, name)
+        if first is not None and not args.tokenizer:
+            run.tokenizer = first  # one tokenizer, so every run reads the same tokens
+        print(f"\n=== {name} ({precision}, seed {run.seed}) ===")
+        summaries[name] = train(run)
+        runs[name] = run.out
+        first = first or run.out
+    curves = summarize_curves(runs)
+    result = {"runs": {n: {"dir": d, **{k: summaries[n].get(k) for k in ("loss", "val_loss", "val_bpb")}}
+                       for n, d in runs.items()},
+              "curves": {n: {k: v for k, v in c.items() if k != "curve"} if isinstance(c, dict) and "curve" in c else c
+                         for n, c in curves.items()}}
+    if "fp32" in runs:
+        print("\nper-op fidelity of FP8 against FP32 on the FP32 run's model ...")
+        result["per_op"] = fidelity(runs["fp32"], args.fidelity_sequences)
+    result["accumulation"] = accumulation_study()
+    result["outliers"] = outlier_study()
+    report = format_report(result)
+    if "per_op" in result:
+        report += "\n\n### Per-op fidelity (SQNR against FP32, same inputs)\n\n" + format_table(result["per_op"])
+    print("\n" + report)
+    atomic_write_json(os.path.join(root, "fp8.json"), result)
+    with open(os.path.join(root, "fp8.md"), "w", encoding="utf-8") as f:
+        f.write(report + "\n")
+    try:
+        print("plot: " + plot(root, runs, curves))
+    except RuntimeError as e:
+        print(f"no plot: {e}")
+    return result
+
+
+def format_report(result: dict) -> str:
+    lines = ["| run | final train loss (EMA 0.9) | validation loss | bits/byte | rel. error vs BF16: final | "
+             "worst (2nd half) | worst (all) |", "|---|---|---|---|---|---|---|"]
+    curves = result["curves"]
+    for name, r in result["runs"].items():
+        c = curves.get(name, {})
+        rel = (f"{100 * c['final_rel_err']:+.3f}% | {100 * c['worst_rel_err_2nd_half']:+.3f}% | "
+               f"{100 * c['worst_rel_err']:+.3f}%") if isinstance(c, dict) and "final_rel_err" in c else "- | - | -"
+        lines.append(f"| {name} | {curves['final_loss_ema'][name]:.4f} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | "
+                     f"{rel} |")
+    fp8 = curves.get("fp8")
+    band = next((c for n, c in curves.items() if n.startswith("bf16-seed")), None)
+    if isinstance(fp8, dict) and isinstance(band, dict):
+        inside = abs(fp8["final_rel_err"]) <= abs(band["final_rel_err"])
+        lines += ["", f"FP8 vs BF16 at the end: {100 * fp8['final_rel_err']:+.3f}% (the report's bar: 0.25%); "
+                      f"BF16 seed to seed: {100 * band['final_rel_err']:+.3f}%: FP8 is "
+                      f"{'inside' if inside else 'outside'} the seed band and "
+                      f"{'within' if abs(fp8['final_rel_err']) <= 0.0025 else 'beyond'} 0.25%."]
+    lines += ["", "### Accumulation study (K = 4096, 128 x 128 outputs, e4m3 operands)", "",
+              "| operands | accumulation | relative error |", "|---|---|---|"]
+    for r in result["accumulation"]:
+        lines.append(f"| {r['operands']} | {r['accumulation']} | {100 * r['rel_err']:.4f}% |")
+    lines += ["", "### Output gradients with outlier tokens: 1x128 tiles vs 128x128 blocks", "",
+              "| outlier tokens' size (x ordinary) | 1x128 tiles (dB) | 128x128 blocks (dB) |", "|---|---|---|"]
+    for r in result["outliers"]:
+        lines.append(f"| {r['outlier_ratio']:.0e} | {r['1x128']:.1f} | {r['128x128']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(root: str, runs: dict[str, str], curves: dict) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RuntimeError("plots need matplotlib: pip install 'dsv3[plot]'") from e
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, d in runs.items():
+        vals = ema(_losses(d))
+        ax[0].plot(range(1, len(vals) + 1), vals, lw=1, label=name)
+    ax[0].set(xlabel="step", ylabel="training loss (EMA 0.9)", title="Training loss")
+    ax[0].set_ylim(top=min(ax[0].get_ylim()[1], 8))
+    for name, c in curves.items():
+        if isinstance(c, dict) and "curve" in c:
+            ax[1].plot(range(1, len(c["curve"]) + 1), [100 * v for v in c["curve"]], lw=1, label=f"{name} vs bf16")
+    ax[1].axhline(0.25, color="grey", ls="--", lw=0.8)
+    ax[1].axhline(-0.25, color="grey", ls="--", lw=0.8)
+    ax[1].set(xlabel="step", ylabel="relative loss error (%)", title="Relative error against BF16 (EMA 0.9)")
+    ax[1].set_ylim(-2, 2)
+    for a in ax:
+        a.legend()
+    fig.tight_layout()
+    path = os.path.join(root, "fp8.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
