@@ -5,6 +5,7 @@ without a loop, the accumulation study, and the report's negative result on 128x
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -376,3 +377,73 @@ def test_bf16_products_in_fp32_equal_native_bf16():
     # move a rounding by one BF16 ulp: 2^-8 of the value
     for got in (emulated, batched):
         assert torch.all((got.double() - native.double()).abs() <= exact.abs() * 2 ** -7 + 1e-6)
+
+
+# ---- the run: dsv3 train --precision fp8 and dsv3 experiment fp8 --------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    import json
+
+    from dsv3.data.corpus import builtin_corpus
+    docs = [d for d in builtin_corpus() if d.name.startswith(("json/", "string.py", "textwrap.py"))]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
+    return str(path)
+
+
+def _micro_config(out, data, **kw):
+    from dsv3.train.trainer import TrainConfig
+    return TrainConfig(out=str(out), preset="micro", data=data, steps=4, save_every=2, eval_every=4,
+                       eval_batches=1, no_plots=True, precision="fp8", **kw)
+
+
+def test_an_fp8_run_trains_resumes_to_the_bit_and_exports_a_plain_model(small_corpus, tmp_path):
+    """--precision fp8 through the Trainer: the model's Linears and experts are the FP8 twins, the loss falls,
+    a run stopped after its step-2 checkpoint and started again equals the uninterrupted one, and the run
+    directory holds an ordinary model (FP32 weights, no FP8 modules: FP8 is how it trained, not what it is)."""
+    import dsv3
+    from dsv3.train.metrics import read_metrics
+    from dsv3.train.trainer import Trainer
+    whole = Trainer(_micro_config(tmp_path / "whole", small_corpus))
+    assert isinstance(whole.model.layers[0].attn.wq_a, Float8Linear)
+    assert isinstance(whole.model.layers[1].ffn.experts, Float8Experts) and type(whole.model.head) is Linear
+    whole.fit()
+    stopped = Trainer(_micro_config(tmp_path / "resumed", small_corpus))
+    stopped.step()
+    stopped.step()  # step 2 saves a checkpoint; the process "dies" here
+    del stopped
+    Trainer(_micro_config(tmp_path / "resumed", small_corpus)).fit()
+    a, b = (read_metrics(str(tmp_path / d / "metrics.jsonl")) for d in ("whole", "resumed"))
+    keys = ("step", "loss", "mtp_loss", "grad_norm", "maxvio")
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    assert a[-1]["loss"] < a[0]["loss"]
+    model = dsv3.load_pretrained(str(tmp_path / "whole"))
+    assert not any(isinstance(m, (Float8Linear, Float8Experts)) for m in model.modules())
+    with pytest.raises(ValueError, match="precision: was 'fp8', now 'bf16'"):
+        Trainer(dataclasses.replace(_micro_config(tmp_path / "whole", small_corpus), precision="bf16"))
+
+
+def test_experiment_fp8_writes_its_tables_and_plot(small_corpus, tmp_path):
+    import json
+
+    from dsv3.cli import main
+    out = tmp_path / "fp8"
+    main(["experiment", "fp8", "--out", str(out), "--preset", "micro", "--data", small_corpus, "--steps", "3",
+          "--eval-every", "3", "--save-every", "3", "--eval-batches", "1", "--fidelity-sequences", "2"])
+    result = json.loads((out / "fp8.json").read_text())
+    assert set(result["runs"]) == {"fp32", "bf16", "fp8", "bf16-seed1"}
+    for name in ("fp32", "fp8", "bf16-seed1"):
+        c = result["curves"][name]
+        assert abs(c["worst_rel_err"]) >= abs(c["worst_rel_err_2nd_half"]) >= abs(c["final_rel_err"]) - 1e-12
+    assert result["curves"]["fp8"]["final_rel_err"] == pytest.approx(
+        (result["curves"]["final_loss_ema"]["fp8"] - result["curves"]["final_loss_ema"]["bf16"])
+        / result["curves"]["final_loss_ema"]["bf16"], rel=1e-9)
+    assert {r["accumulation"] for r in result["accumulation"]} >= {"14-bit accumulator, no promotion"}
+    assert result["per_op"] and all(r["output_db"] > 15 for r in result["per_op"])
+    md = (out / "fp8.md").read_text()
+    assert "FP8 vs BF16 at the end" in md and "Per-op fidelity" in md
+    tokenizers = {(out / n / "tokenizer.json").read_text() for n in result["runs"]}
+    assert len(tokenizers) == 1  # every run read the same tokens
+    pytest.importorskip("matplotlib")
+    assert (out / "fp8.png").stat().st_size > 0

@@ -330,3 +330,50 @@ def test_bad_shapes_are_value_errors(K):
     aq, a_s = on(DEVICE, *fp8.act_quant(torch.randn(8, 384)))
     with pytest.raises(ValueError, match="not multiples of 128"):
         K.fp8_grouped_gemm_1d1d(aq, a_s, aq, a_s, torch.tensor([100, 384], device=DEVICE))
+
+
+def test_fp8_training_modules_through_the_kernels(K, monkeypatch):
+    """Float8Linear and Float8Experts (quant/training.py) with the kernels in place of the references, forward
+    and backward: the quantisers are bit-exact, so a Linear's three GEMMs differ only by float32 summation order
+    (1e-5); the experts requantise GEMM outputs (the SwiGLU's input, its output), where a last-bit difference
+    can move a value across an e4m3 rounding boundary: a few elements one e4m3 step apart, 1e-3 in norm."""
+    import copy
+
+    from torch import nn
+
+    from dsv3.model.layers import Linear
+    from dsv3.model.moe import Experts
+    from dsv3.quant import training
+
+    def run(module, args, use_kernels):
+        monkeypatch.setattr(training, "ops", (lambda t: K) if use_kernels else (lambda t: training.REFERENCE))
+        leaves = [a.detach().clone().requires_grad_() if a.is_floating_point() else a for a in args]
+        m = copy.deepcopy(module)
+        y = m(*leaves)
+        y.backward(torch.ones_like(y) + torch.linspace(-1, 1, y.numel()).view_as(y))
+        return [y.detach(), *(a.grad for a in leaves if a.requires_grad),
+                *(p.grad for p in m.parameters() if p.grad is not None)]
+
+    class Holder(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+    g = torch.Generator().manual_seed(0)
+    lin = Holder(Linear(256, 384))
+    nn.init.normal_(lin.m.weight, std=0.02, generator=g)
+    training.convert_to_fp8_training(lin)
+    x = torch.randn(200, 256, generator=g).to(DEVICE)
+    lin.to(DEVICE)
+    for a, b in zip(run(lin.m, [x], True), run(lin.m, [x], False)):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() <= 1e-5
+    ex = Holder(Experts(4, 256, 128))
+    for w in (ex.m.w1, ex.m.w2, ex.m.w3):
+        nn.init.normal_(w, std=0.02, generator=g)
+    training.convert_to_fp8_training(ex)
+    ex.to(DEVICE)
+    counts = torch.tensor([70, 0, 150, 80], device=DEVICE)
+    xe = torch.randn(300, 256, generator=g).to(DEVICE)
+    gate = torch.rand(300, generator=g).to(DEVICE)
+    for a, b in zip(run(ex.m, [xe, counts, gate], True), run(ex.m, [xe, counts, gate], False)):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() <= 1e-3
