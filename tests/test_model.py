@@ -366,3 +366,20 @@ def test_moe_with_shared_experts_gradients_equal_reference():
     assert rel_err(out, out_ref) <= 1e-5 and rel_err(gx, gx_ref) <= 1e-5  # grouped vs per-expert GEMMs
     for name in gp:
         assert rel_err(gp[name], gp_ref[name]) <= 1e-5, name
+
+
+def test_routed_experts_follow_autocast():
+    """grouped_mm is not on autocast's list: under bf16 autocast the experts cast their operands themselves, as
+    autocast casts a matmul's, so a BF16 run's experts compute (and keep for backward) BF16, not FP32."""
+    from dsv3.model.moe import Experts
+    g = torch.Generator().manual_seed(0)
+    ex = Experts(4, 64, 32)
+    for w in (ex.w1, ex.w2, ex.w3):
+        torch.nn.init.normal_(w, std=0.1, generator=g)
+    x, counts, gate = torch.randn(40, 64, generator=g), torch.tensor([10, 0, 25, 5]), torch.rand(40, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ex(x, counts, gate)
+    bf16 = Experts(4, 64, 32)
+    bf16.load_state_dict(ex.state_dict())
+    bf16.to(torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, bf16(x.bfloat16(), counts, gate))

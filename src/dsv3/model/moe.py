@@ -129,16 +129,22 @@ class Experts(KeepDtype):
         # whatever the routing (through the loop a decode step touching 11 experts issued ~250 ops), and
         # autograd's backward is grouped too (on CPUs a loop of GEMMs over the groups, with no copies).
         offs = counts_E.cumsum(0, dtype=torch.int32)
-        w13 = packed(self, "w13")
+        w1, w2, w3, w13 = self.w1, self.w2, self.w3, packed(self, "w13")
+        w13 = None if w13 is None else w13.tensor
+        device = x_SD.device.type
+        if torch.is_autocast_enabled(device):  # grouped_mm is not on autocast's list: cast as it casts a matmul
+            dtype = torch.get_autocast_dtype(device)
+            x_SD, w1, w2, w3 = (cast(t, dtype) for t in (x_SD, w1, w2, w3))
+            w13 = None if w13 is None else cast(w13, dtype)
         if w13 is not None:
-            gate, up = F.grouped_mm(x_SD, w13.tensor.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+            gate, up = F.grouped_mm(x_SD, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.silu(F.grouped_mm(x_SD, self.w1.transpose(1, 2), offs=offs))
-            h = h * F.grouped_mm(x_SD, self.w3.transpose(1, 2), offs=offs)
+            h = F.silu(F.grouped_mm(x_SD, w1.transpose(1, 2), offs=offs))
+            h = h * F.grouped_mm(x_SD, w3.transpose(1, 2), offs=offs)
         if weight_S is not None:
             h = cast(h * weight_S[:, None], h.dtype)
-        y = F.grouped_mm(h, self.w2.transpose(1, 2), offs=offs)
+        y = F.grouped_mm(h, w2.transpose(1, 2), offs=offs)
         return _ContiguousGrad.apply(y) if torch.is_grad_enabled() else y
 
     def forward_loop(self, x_SD: torch.Tensor, counts_E: list[int], weight_S: torch.Tensor | None = None) -> torch.Tensor:

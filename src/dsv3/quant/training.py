@@ -173,35 +173,41 @@ def _pad_layout(counts_E: torch.Tensor, rows: int, block: int):
 
 
 class _Fp8GroupedSwiGLU(torch.autograd.Function):
-    """All routed experts at once: y_e = W2_e (silu(W1_e x) * (W3_e x) * g) for each expert e's rows, in the
-    padded layout of `_pad_layout`, every GEMM an FP8 grouped GEMM. Saved for backward: x in FP8, the SwiGLU's
-    input (W1 x, W3 x) in FP8, the gate values; the SwiGLU's output is recomputed."""
+    """All routed experts at once: y_e = W2_e (silu(W1_e x) * (W3_e x) * g) for each expert e's rows, every GEMM
+    an FP8 grouped GEMM over the padded layout of `_pad_layout` (built here, outside autograd, so that no
+    high-precision copy of the tokens is kept for backward). Saved for backward: x in FP8, the SwiGLU's input
+    (W1 x, W3 x) in FP8, the gate values, the layout; the SwiGLU's output is recomputed."""
 
     @staticmethod
-    def forward(ctx, x_PD, weight_P, w1_EID, w3_EID, w2_EDI, ends_E, recipe: Fp8Recipe, out_dtype):
-        o = ops(x_PD)
-        grouped, b = o.fp8_grouped_gemm, recipe.block
-        with torch.autocast(x_PD.device.type, enabled=False):
+    def forward(ctx, x_SD, weight_S, w1_EID, w3_EID, w2_EDI, counts_E, recipe: Fp8Recipe, out_dtype):
+        o, b = ops(x_SD), recipe.block
+        grouped = o.fp8_grouped_gemm
+        S, D = x_SD.shape
+        dest_S, ends_E, P = _pad_layout(counts_E, S, b)
+        with torch.autocast(x_SD.device.type, enabled=False):
+            x_PD = x_SD.new_zeros(P, D).index_copy_(0, dest_S, x_SD)
+            weight_P = torch.zeros(P, device=x_SD.device).index_copy_(0, dest_S, weight_S.float())
             xq, xs = o.act_quant(x_PD, b, recipe.act_scale_fmt)
+            del x_PD
             w1 = o.weight_quant(w1_EID, b, recipe.weight_scale_fmt)
             w3 = o.weight_quant(w3_EID, b, recipe.weight_scale_fmt)
             w2 = o.weight_quant(w2_EDI, b, recipe.weight_scale_fmt)
             gate_PI = grouped(xq, xs, *w1, ends_E, torch.float32)
             up_PI = grouped(xq, xs, *w3, ends_E, torch.float32)
-            h_PI = F.silu(gate_PI) * up_PI * weight_P[:, None].float()
-            y_PD = grouped(*o.act_quant(h_PI, b, recipe.act_scale_fmt), *w2, ends_E, out_dtype)
+            h_PI = F.silu(gate_PI) * up_PI * weight_P[:, None]
+            y_SD = grouped(*o.act_quant(h_PI, b, recipe.act_scale_fmt), *w2, ends_E, out_dtype).index_select(0, dest_S)
             gate_q = o.act_quant(gate_PI, b, recipe.act_scale_fmt)
             up_q = o.act_quant(up_PI, b, recipe.act_scale_fmt)
-        ctx.save_for_backward(xq, xs, *gate_q, *up_q, weight_P, w1_EID, w3_EID, w2_EDI, ends_E)
-        ctx.recipe, ctx.x_dtype = recipe, x_PD.dtype
-        return y_PD
+        ctx.save_for_backward(xq, xs, *gate_q, *up_q, weight_P, w1_EID, w3_EID, w2_EDI, dest_S, ends_E)
+        ctx.recipe, ctx.x_dtype, ctx.weight_dtype = recipe, x_SD.dtype, weight_S.dtype
+        return y_SD
 
     @staticmethod
-    def backward(ctx, dy_PD):
-        xq, xs, gq, gs, uq, us, weight_P, w1_EID, w3_EID, w2_EDI, ends_E = ctx.saved_tensors
+    def backward(ctx, dy_SD):
+        xq, xs, gq, gs, uq, us, weight_P, w1_EID, w3_EID, w2_EDI, dest_S, ends_E = ctx.saved_tensors
         recipe: Fp8Recipe = ctx.recipe
         b = recipe.block
-        o = ops(dy_PD)
+        o = ops(dy_SD)
         grouped, grouped_1d1d = o.fp8_grouped_gemm, o.fp8_grouped_gemm_1d1d
 
         def wq_t(w):  # W (E, A, B) -> W^T (E, B, A) in FP8 with its blocks' scales transposed alike
@@ -212,15 +218,15 @@ class _Fp8GroupedSwiGLU(torch.autograd.Function):
             dt = o.act_quant(d_PA.T, b, recipe.grad_scale_fmt)
             return grouped_1d1d(*dt, *xt, ends_E, torch.float32)
 
-        with torch.autocast(dy_PD.device.type, enabled=False):
-            dy_PD = dy_PD.contiguous()
-            gate_PI, up_PI = fp8.act_dequant(gq, gs, block=b), fp8.act_dequant(uq, us, block=b)  # the SwiGLU's input, from FP8
+        with torch.autocast(dy_SD.device.type, enabled=False):
+            dy_PD = dy_SD.new_zeros(xq.shape[0], dy_SD.shape[1]).index_copy_(0, dest_S, dy_SD)
+            gate_PI, up_PI = fp8.act_dequant(gq, gs, block=b), fp8.act_dequant(uq, us, block=b)  # from FP8
             act_PI = F.silu(gate_PI)
-            wt_P = weight_P[:, None].float()
+            wt_P = weight_P[:, None]
             h_PI = act_PI * up_PI * wt_P  # recomputed
             dh_PI = grouped(*_quant_grad(dy_PD, recipe), *wq_t(w2_EDI), ends_E, torch.float32)
             dw2 = wgrad(dy_PD, o.act_quant(h_PI.T, b, recipe.act_scale_fmt))
-            d_weight = (dh_PI * act_PI * up_PI).sum(-1).to(weight_P.dtype)
+            d_weight_S = (dh_PI * act_PI * up_PI).sum(-1).index_select(0, dest_S)
             sig = torch.sigmoid(gate_PI)
             dgate_PI = dh_PI * wt_P * up_PI * sig * (1 + gate_PI * (1 - sig))  # silu'(g) = s (1 + g (1 - s))
             dup_PI = dh_PI * wt_P * act_PI
@@ -228,8 +234,8 @@ class _Fp8GroupedSwiGLU(torch.autograd.Function):
             dx_PD += grouped(*_quant_grad(dup_PI, recipe), *wq_t(w3_EID), ends_E, torch.float32)
             xt = o.requant_transpose(xq, xs, b, recipe.act_scale_fmt)
             dw1, dw3 = wgrad(dgate_PI, xt), wgrad(dup_PI, xt)
-        return (dx_PD.to(ctx.x_dtype), d_weight, dw1.to(w1_EID.dtype), dw3.to(w3_EID.dtype), dw2.to(w2_EDI.dtype),
-                None, None, None)
+        return (dx_PD.index_select(0, dest_S).to(ctx.x_dtype), d_weight_S.to(ctx.weight_dtype),
+                dw1.to(w1_EID.dtype), dw3.to(w3_EID.dtype), dw2.to(w2_EDI.dtype), None, None, None)
 
 
 class Float8Experts(Experts):
@@ -241,14 +247,9 @@ class Float8Experts(Experts):
     def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor, weight_S: torch.Tensor | None = None) -> torch.Tensor:
         if self.is_fp8:
             raise RuntimeError("Float8Experts trains from high-precision master weights; these hold FP8 weights")
-        S, D = x_SD.shape
-        dest_S, ends_E, P = _pad_layout(counts_E, S, self.recipe.block)
-        x_PD = x_SD.new_zeros(P, D).index_copy(0, dest_S, x_SD)
-        w_S = weight_S if weight_S is not None else x_SD.new_ones(S, dtype=torch.float32)
-        weight_P = w_S.new_zeros(P).index_copy(0, dest_S, w_S)
-        y_PD = _Fp8GroupedSwiGLU.apply(x_PD, weight_P, self.w1, self.w3, self.w2, ends_E, self.recipe,
+        w_S = weight_S if weight_S is not None else x_SD.new_ones(x_SD.shape[0], dtype=torch.float32)
+        return _Fp8GroupedSwiGLU.apply(x_SD, w_S, self.w1, self.w3, self.w2, counts_E, self.recipe,
                                        _out_dtype(x_SD))
-        return y_PD.index_select(0, dest_S)
 
 
 def _swap(parent: nn.Module, name: str, old: nn.Module, cls: type, recipe: Fp8Recipe) -> nn.Module:
