@@ -443,10 +443,8 @@ def main() -> None:
         "1F1B: PP); EP64 with balanced routing: each GPU's experts process, on average, 8 routed copies of as "
         "many tokens as the GPU feeds in; expert groups not padded (128-row padding is < 1% at these sizes); "
         "the recipe of quant/training.py: o_proj's input in e4m3, where V3 used E5M6 (1.5 bytes), and the routed "
-        "experts' input kept once, in FP8 (today's Float8Experts also keeps the dispatched tokens in the residual "
-        "stream's dtype, through index_copy's backward: see the measured table); the BF16 column keeps each "
-        "tensor once in BF16 (the measured CPU step runs the routed experts in FP32 and keeps 5 I-wide tensors "
-        "per pair); only the caches at the Linears: attention core, norms, residuals and router not counted; no "
+        "experts' input kept once, in FP8; the BF16 column keeps each tensor once in BF16 (the measured BF16 step "
+        "keeps 5 I-wide tensors per routed pair, autograd's saves for grouped_mm and SwiGLU); only the caches at the Linears: attention core, norms, residuals and router not counted; no "
         "recomputation beyond the routed SwiGLU output"))
     extrap = print_671b(parallel)
 
