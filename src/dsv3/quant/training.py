@@ -65,8 +65,8 @@ class Fp8Recipe:
                 raise ValueError(f"{f}={getattr(self, f)!r}: expected one of {fp8.SCALE_FMTS}")
         if self.grad_block not in ("1x128", "128x128"):
             raise ValueError(f"grad_block={self.grad_block!r}: expected '1x128' or '128x128'")
-        if self.block != fp8.BLOCK and self.block <= 0:
-            raise ValueError(f"block={self.block}: expected a positive tile size")
+        if self.block <= 0:
+            raise ValueError(f"block={self.block}: expected a positive tile size (V3: 128)")
 
 
 # The references under the names the kernels carry (quant/kernels.py: same names, same signatures).
