@@ -38,6 +38,17 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast casts t's device's matrix products to, or None when autocast is off there (or does
+    not know the device: meta tensors)."""
+    try:
+        if torch.is_autocast_enabled(t.device.type):
+            return torch.get_autocast_dtype(t.device.type)
+    except RuntimeError:
+        pass
+    return None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T (+ b), for a plain weight or an FP8 one with its block scales (dequantised to the activation

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..quant import fp8
-from .layers import KeepDtype, PackedWeights, cast, linear, pack, packed
+from .layers import KeepDtype, PackedWeights, autocast_dtype, cast, linear, pack, packed
 
 _GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.8
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what grouped_mm accepts
@@ -131,9 +131,8 @@ class Experts(KeepDtype):
         offs = counts_E.cumsum(0, dtype=torch.int32)
         w1, w2, w3, w13 = self.w1, self.w2, self.w3, packed(self, "w13")
         w13 = None if w13 is None else w13.tensor
-        device = x_SD.device.type
-        if torch.is_autocast_enabled(device):  # grouped_mm is not on autocast's list: cast as it casts a matmul
-            dtype = torch.get_autocast_dtype(device)
+        dtype = autocast_dtype(x_SD)
+        if dtype is not None:  # grouped_mm is not on autocast's list: cast as it casts a matmul
             x_SD, w1, w2, w3 = (cast(t, dtype) for t in (x_SD, w1, w2, w3))
             w13 = None if w13 is None else cast(w13, dtype)
         if w13 is not None:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.layers import Linear
+from ..model.layers import Linear, autocast_dtype
 from ..model.moe import Experts
 from . import fp8
 
@@ -88,10 +88,7 @@ def ops(t: torch.Tensor):
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a Linear's output takes: autocast's when it is on for x's device, else x's own."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
+    return autocast_dtype(x) or x.dtype
 
 
 def _quant_grad(dy: torch.Tensor, recipe: Fp8Recipe):
