@@ -90,6 +90,12 @@ def summarize_curves(runs: dict[str, str], seeds: list[int]) -> dict:
     if len(fp8) > 1 and len(bf16) > 1:
         mean = lambda curves: [sum(v) / len(v) for v in zip(*curves)]  # noqa: E731
         out["fp8-mean"] = {**compare(mean(fp8), mean(bf16)), "seeds": len(fp8)}
+        # seed by seed, FP8 against the BF16 run of its own seed (same data order and initial weights)
+        out["pair_curves"] = {f"fp8 vs bf16, seed {s}": compare(a, b)["curve"] for s, a, b in zip(seeds, fp8, bf16)}
+        pairs = [compare(a, b)["final_rel_err"] for a, b in zip(fp8, bf16)]
+        m = sum(pairs) / len(pairs)
+        sd = (sum((p - m) ** 2 for p in pairs) / (len(pairs) - 1)) ** 0.5
+        out["fp8-pairs"] = {"final_rel_err": pairs, "mean": m, "standard_error": sd / len(pairs) ** 0.5}
     return out
 
 
@@ -228,10 +234,18 @@ def format_report(result: dict) -> str:
         width = max(abs(b) for b in band)
         lines += ["", f"FP8 vs BF16 at the end (seed {result['seeds'][0]}): {100 * fp8['final_rel_err']:+.3f}% (the "
                       f"report's bar: 0.25%); BF16 seed to seed: {', '.join(f'{100 * b:+.3f}%' for b in band)}."]
-        mean = curves.get("fp8-mean")
+        mean, pairs = curves.get("fp8-mean"), curves.get("fp8-pairs")
         if mean:
             lines.append(f"Mean of {mean['seeds']} seeds, FP8 vs BF16: {100 * mean['final_rel_err']:+.3f}% at the "
                          f"end, {100 * mean['worst_rel_err_2nd_half']:+.3f}% at worst over the second half.")
+        if pairs:
+            lines.append(f"Seed by seed, FP8 vs the BF16 run of the same seed, at the end: "
+                         f"{', '.join(f'{100 * p:+.3f}%' for p in pairs['final_rel_err'])}: mean "
+                         f"{100 * pairs['mean']:+.3f}% +- {100 * pairs['standard_error']:.3f}% (standard error).")
+            vals = {p: [r["val_loss"] for n, r in result["runs"].items() if n.split("-seed")[0] == p]
+                    for p in ("bf16", "fp8")}
+            vb, vf = (sum(v) / len(v) for v in (vals["bf16"], vals["fp8"]))
+            lines.append(f"Validation loss, mean over seeds: BF16 {vb:.4f}, FP8 {vf:.4f} ({100 * (vf / vb - 1):+.3f}%).")
         final = (mean or fp8)["final_rel_err"]
         lines.append(f"FP8 ({'mean' if mean else 'one seed'}) is {'inside' if abs(final) <= width else 'outside'} "
                      f"the seed band (|{100 * width:.3f}%|) and {'within' if abs(final) <= 0.0025 else 'beyond'} "
@@ -260,17 +274,28 @@ def plot(root: str, runs: dict[str, str], curves: dict) -> str:
         ax[0].plot(range(1, len(vals) + 1), vals, lw=1, label=name)
     ax[0].set(xlabel="step", ylabel="training loss (EMA 0.9)", title="Training loss")
     ax[0].set_ylim(top=min(ax[0].get_ylim()[1], 8))
-    for name, c in curves.items():
-        if isinstance(c, dict) and "curve" in c and (name.startswith(("fp8", "fp32")) or name == "bf16-seed1"):
-            ax[1].plot(range(1, len(c["curve"]) + 1), [100 * v for v in c["curve"]], lw=1, label=f"{name} vs bf16")
+    # FP8 against the BF16 run of the same seed (same data order and initial weights); the mean of the seeds;
+    # FP32 against BF16; BF16 against BF16 of the next seed, in grey: how far runs part that differ in nothing else
+    pair_curves = curves.get("pair_curves")
+    if not pair_curves and isinstance(curves.get("fp8"), dict):
+        pair_curves = {"fp8 vs bf16": curves["fp8"]["curve"]}
+    pair_curves = pair_curves or {}
+    for label, rel in pair_curves.items():
+        ax[1].plot(range(1, len(rel) + 1), [100 * v for v in rel], lw=0.8, alpha=0.8, label=label)
+    for name, label, style in (("fp8-mean", "fp8 vs bf16, mean of the seeds", dict(lw=2, color="black")),
+                               ("fp32", "fp32 vs bf16", dict(lw=1, color="tab:blue", ls=":")),
+                               ("bf16-seed1", "bf16 seed 1 vs seed 0", dict(lw=1, color="grey"))):
+        c = curves.get(name)
+        if isinstance(c, dict) and "curve" in c:
+            ax[1].plot(range(1, len(c["curve"]) + 1), [100 * v for v in c["curve"]], label=label, **style)
     ax[1].axhline(0.25, color="grey", ls="--", lw=0.8)
     ax[1].axhline(-0.25, color="grey", ls="--", lw=0.8)
     ax[1].set(xlabel="step", ylabel="relative loss error (%)", title="Relative error against BF16 (EMA 0.9)")
-    ax[1].set_ylim(-2, 2)
+    ax[1].set_ylim(-3, 3)
     for a in ax:
         a.legend()
     fig.tight_layout()
     path = os.path.join(root, "fp8.png")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
