@@ -77,3 +77,15 @@ def quiet():
 # Tiny models gain nothing from a second thread, and on a shared 2-core machine an OpenMP thread that loses
 # its core stalls every parallel region: one thread keeps the suite fast and steady. (Tests never time.)
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    """A JSONL corpus of a few built-in documents (json/, email/, string.py, textwrap.py): small training runs."""
+    import json
+
+    from dsv3.data.corpus import builtin_corpus
+    docs = [d for d in builtin_corpus() if d.name.startswith(("json/", "email/", "string.py", "textwrap.py"))]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
+    return str(path)

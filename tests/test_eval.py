@@ -22,14 +22,6 @@ from conftest import random_model, tiny_config
 
 
 @pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    docs = [d for d in builtin_corpus() if d.name.startswith(("json/", "email/", "string.py", "textwrap.py"))]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, corpus_file):
     out = tmp_path_factory.mktemp("run") / "run"
     p = argparse.ArgumentParser()

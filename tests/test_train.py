@@ -216,14 +216,6 @@ def test_corpus_sources(tmp_path):
 
 # ---- whole runs --------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    docs = [d for d in builtin_corpus() if d.name.startswith(("json/", "email/", "string.py", "textwrap.py"))]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
-    return str(path)
-
-
 def train_cmd(out, data, steps=8, extra=()):
     return [sys.executable, "-m", "dsv3", "train", "--preset", "micro", "--out", str(out), "--data", data,
             "--steps", str(steps), "--save-every", "2", "--eval-every", "4", "--eval-batches", "2", "--no-plots",

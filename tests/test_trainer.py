@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 import dsv3
-from dsv3.data.corpus import builtin_corpus
 from dsv3.data.dataset import PackedSequences
 from dsv3.model import RoutingStats, moe_layers
 from dsv3.model.moe import balance_loss
@@ -135,14 +134,6 @@ def test_fp8_without_its_module_is_a_clear_error(monkeypatch):
 
 
 # ---- whole runs ----------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    docs = [d for d in builtin_corpus() if d.name.startswith(("json/", "email/", "string.py", "textwrap.py"))]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
-    return str(path)
-
 
 def micro(out, data, steps, *extra):
     return _parse(["--preset", "micro", "--out", str(out), "--data", data, "--steps", str(steps), "--save-every",
