@@ -59,8 +59,8 @@ def time_per_layer(layers: list[MoE], fn, n_tokens: int, repeats: int) -> float:
 
 
 def grouped(moe: MoE, x, w, e):
-    x_SD, token_S, weight_S, counts_E = moe.dispatch(x, w, e)
-    return moe.combine(moe.experts(x_SD, counts_E, weight_S), token_S, torch.zeros_like(x))
+    x_SD, weight_S, counts_E, handle = moe.dispatcher.dispatch(x, w, e)
+    return moe.dispatcher.combine(moe.experts(x_SD, counts_E, weight_S), handle, torch.zeros_like(x))
 
 
 def dense(moe: MoE, x, w, e):

@@ -38,6 +38,13 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor that a parallel layer has placed across processes (a DTensor, from
+    dsv3.parallel: the routed experts under expert parallelism hold E/ep experts on each), with autograd back
+    to it; any other tensor as it is. The model computes on local parts and never on placements."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast casts t's device's matrix products to, or None when autocast is off there (or does
     not know the device: meta tensors)."""

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..quant import fp8
-from .layers import KeepDtype, PackedWeights, autocast_dtype, cast, linear, pack, packed
+from .layers import KeepDtype, PackedWeights, autocast_dtype, cast, linear, local_shard, pack, packed
 
 _GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.8
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what grouped_mm accepts
@@ -113,8 +113,9 @@ class Experts(KeepDtype):
             setattr(self, f"{name}_scale_inv", torch.empty(fp8.scale_shape(w.shape), device=w.device))
 
     def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Expert e's (w1, w2, w3), e counted among the experts this process holds."""
         if not self.is_fp8:
-            return self.w1[e], self.w2[e], self.w3[e]
+            return tuple(local_shard(w)[e] for w in (self.w1, self.w2, self.w3))
         return tuple(fp8.weight_dequant(getattr(self, n)[e], getattr(self, f"{n}_scale_inv")[e], dtype)
                      for n in ("w1", "w2", "w3"))
 
@@ -122,14 +123,16 @@ class Experts(KeepDtype):
         """x_SD holds each expert's tokens contiguously, expert 0 first, counts_E[e] of them for expert e. With
         weight_S, row s of the output is scaled by weight_S[s] (its gate value): w2 is linear, so the I-wide
         hidden activation is scaled before w2 rather than the D-wide output after it (half the work, and in
-        training half the saved tensor)."""
+        training half the saved tensor). Under expert parallelism the weights are split over processes (see
+        `local_shard`): the experts here are this process's, and counts_E has one entry for each of them."""
         if self.is_fp8 or not _GROUPED_MM or x_SD.dtype not in _GROUPED_DTYPES:
             return self.forward_loop(x_SD, counts_E.tolist(), weight_S)
         # One grouped GEMM per weight instead of a loop: the same per-expert products in a fixed handful of ops
         # whatever the routing (through the loop a decode step touching 11 experts issued ~250 ops), and
         # autograd's backward is grouped too (on CPUs a loop of GEMMs over the groups, with no copies).
         offs = counts_E.cumsum(0, dtype=torch.int32)
-        w1, w2, w3, w13 = self.w1, self.w2, self.w3, packed(self, "w13")
+        w1, w2, w3 = (local_shard(w) for w in (self.w1, self.w2, self.w3))
+        w13 = packed(self, "w13")
         w13 = None if w13 is None else w13.tensor
         dtype = autocast_dtype(x_SD)
         if dtype is not None:  # grouped_mm is not on autocast's list: cast as it casts a matmul
@@ -178,10 +181,41 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+class TokenDispatcher:
+    """Takes the (token, expert) pairs of a MoE layer to the experts and their outputs back: the seam where
+    expert parallelism swaps in all-to-all (parallel/expert_parallel.py); this one, for one process, moves
+    nothing between processes.
+
+        x_SD, weight_S, counts_E, handle = dispatcher.dispatch(x_ND, weights_NK, experts_NK)
+        y_SD = experts(x_SD, counts_E, weight_S)          # rows grouped by expert, counts_E[e] for expert e
+        out_ND = dispatcher.combine(y_SD, handle, out_ND)  # each pair's output added into its token's row
+
+    Here: sort the S = N*K pairs by expert (stable, so a token's pairs keep their order), gather their rows;
+    combine is one index_add. `handle` is what combine needs of dispatch (here the pairs' token ids)."""
+
+    def __init__(self, n_experts: int, topk: int):
+        self.n_experts, self.topk = n_experts, topk
+
+    def dispatch(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor):
+        """-> (x_SD, weight_S, counts_E, token_S)."""
+        expert_S = experts_NK.flatten()
+        order_S = expert_S.argsort(stable=True)
+        token_S = order_S // self.topk
+        if expert_S.device.type == "cpu":
+            counts_E = torch.bincount(expert_S, minlength=self.n_experts)
+        else:  # CUDA's bincount reads the largest id back to the host, which a CUDA graph cannot do
+            counts_E = expert_S.new_zeros(self.n_experts).index_add_(0, expert_S, torch.ones_like(expert_S))
+        return x_ND.index_select(0, token_S), weights_NK.flatten().index_select(0, order_S), counts_E, token_S
+
+    def combine(self, y_SD: torch.Tensor, token_S: torch.Tensor, out_ND: torch.Tensor) -> torch.Tensor:
+        """Add each pair's (gate-weighted) output into its token's row of out_ND."""
+        return out_ND.index_add_(0, token_S, cast(y_SD, out_ND.dtype))
+
+
 class MoE(nn.Module):
-    """y = sum_k g_k * expert_k(x) + shared(x). Routed tokens are dispatched by sorting the (token, expert)
-    pairs by expert and combined with one index_add; `dispatch`/`combine` are the seam where expert
-    parallelism swaps in all-to-all (identity on one process)."""
+    """y = sum_k g_k * expert_k(x) + shared(x). Routed tokens go to their experts and back through
+    `dispatcher` (a TokenDispatcher: on one process, a sort by expert and an index_add; under expert
+    parallelism, all-to-all between the processes that hold the experts)."""
 
     def __init__(self, config: ModelConfig, shared_experts: nn.Module | None):
         super().__init__()
@@ -189,6 +223,7 @@ class MoE(nn.Module):
         self.gate = Gate(config)
         self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
         self.shared_experts = shared_experts
+        self.dispatcher = TokenDispatcher(self.n_experts, self.topk)
 
     def forward(self, x: torch.Tensor, stats: RoutingStats | None = None) -> torch.Tensor:
         """x (..., D) -> (..., D). With `stats` (training), the layer records its routing there."""
@@ -212,24 +247,9 @@ class MoE(nn.Module):
             y = kernel(self.experts, x_ND, weights_NK, experts_NK, torch.zeros_like(x_ND) if out_ND is None else out_ND)
             if y is not None:
                 return y
-        x_SD, token_S, weight_S, counts_E = self.dispatch(x_ND, weights_NK, experts_NK)
+        x_SD, weight_S, counts_E, handle = self.dispatcher.dispatch(x_ND, weights_NK, experts_NK)
         y_SD = self.experts(x_SD, counts_E, weight_S)  # each pair's output already times its gate value
-        return self.combine(y_SD, token_S, torch.zeros_like(x_ND) if out_ND is None else out_ND)
-
-    def dispatch(self, x_ND, weights_NK, experts_NK):
-        """Sort the S = N*K (token, expert) pairs by expert: -> (x_SD, token_S, weight_S, counts_E)."""
-        expert_S = experts_NK.flatten()
-        order_S = expert_S.argsort(stable=True)
-        token_S = order_S // self.topk
-        if expert_S.device.type == "cpu":
-            counts = torch.bincount(expert_S, minlength=self.n_experts)
-        else:  # CUDA's bincount reads the largest id back to the host, which a CUDA graph cannot do
-            counts = expert_S.new_zeros(self.n_experts).index_add_(0, expert_S, torch.ones_like(expert_S))
-        return x_ND.index_select(0, token_S), token_S, weights_NK.flatten().index_select(0, order_S), counts
-
-    def combine(self, y_SD, token_S, out_ND):
-        """Add each pair's (gate-weighted) output into its token's row of out_ND."""
-        return out_ND.index_add_(0, token_S, cast(y_SD, out_ND.dtype))
+        return self.dispatcher.combine(y_SD, handle, torch.zeros_like(x_ND) if out_ND is None else out_ND)
 
     def routed_reference(self, x_ND, weights_NK, experts_NK) -> torch.Tensor:
         """The plain per-expert loop (as HF computes it), kept to hold `routed` to."""

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.layers import Linear, autocast_dtype
+from ..model.layers import Linear, autocast_dtype, local_shard
 from ..model.moe import Experts
 from . import fp8
 
@@ -245,8 +245,8 @@ class Float8Experts(Experts):
         if self.is_fp8:
             raise RuntimeError("Float8Experts trains from high-precision master weights; these hold FP8 weights")
         w_S = weight_S if weight_S is not None else x_SD.new_ones(x_SD.shape[0], dtype=torch.float32)
-        return _Fp8GroupedSwiGLU.apply(x_SD, w_S, self.w1, self.w3, self.w2, counts_E, self.recipe,
-                                       _out_dtype(x_SD))
+        w1, w3, w2 = (local_shard(w) for w in (self.w1, self.w3, self.w2))  # this process's experts
+        return _Fp8GroupedSwiGLU.apply(x_SD, w_S, w1, w3, w2, counts_E, self.recipe, _out_dtype(x_SD))
 
 
 def _swap(parent: nn.Module, name: str, old: nn.Module, cls: type, recipe: Fp8Recipe) -> nn.Module:
