@@ -383,3 +383,21 @@ def test_routed_experts_follow_autocast():
     bf16.load_state_dict(ex.state_dict())
     bf16.to(torch.bfloat16)
     assert y.dtype == torch.bfloat16 and torch.equal(y, bf16(x.bfloat16(), counts, gate))
+
+
+def test_rmsnorm_after_a_fused_optimizer_step_uses_the_new_weight():
+    """torch's fused AdamW changes weights without bumping their version counters: a no_grad forward after a
+    step (a trainer's evaluation) must see the new weights, as a fresh copy of the model does."""
+    from dsv3.model.layers import RMSNorm
+    norm = RMSNorm(16)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        norm(x)  # a first evaluation
+    norm.weight.grad = torch.randn(16)
+    torch.optim.AdamW(norm.parameters(), lr=0.1, fused=True).step()
+    fresh = RMSNorm(16)
+    with torch.no_grad():
+        fresh.weight.copy_(norm.weight)
+        assert torch.equal(norm(x), fresh(x))
+    with torch.inference_mode():
+        assert torch.equal(norm(x), fresh(x))

@@ -177,12 +177,16 @@ class RMSNorm(nn.Module):
         """The same in 4 ops: on CPUs F.rms_norm is a composite of 6 (pow, mean, add, rsqrt, mul, mul) whose
         mean alone costs three elementwise ops, and a decode step runs 17 norms or more on a few rows.
         x / rms(x) * w = x / hypot(||x||, sqrt(D eps)) * (sqrt(D) w), the last factor cached per weight
-        version (a Python scalar in an op costs as much as the op)."""
+        version (a Python scalar in an op costs as much as the op) under inference mode only: a fused
+        optimizer step (torch.optim.AdamW(fused=True)) changes a weight without bumping its version, so an
+        evaluation between training steps (no_grad) computes the factor afresh."""
         w = self.weight
-        try:
-            key = (w.data_ptr(), w._version)
-        except RuntimeError:  # an inference tensor keeps no version counter: do not cache
-            key = None
+        key = None
+        if torch.is_inference_mode_enabled():
+            try:
+                key = (w.data_ptr(), w._version)
+            except RuntimeError:  # an inference tensor keeps no version counter: do not cache
+                key = None
         if key is None or key != self._cpu_consts_key:
             D = w.shape[0]
             self._cpu_consts = (w.detach() * D ** 0.5, torch.tensor((D * self.eps) ** 0.5, device=w.device))
