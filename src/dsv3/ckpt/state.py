@@ -77,22 +77,37 @@ def save_checkpoint(run_dir: str, step: int, model: nn.Module, optimizer: torch.
         full_state = dict(state, step=step, rng=rng_state(), optimizer={"param_groups": groups, "scalars": scalars,
                                                                         "num_params": len(params_by_id)})
         atomic_write_json(os.path.join(tmp, "state.json"), full_state)
-        os.chmod(tmp, 0o755)
-        if os.path.exists(final):  # the same step saved again (a resumed run): replace it whole
-            old = final + ".old"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(root)
+        commit_checkpoint(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    prune_checkpoints(run_dir, keep)
+    return final
+
+
+def commit_checkpoint(tmp: str, final: str) -> None:
+    """Put a complete checkpoint directory `tmp` in place as `final` (replacing a checkpoint of the same step
+    whole), durably."""
+    os.chmod(tmp, 0o755)
+    if os.path.exists(final):  # the same step saved again (a resumed run): replace it whole
+        old = final + ".old"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(os.path.dirname(final))
+
+
+def prune_checkpoints(run_dir: str, keep: int | None) -> None:
+    """Keep only the newest `keep` checkpoints (all when None)."""
     if keep is not None:
         for old_step in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(os.path.join(root, f"step_{old_step:08d}"), ignore_errors=True)
-    return final
+            shutil.rmtree(os.path.join(run_dir, "checkpoints", f"step_{old_step:08d}"), ignore_errors=True)
+
+
+def checkpoint_dir(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, "checkpoints", f"step_{step:08d}")
 
 
 def list_checkpoints(run_dir: str) -> list[int]:

@@ -21,8 +21,12 @@ balancing-bias update -> log, evaluate, save. This file is its command line: eac
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from ..config import PRESETS
+from ..parallel import mesh
+from ..parallel.mesh import PP_SCHEDULES
 from . import balance
 from .trainer import AUTOCAST_PRECISION, PRECISIONS, Trainer, TrainConfig, bf16_autocast, export_model
 
@@ -94,6 +98,27 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "as DeepSeek-V3's config; default: the model's own)")
 
 
+    g = p.add_argument_group("many processes", "under torchrun (torchrun --nproc-per-node N -m dsv3 train ...): "
+                             "N = dp-shard x pp x tp; expert parallelism borrows its ranks from data parallelism. "
+                             "Gloo on CPU, NCCL on CUDA; rank 0 alone prints and writes the run directory's files")
+    g.add_argument("--dp-shard", type=int, default=-1, metavar="D",
+                   help="data-parallel degree, parameters sharded by FSDP2 (default -1: N / (pp x tp))")
+    g.add_argument("--ep", type=int, default=1, metavar="E",
+                   help="expert-parallel degree: each of E ranks holds 1/E of every MoE layer's routed experts and "
+                        "tokens travel to them by all-to-all; divides --dp-shard (default 1)")
+    g.add_argument("--pp", type=int, default=1, metavar="P", help="pipeline stages (default 1)")
+    g.add_argument("--tp", type=int, default=1, metavar="T",
+                   help="tensor-parallel degree for MLA heads and dense MLPs (default 1)")
+    g.add_argument("--pp-schedule", choices=PP_SCHEDULES, default="1f1b",
+                   help="pipeline schedule (torch.distributed.pipelining's; default 1f1b)")
+
+
 def main(args: argparse.Namespace) -> dict:
-    """`dsv3 train`: the options -> TrainConfig -> Trainer; -> the summary of the run's last step."""
-    return Trainer(TrainConfig.from_args(args), export=_export).fit()
+    """`dsv3 train`: the options -> TrainConfig -> Trainer; -> the summary of the run's last step. Under
+    torchrun, ranks other than 0 print nothing (their errors still reach the console)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        sys.stdout = open(os.devnull, "w")
+    try:
+        return Trainer(TrainConfig.from_args(args), export=_export).fit()
+    finally:
+        mesh.stop()

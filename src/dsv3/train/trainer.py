@@ -36,6 +36,10 @@ from ..data.dataset import PackedSequences, cached_tokens, tokenize, unigram_ent
 from ..eval.bpb import bits_per_byte, next_token_loss
 from ..model.model import DeepSeekV3, init_weights
 from ..model.moe import RoutingStats
+from ..parallel import checkpoint as pcheckpoint
+from ..parallel import mesh
+from ..parallel.mesh import Layout
+from ..parallel.parallelize import clip_grad_norm_, mean_over_dp, parallelize, sum_over_dp
 from ..tokenizer import Tokenizer, train_bpe
 from . import balance, cpu
 from .metrics import MetricsLog, plot_run, read_metrics
@@ -99,6 +103,13 @@ class TrainConfig:
     eval_batches: int = 8
     # model overrides
     rope_scaling: dict | None = None  # config.json's rope_scaling, e.g. {"type": "yarn", "factor": 4, ...}
+    # many processes (under torchrun; parallel/mesh.py). Not part of what defines a run: a run may resume in
+    # another layout, its losses are the same up to float32 reordering
+    dp_shard: int = -1  # data-parallel (FSDP) degree; -1: what the world leaves after pp and tp
+    ep: int = 1  # expert-parallel degree, borrowed from dp
+    pp: int = 1  # pipeline stages
+    tp: int = 1  # tensor-parallel degree
+    pp_schedule: str = "1f1b"
 
     def __post_init__(self) -> None:
         if self.preset is not None and self.init_from is not None:
@@ -115,6 +126,11 @@ class TrainConfig:
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
             raise ValueError(f"--rope-scaling must be a JSON object, not {self.rope_scaling!r}")
         self.mtp_lambda = tuple(self.mtp_lambda)
+
+    @property
+    def layout(self) -> Layout:
+        """How the run splits over processes (parallel/mesh.py)."""
+        return Layout(self.dp_shard, self.ep, self.pp, self.tp, self.pp_schedule)
 
     @classmethod
     def from_args(cls, args) -> "TrainConfig":
@@ -337,13 +353,20 @@ class Trainer:
         if config.init_from and os.path.realpath(config.init_from) == os.path.realpath(run_dir):
             raise ValueError(f"--init-from and --out are the same directory ({run_dir}): to continue that run, "
                              "run its own command again; to start a new run from it, choose another --out")
-        claim_run_dir(run_dir)
-        self.device = device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # under torchrun: join the other processes (every rank runs all of this; rank 0 alone writes the run
+        # directory's files, the others wait for it where they read them)
+        self.par = par = mesh.start(config.layout, config.device)  # None: one process
+        self.is_main = par is None or par.is_main
+        if self.is_main:
+            claim_run_dir(run_dir)
+        self.device = device = par.device if par else torch.device(
+            config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch.manual_seed(config.seed)
         if device.type == "cpu":
             cpu.retain_freed_memory()  # each step reuses the last one's pages instead of faulting in fresh ones
-        for path in remove_stale(run_dir):
+        for path in remove_stale(run_dir) if self.is_main else ():
             print(f"removed {path}, left half-written by a run that was stopped")
+        self._barrier()
 
         # ---- what a resumed run was; else what a new one starts from --------------------------------------------
         saved = list_checkpoints(run_dir)
@@ -365,7 +388,11 @@ class Trainer:
         self.precision = resolve_precision(c.precision, device, None if state is None else saved_precision(state))
 
         # ---- data, tokenizer, model, optimizer --------------------------------------------------------------
-        self.tok, train_tokens, val_tokens, self.data_info = prepare_data(c, run_dir)
+        if self.is_main:  # tokenizer and token cache written once, then read by the other ranks
+            self.tok, train_tokens, val_tokens, self.data_info = prepare_data(c, run_dir)
+        self._barrier()
+        if not self.is_main:
+            self.tok, train_tokens, val_tokens, self.data_info = prepare_data(c, run_dir)
         self.train_data = PackedSequences(train_tokens, c.seq_len, c.seed)
         self.val_data = PackedSequences(val_tokens, c.seq_len, c.seed, shuffle=False)
         if state is not None and c.init_from:
@@ -381,6 +408,14 @@ class Trainer:
         self.balance_loss = balance.configure(model, c.balance, c.alpha)
         self.moe_layers = balance.moe_layers(model)
         self.moe_names = [n for n, m in model.named_modules() if m in self.moe_layers]
+        self.dp_rank, self.dp = 0, 1  # which share of each step's micro-batches this process runs, of how many
+        if par is not None:
+            self.dp_rank, self.dp = par.dp_rank, par.layout.dp
+            if c.accumulation % self.dp:
+                raise ValueError(f"{c.accumulation} micro-batches per step (--batch-size {c.batch_size} / "
+                                 f"--micro-batch-size {c.micro_batch_size}) do not split over {self.dp} "
+                                 "data-parallel ranks; choose a batch that does")
+            parallelize(model, par)  # after FP8 and before the optimizer: it replaces the parameters
         self.optimizer = build_optimizer(model, lr=c.lr, weight_decay=c.weight_decay, bf16_moments=c.bf16_moments)
         self.objective = objective or Pretraining(c.steps, c.mtp_lambda, c.alpha)
         self.export = export
@@ -391,20 +426,26 @@ class Trainer:
         # ---- resume ------------------------------------------------------------------------------------------
         self.global_step, self.samples, self.skipped = 0, 0, 0
         if state is not None:
-            state = load_checkpoint(run_dir, saved[-1], model, self.optimizer)
+            if par is not None or pcheckpoint.is_sharded(run_dir, saved[-1]):  # any layout from any layout
+                state = pcheckpoint.load(run_dir, saved[-1], model, self.optimizer)
+            else:
+                state = load_checkpoint(run_dir, saved[-1], model, self.optimizer)
             self.global_step, self.samples, self.skipped = state["step"], state["samples"], state.get("skipped", 0)
             if exported_step(run_dir) != self.global_step:  # stopped between its last checkpoint and its export
                 print(f"exporting checkpoint {self.global_step} to {run_dir} (the model there was not that "
                       "checkpoint's)")
-                self.export(model, run_dir, self.tok, self.global_step)
+                self._export()
             if self.global_step >= c.steps:
                 print(f"{run_dir} has already trained {self.global_step} of {c.steps} steps")
         self.resumed_at = self.global_step if state is not None else None
-        self.metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), resume_step=self.resumed_at)
-        atomic_write_json(os.path.join(run_dir, "run.json"), {
-            "args": dataclasses.asdict(c), "data": self.data_info, "precision": self.precision,
-            "model": {"parameters": mconfig.num_params(), "active_parameters": mconfig.num_active_params()},
-            "accumulation": c.accumulation, "warmup_steps": c.warmup_steps, "alpha": c.alpha})
+        self.metrics = None  # rank 0 alone logs
+        if self.is_main:
+            self.metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), resume_step=self.resumed_at)
+            atomic_write_json(os.path.join(run_dir, "run.json"), {
+                "args": dataclasses.asdict(c), "data": self.data_info, "precision": self.precision,
+                "model": {"parameters": mconfig.num_params(), "active_parameters": mconfig.num_active_params()},
+                "accumulation": c.accumulation, "warmup_steps": c.warmup_steps, "alpha": c.alpha,
+                "layout": None if par is None else dataclasses.asdict(par.layout)})
         self.tokens_per_step = c.batch_size * c.seq_len
         self.val_tokens_per_byte = self.data_info["val_tokens"] / max(self.data_info["val_bytes"], 1)
 
@@ -431,17 +472,23 @@ class Trainer:
             g["lr"] = lr
         model.train()
         logged, loads = {}, 0
-        for _ in range(c.accumulation):
-            batch = self.train_data.batch(self.samples, c.micro_batch_size).to(self.device)
-            self.samples += c.micro_batch_size
+        mine = c.accumulation // self.dp  # with data parallelism each rank runs every dp-th micro-batch
+        for i in range(mine):
+            start = self.samples + (i * self.dp + self.dp_rank) * c.micro_batch_size
+            batch = self.train_data.batch(start, c.micro_batch_size).to(self.device)
             stats = RoutingStats(self.balance_loss)  # this micro-batch's expert loads and balance losses
             with self.products:  # forward and backward: how BF16 products are taken on this device
                 with self.autocast:
                     loss, terms = self.objective(model, batch, stats, step)  # forward and loss terms
-                (loss / c.accumulation).backward()
+                (loss / mine).backward()  # FSDP averages the gradients over the dp ranks: 1 / accumulation
             loads = loads + stats.loads(self.moe_layers)
-            _accumulate(logged, terms, c.accumulation)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip).item()
+            _accumulate(logged, terms, mine)
+        self.samples += c.batch_size
+        if self.par is None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip).item()
+        else:  # every rank's share: loads and logged terms over all of them, the norm over every shard
+            loads, logged = sum_over_dp(loads, self.par), mean_over_dp(logged, self.par)
+            grad_norm = clip_grad_norm_(model.parameters(), c.grad_clip)
         finite = math.isfinite(logged["loss"]) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
@@ -461,7 +508,8 @@ class Trainer:
                   "moe_layers": self.moe_names, "skipped": not finite}
         if step % c.eval_every == 0 or step == c.steps:
             record.update(self.evaluate())
-        self.metrics.write(record)
+        if self.metrics is not None:
+            self.metrics.write(record)
         if step % c.save_every == 0 or step == c.steps:
             self.save()
         return record
@@ -481,8 +529,30 @@ class Trainer:
         """Checkpoint the whole training state (atomically), then export its weights as the run's model."""
         state = {"samples": self.samples, "args": self.run_args, "skipped": self.skipped,
                  "precision": self.precision, "model_config": self.model.config.to_hf()}
-        save_checkpoint(self.run_dir, self.global_step, self.model, self.optimizer, state, keep=self.config.keep)
-        self.export(self.model, self.run_dir, self.tok, self.global_step)
+        if self.par is None:
+            save_checkpoint(self.run_dir, self.global_step, self.model, self.optimizer, state, keep=self.config.keep)
+        else:
+            pcheckpoint.save(self.run_dir, self.global_step, self.model, self.optimizer, state, self.config.keep,
+                             dataclasses.asdict(self.par.layout))
+        self._export()
+
+    def _export(self) -> None:
+        """The run directory's model := the current weights (under torchrun: gathered from every rank's
+        shards, written by rank 0 into a model of one process)."""
+        if self.par is None:
+            self.export(self.model, self.run_dir, self.tok, self.global_step)
+            return
+        full = pcheckpoint.full_model_state(self.model)  # a collective
+        if self.is_main:
+            whole = DeepSeekV3(self.model.config)
+            whole.load_state_dict(full)
+            whole.generation_config = getattr(self.model, "generation_config", None)
+            self.export(whole, self.run_dir, self.tok, self.global_step)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.par is not None:
+            self.par.barrier()
 
     # ---- the run ----------------------------------------------------------------------------------------------
 
@@ -490,11 +560,13 @@ class Trainer:
         """Train the steps left, write the plots; -> the summary of the run's last step."""
         c, info, cfg = self.config, self.data_info, self.model.config
         what = c.preset if c.init_from is None else f"from {c.init_from}"
-        print(f"training {what}: {cfg.num_params() / 1e6:.2f}M parameters ({cfg.num_active_params() / 1e6:.2f}M "
+        where = "" if self.par is None else f" on {self.par.world} processes ({self.par.layout.describe()})"
+        print(f"training {what}{where}: {cfg.num_params() / 1e6:.2f}M parameters ({cfg.num_active_params() / 1e6:.2f}M "
               f"active), {info['train_tokens'] / 1e6:.2f}M training tokens, {self.tokens_per_step} tokens per step, "
               f"{c.steps} steps, {self.precision}"
               + (f", resuming at step {self.global_step}" if self.resumed_at else ""))
-        bar = tqdm(total=c.steps, initial=self.global_step, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=c.steps, initial=self.global_step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not self.is_main)
         last = {}
         while self.global_step < c.steps:
             last = self.step()
@@ -502,8 +574,9 @@ class Trainer:
             bar.set_postfix(loss=f"{last['loss']:.3f}", maxvio=f"{last['maxvio']:.2f}",
                             tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
         bar.close()
-        self.metrics.close()
-        if not c.no_plots:
+        if self.metrics is not None:
+            self.metrics.close()
+        if not c.no_plots and self.is_main:
             try:
                 paths = plot_run(self.run_dir)
                 print("plots: " + ", ".join(os.path.basename(p) for p in paths))
@@ -514,7 +587,8 @@ class Trainer:
     def summary(self, last: dict | None = None) -> dict:
         """The final figures: of `last`, else of the log's record for the current step (a finished run)."""
         if not last:
-            last = next((r for r in reversed(read_metrics(self.metrics.path)) if r.get("step") == self.global_step), {})
+            path = os.path.join(self.run_dir, "metrics.jsonl")
+            last = next((r for r in reversed(read_metrics(path)) if r.get("step") == self.global_step), {})
         summary = {"steps": self.global_step, "loss": last.get("loss"), "val_loss": last.get("val_loss"),
                    "val_bpb": last.get("val_bpb"), "unigram_entropy": self.data_info["unigram_entropy"],
                    "maxvio": last.get("maxvio"), "maxvio_global": last.get("maxvio_global"),

@@ -1,0 +1,80 @@
+"""The parallel layers applied to a model, in one fixed order, and what a training step needs of them.
+
+    par = mesh.start(Layout(ep=2))      # under torchrun
+    parallelize(model, par)            # in place; the model's code is unchanged
+    ... loss.backward() ...
+    grad_norm = clip_grad_norm_(model.parameters(), 1.0)
+    loads = sum_over_dp(loads, par)    # the balancing-bias update sees every rank's tokens
+
+Order matters and is fixed:
+1. tensor parallelism (parallelize_module on MLA heads and dense MLPs): parameters become DTensors on "tp";
+2. expert parallelism: routed experts become DTensors Shard(0) on "ep", their MoE layers dispatch by
+   all-to-all;
+3. FSDP2 last, over "dp" (experts over "dp_mod_ep"): it shards what the layers above left, each parameter
+   along the mesh dimensions it does not already use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..model.model import DeepSeekV3
+from .expert_parallel import apply_ep
+from .fsdp import apply_fsdp
+from .mesh import Parallel
+
+
+def parallelize(model: DeepSeekV3, par: Parallel) -> None:
+    """Apply the run's layout to `model` (built identically on every rank, on its device)."""
+    layout = par.layout
+    if layout.tp > 1:
+        from .tensor_parallel import apply_tp
+        apply_tp(model, par.tp_mesh)
+    if layout.ep > 1:
+        apply_ep(model, par.ep_mesh)
+    apply_fsdp(model, par)
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_ for parameters spread over several meshes (dense ones over "dp", experts
+    over ("dp_mod_ep", "ep"), TP ones with "tp"): each mesh's gradients give one norm (a DTensor, reduced over
+    its ranks), the total is their root sum of squares; every rank gets the same. -> the total norm before
+    clipping."""
+    groups: dict = {}  # mesh (None: plain tensors) -> its parameters
+    for p in parameters:
+        if p.grad is not None:
+            groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    total_sq = 0.0
+    for mesh, params in groups.items():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+        if mesh is not None:
+            norm = norm.full_tensor()
+        total_sq += norm.item() ** 2
+    total = math.sqrt(total_sq)
+    for params in groups.values():  # DTensor ops take one mesh at a time
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(total))
+    return total
+
+
+def sum_over_dp(t: torch.Tensor, par: Parallel) -> torch.Tensor:
+    """t summed over the data-parallel ranks (a copy)."""
+    t = t.clone()
+    dist.all_reduce(t, group=par.dp_mesh.get_group())
+    return t
+
+
+def mean_over_dp(values: dict, par: Parallel) -> dict:
+    """A step's logged numbers averaged over the data-parallel ranks (each saw its own micro-batches)."""
+    keys = [k for k, v in values.items() if isinstance(v, float)]
+    if not keys:
+        return values
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, group=par.dp_mesh.get_group())
+    return {**values, **{k: v / par.layout.dp for k, v in zip(keys, t.tolist())}}
+
+
