@@ -70,9 +70,12 @@ def save(run_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Optim
     return final
 
 
-def load(run_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def load(run_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+         whole: nn.Module | None = None) -> dict:
     """Restore model and optimizer in place from checkpoint `step`, sharded or not, into this process's layout
-    (under torchrun every rank calls it; on one process no process group is needed). -> its state.json."""
+    (under torchrun every rank calls it; on one process no process group is needed). Under pipeline
+    parallelism `model` holds this rank's stages and `whole` is the whole model (whose parameter order a
+    one-process checkpoint's optimizer state follows). -> its state.json."""
     d = checkpoint_dir(run_dir, step)
     with open(os.path.join(d, "state.json"), encoding="utf-8") as f:
         state = json.load(f)
@@ -82,46 +85,56 @@ def load(run_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Optim
         dcp.load(sd, checkpoint_id=os.path.join(d, "dcp"), no_dist=not dist.is_initialized())
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     else:
-        _load_full(d, state, model, optimizer)
+        _load_full(d, state, model, optimizer, whole or model)
     set_rng_state(state["rng"])
     return state
 
 
-def _load_full(d: str, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """A one-process checkpoint (whole tensors; optimizer state by parameter index) into a distributed model:
-    every rank reads the whole and keeps its shards."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    with SafetensorsFile(os.path.join(d, "model.safetensors")) as sf:
-        model_sd = {k: sf.read(k) for k in sf.keys()}
+def _load_full(d: str, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, whole: nn.Module) -> None:
+    """A one-process checkpoint (whole tensors; optimizer state by parameter index, in the order of the whole
+    model's `param_groups`) into a distributed model: every rank reads the whole and keeps its shards."""
+    from ..train.optim import param_groups
+    names = {id(p): n for n, p in whole.named_parameters()}
+    order = [names[id(p)] for g in param_groups(whole, 0.0) for p in g["params"]]
     own = get_model_state_dict(model)
-    missing, unexpected = set(own) - set(model_sd), set(model_sd) - set(own)
+    with SafetensorsFile(os.path.join(d, "model.safetensors")) as sf:
+        missing, unexpected = set(own) - set(sf.keys()), set(whole.state_dict()) ^ set(sf.keys())
+        model_sd = {k: sf.read(k) for k in sf.keys() if k in own}
     if missing or unexpected:
         raise ValueError(f"{d}: checkpoint does not match the model (missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}): was it made with other options?")
     opt = state["optimizer"]
     if opt["num_params"] != len(order):
         raise ValueError(f"{d}: the optimizer state is for another set of parameters")
+    mine = {n for n, _ in model.named_parameters()}
     per_param: dict[str, dict] = {}
     with SafetensorsFile(os.path.join(d, "optimizer.safetensors")) as sf:
         for k in sf.keys():
             _, idx, name = k.split(".", 2)
-            per_param.setdefault(order[int(idx)], {})[name] = sf.read(k)
+            if order[int(idx)] in mine:
+                per_param.setdefault(order[int(idx)], {})[name] = sf.read(k)
     for k, v in opt["scalars"].items():
         idx, name = k.split(".", 1)
-        per_param.setdefault(order[int(idx)], {})[name] = v
+        if order[int(idx)] in mine:
+            per_param.setdefault(order[int(idx)], {})[name] = v
     groups, start = [], 0
-    for g, saved in zip(optimizer.param_groups, opt["param_groups"]):
-        n = len(g["params"])
-        groups.append({**{k: v for k, v in saved.items() if k != "num_params"}, "params": order[start:start + n]})
+    for saved in opt["param_groups"]:
+        n = saved["num_params"]
+        groups.append({**{k: v for k, v in saved.items() if k != "num_params"},
+                       "params": [p for p in order[start:start + n] if p in mine]})
         start += n
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict={"state": per_param,
                                                                                    "param_groups": groups},
                    options=StateDictOptions(full_state_dict=True))
 
 
-def full_model_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
-    """The model's whole state dict on rank 0, gathered from every rank's shards (a collective); None on the
-    other ranks."""
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def full_model_state(model: nn.Module, pp_group=None) -> dict[str, torch.Tensor] | None:
+    """The model's whole state dict on rank 0, gathered from every rank's shards (a collective; under pipeline
+    parallelism each pipeline rank's stages, gathered over `pp_group`); None on the other ranks."""
+    # cpu_offload keeps the gathered tensors on global rank 0 only: the other pipeline ranks need theirs
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=pp_group is None))
+    if pp_group is not None:
+        parts = [None] * dist.get_world_size(pp_group)
+        dist.all_gather_object(parts, {k: v.cpu() for k, v in sd.items()}, group=pp_group)
+        sd = {k: v for part in parts for k, v in part.items()}
     return sd if dist.get_rank() == 0 else None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 
+from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from ..model.model import DeepSeekV3
@@ -31,12 +32,23 @@ def apply_fsdp(model: DeepSeekV3, par: Parallel, param_dtype=None, reduce_dtype=
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP\w*Experts\) returned a view tensor")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     dp = par.layout.dp
-    blocks = list(model.layers) + [m.block for m in model.mtp]
-    for block in blocks:
+    layers = model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers
+    mtp = list(model.mtp.values() if isinstance(model.mtp, nn.ModuleDict) else model.mtp) if hasattr(model, "mtp") else []
+    for block in [*layers, *(m.block for m in mtp)]:
         if block.is_moe and is_expert_parallel(block.ffn):
             experts = fully_shard(block.ffn.experts, mesh=par.dp_mod_ep_mesh, mp_policy=mp)
             experts.set_gradient_divide_factor(dp)
         fully_shard(block, mesh=par.dp_mesh, mp_policy=mp)
-    fully_shard(model, mesh=par.dp_mesh, mp_policy=mp)
-    # the training forward is forward_with_mtp, not forward: the root gathers its parameters for it too
-    register_fsdp_forward_method(model, "forward_with_mtp")
+    if isinstance(model, DeepSeekV3):
+        fully_shard(model, mesh=par.dp_mesh, mp_policy=mp)
+        # the training forward is forward_with_mtp, not forward: the root gathers its parameters for it too
+        register_fsdp_forward_method(model, "forward_with_mtp")
+        return
+    # a pipeline rank's stages (parallel/pipeline.py): no root forward runs, so each module the stages call
+    # directly is a unit of its own: the embedding, the final norm and head, each MTP module and its norm
+    for m in mtp:
+        fully_shard(m.norm, mesh=par.dp_mesh, mp_policy=mp)
+        fully_shard(m, mesh=par.dp_mesh, mp_policy=mp)
+    for name in ("embed", "norm", "head"):
+        if hasattr(model, name):
+            fully_shard(getattr(model, name), mesh=par.dp_mesh, mp_policy=mp)

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..ckpt.io import atomic_write_json
@@ -33,19 +34,20 @@ from ..ckpt.state import (exported_step, list_checkpoints, load_checkpoint, mark
 from ..config import PRESETS, ModelConfig
 from ..data.corpus import builtin_corpus, corpus_hash, load_corpus, split
 from ..data.dataset import PackedSequences, cached_tokens, tokenize, unigram_entropy
-from ..eval.bpb import bits_per_byte, next_token_loss
+from ..eval.bpb import LossResult, bits_per_byte, next_token_loss
 from ..model.model import DeepSeekV3, init_weights
 from ..model.moe import RoutingStats
 from ..parallel import checkpoint as pcheckpoint
 from ..parallel import mesh
 from ..parallel.mesh import Layout
 from ..parallel.parallelize import clip_grad_norm_, mean_over_dp, parallelize, sum_over_dp
+from ..parallel.pipeline import Pipeline
 from ..tokenizer import Tokenizer, train_bpe
 from . import balance, cpu
 from .metrics import MetricsLog, plot_run, read_metrics
 from .objectives import Pretraining
 from .optim import build_optimizer
-from .schedules import default_warmup, gamma_at, lr_at
+from .schedules import default_warmup, gamma_at, lr_at, mtp_lambda_at
 
 # options that define a run: resuming with different values would not continue the same run
 RUN_DEFINING = ("preset", "seed", "data", "tokenizer", "seq_len", "batch_size", "micro_batch_size", "balance",
@@ -409,14 +411,23 @@ class Trainer:
         self.moe_layers = balance.moe_layers(model)
         self.moe_names = [n for n, m in model.named_modules() if m in self.moe_layers]
         self.dp_rank, self.dp = 0, 1  # which share of each step's micro-batches this process runs, of how many
+        self.module, self.pipeline = model, None  # what this process trains: the model, or its pipeline stages
         if par is not None:
             self.dp_rank, self.dp = par.dp_rank, par.layout.dp
             if c.accumulation % self.dp:
                 raise ValueError(f"{c.accumulation} micro-batches per step (--batch-size {c.batch_size} / "
                                  f"--micro-batch-size {c.micro_batch_size}) do not split over {self.dp} "
                                  "data-parallel ranks; choose a batch that does")
-            parallelize(model, par)  # after FP8 and before the optimizer: it replaces the parameters
-        self.optimizer = build_optimizer(model, lr=c.lr, weight_decay=c.weight_decay, bf16_moments=c.bf16_moments)
+            if par.layout.pp > 1:  # this rank's stages of the model: what it trains, checkpoints and clips
+                if objective is not None and not isinstance(objective, Pretraining):
+                    raise ValueError("pipeline parallelism (--pp) runs the pretraining objective only")
+                self.pipeline = Pipeline(model, par, c.accumulation // self.dp, c.micro_batch_size, c.seq_len)
+                self.module = self.pipeline.module
+            parallelize(self.module, par)  # after FP8 and before the optimizer: it replaces the parameters
+            if self.pipeline is not None:
+                self.pipeline.build_schedule()
+        self.optimizer = build_optimizer(self.module, lr=c.lr, weight_decay=c.weight_decay,
+                                         bf16_moments=c.bf16_moments)
         self.objective = objective or Pretraining(c.steps, c.mtp_lambda, c.alpha)
         self.export = export
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if self.precision in ("bf16", "fp8")
@@ -427,7 +438,7 @@ class Trainer:
         self.global_step, self.samples, self.skipped = 0, 0, 0
         if state is not None:
             if par is not None or pcheckpoint.is_sharded(run_dir, saved[-1]):  # any layout from any layout
-                state = pcheckpoint.load(run_dir, saved[-1], model, self.optimizer)
+                state = pcheckpoint.load(run_dir, saved[-1], self.module, self.optimizer, model)
             else:
                 state = load_checkpoint(run_dir, saved[-1], model, self.optimizer)
             self.global_step, self.samples, self.skipped = state["step"], state["samples"], state.get("skipped", 0)
@@ -473,8 +484,10 @@ class Trainer:
         model.train()
         logged, loads = {}, 0
         mine = c.accumulation // self.dp  # with data parallelism each rank runs every dp-th micro-batch
-        for i in range(mine):
-            start = self.samples + (i * self.dp + self.dp_rank) * c.micro_batch_size
+        starts = [self.samples + (i * self.dp + self.dp_rank) * c.micro_batch_size for i in range(mine)]
+        if self.pipeline is not None:
+            loads, logged = self._pipeline_step(starts, step)
+        for start in starts if self.pipeline is None else ():
             batch = self.train_data.batch(start, c.micro_batch_size).to(self.device)
             stats = RoutingStats(self.balance_loss)  # this micro-batch's expert loads and balance losses
             with self.products:  # forward and backward: how BF16 products are taken on this device
@@ -488,7 +501,10 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip).item()
         else:  # every rank's share: loads and logged terms over all of them, the norm over every shard
             loads, logged = sum_over_dp(loads, self.par), mean_over_dp(logged, self.par)
-            grad_norm = clip_grad_norm_(model.parameters(), c.grad_clip)
+            if self.pipeline is None:
+                grad_norm = clip_grad_norm_(model.parameters(), c.grad_clip)
+            else:
+                grad_norm = clip_grad_norm_(self.module.parameters(), c.grad_clip, pp_group=self.pipeline.group)
         finite = math.isfinite(logged["loss"]) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
@@ -514,16 +530,57 @@ class Trainer:
             self.save()
         return record
 
+    def _pipeline_step(self, starts: list[int], step: int) -> tuple[torch.Tensor, dict]:
+        """Forward and backward of this rank's micro-batches through the pipeline schedule. -> (expert loads,
+        logged terms), each summed over the pipeline ranks (every rank holds some layers' share)."""
+        c, model = self.config, self.model
+        batch = torch.cat([self.train_data.batch(s, c.micro_batch_size) for s in starts]).to(self.device)
+        lam = mtp_lambda_at(step, c.steps, *c.mtp_lambda) if model.mtp else 0.0
+        with self.products, self.autocast:
+            stats, terms = self.pipeline.step(batch, self.balance_loss, lam, self.objective.alpha)
+        n = len(stats)
+        loads = sum(st.loads(self.moe_layers) for st in stats)
+        bal = [st.balance_loss_sum() for st in stats]
+        parts = torch.tensor([sum(t["loss"].item() for t in terms) / n if terms else 0.0,
+                              sum(t["mtp_loss"].item() for t in terms if isinstance(t["mtp_loss"], torch.Tensor)) / n,
+                              sum(b.item() for b in bal if b is not None) / n], dtype=torch.float64)
+        group = self.pipeline.group
+        dist.all_reduce(parts, group=group)
+        dist.all_reduce(loads, group=group)
+        logged = {"loss": parts[0].item(), "mtp_loss": parts[1].item() if model.mtp else None,
+                  "balance_loss": parts[2].item(), "mtp_lambda": lam}
+        return loads, logged
+
     def evaluate(self) -> dict:
         """Validation loss and bits per byte over the first eval_batches batches, and the expert loads' MaxVio
         over all of them (eval/bpb.py)."""
         c = self.config
         with self.products:
-            r = next_token_loss(self.model, self.val_data, c.eval_batches * c.micro_batch_size, c.micro_batch_size,
-                                self.device, count_loads=True)
+            if self.pipeline is None:
+                r = next_token_loss(self.model, self.val_data, c.eval_batches * c.micro_batch_size,
+                                    c.micro_batch_size, self.device, count_loads=True)
+            else:
+                r = self._pipeline_evaluate()
         return {"val_loss": r.loss, "val_bpb": bits_per_byte(r.loss, self.val_tokens_per_byte),
                 "maxvio_global": balance.maxvio(r.loads).nanmean().item(),
                 "unigram_entropy": self.data_info["unigram_entropy"]}
+
+    def _pipeline_evaluate(self) -> LossResult:
+        """next_token_loss through the pipeline's stages (every rank runs the same batches)."""
+        c = self.config
+        count = min(c.eval_batches * c.micro_batch_size, self.val_data.num_sequences)
+        total, n, loads = 0.0, 0, 0
+        self.module.eval()
+        try:
+            for start in range(0, count, c.micro_batch_size):
+                stats = RoutingStats()
+                b = self.val_data.batch(start, min(c.micro_batch_size, count - start)).to(self.device)
+                loss_sum, tokens = self.pipeline.evaluate_batch(b, stats)
+                total, n, loads = total + loss_sum, n + tokens, loads + stats.loads(self.moe_layers)
+        finally:
+            self.module.train()
+        dist.all_reduce(loads, group=self.pipeline.group)
+        return LossResult(loss=total / max(n, 1), tokens=n, sequences=count, loads=loads)
 
     def save(self) -> None:
         """Checkpoint the whole training state (atomically), then export its weights as the run's model."""
@@ -532,7 +589,7 @@ class Trainer:
         if self.par is None:
             save_checkpoint(self.run_dir, self.global_step, self.model, self.optimizer, state, keep=self.config.keep)
         else:
-            pcheckpoint.save(self.run_dir, self.global_step, self.model, self.optimizer, state, self.config.keep,
+            pcheckpoint.save(self.run_dir, self.global_step, self.module, self.optimizer, state, self.config.keep,
                              dataclasses.asdict(self.par.layout))
         self._export()
 
@@ -542,7 +599,7 @@ class Trainer:
         if self.par is None:
             self.export(self.model, self.run_dir, self.tok, self.global_step)
             return
-        full = pcheckpoint.full_model_state(self.model)  # a collective
+        full = pcheckpoint.full_model_state(self.module, None if self.pipeline is None else self.pipeline.group)
         if self.is_main:
             whole = DeepSeekV3(self.model.config)
             whole.load_state_dict(full)
