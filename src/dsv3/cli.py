@@ -377,6 +377,20 @@ def _plot(args) -> None:
         print(path)
 
 
+def _add_plan(sub) -> None:
+    from .parallel.plan import __doc__ as doc, add_args
+    p = sub.add_parser("plan", help="size DeepSeek-V3 training on many GPUs: memory per GPU, all-to-all, pipeline "
+                                    "bubble (a fake process group, the model on the meta device)",
+                       description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    p.set_defaults(func=_plan)
+
+
+def _plan(args) -> None:
+    from .parallel.plan import main as plan_main
+    plan_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dsv3", description="DeepSeek-V3 in readable, fast PyTorch: model, checkpoints, tools.")
@@ -394,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_fp8_cast(sub)
     _add_quantize(sub)
+    _add_plan(sub)
     return parser
 
 
