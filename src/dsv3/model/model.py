@@ -81,12 +81,13 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 class MLA(nn.Module):
     """Keys and values are generated from one low-rank latent c_KV (C wide, normalised) plus one decoupled
     rotary key k_R (R wide) shared by all heads: these two are all a cache needs to hold. Queries come from
-    their own latent c_Q when q_lora_rank is set."""
+    their own latent c_Q when q_lora_rank is set. H in the shapes below is the heads this module computes: all
+    of them, or H/tp of them under tensor parallelism (dsv3.parallel), so reshapes infer it from the product."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         d, H = config.hidden_size, config.num_attention_heads
-        self.n_heads = H
+        self.n_heads = H  # all of the model's heads, whatever tensor parallelism computes here
         self.q_lora_rank, self.kv_lora_rank = config.q_lora_rank, config.kv_lora_rank
         self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         self.qk_dim = self.nope_dim + self.rope_dim
@@ -121,16 +122,16 @@ class MLA(nn.Module):
         else:
             q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
             kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        q_nope, q_rope = q.unflatten(-1, (self.n_heads, self.qk_dim)).split([self.nope_dim, self.rope_dim], dim=-1)
+        q_nope, q_rope = q.unflatten(-1, (-1, self.qk_dim)).split([self.nope_dim, self.rope_dim], dim=-1)
         # the queries' rope dims and the shared key's rotate as H + 1 heads in one product (one angle for all)
         rope = apply_rope(torch.cat([q_rope, k_rope.unsqueeze(-2)], dim=-2), freqs.unsqueeze(-2))
         return q_nope, rope[..., :-1, :], self.kv_norm(kv), rope[..., -1, :]
 
     def expand_kv(self, kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent (B, S, C) and rotary key (B, S, R) -> per-head keys (B, S, H, P+R) and values (B, S, H, V)."""
-        kv = self.wkv_b(kv).unflatten(-1, (self.n_heads, self.nope_dim + self.v_dim))  # (B, S, H, P+V)
+        kv = self.wkv_b(kv).unflatten(-1, (-1, self.nope_dim + self.v_dim))  # (B, S, H, P+V)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k = torch.cat([k_nope, k_rope.unsqueeze(-2).expand(-1, -1, self.n_heads, -1)], dim=-1)
+        k = torch.cat([k_nope, k_rope.unsqueeze(-2).expand(-1, -1, kv.shape[-2], -1)], dim=-1)
         return k, v
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
