@@ -497,14 +497,10 @@ class Trainer:
             loads = loads + stats.loads(self.moe_layers)
             _accumulate(logged, terms, mine)
         self.samples += c.batch_size
-        if self.par is None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip).item()
-        else:  # every rank's share: loads and logged terms over all of them, the norm over every shard
+        if self.par is not None:  # every rank's share: loads and logged terms over all of them
             loads, logged = sum_over_dp(loads, self.par), mean_over_dp(logged, self.par)
-            if self.pipeline is None:
-                grad_norm = clip_grad_norm_(model.parameters(), c.grad_clip)
-            else:
-                grad_norm = clip_grad_norm_(self.module.parameters(), c.grad_clip, pp_group=self.pipeline.group)
+        grad_norm = clip_grad_norm_(self.module.parameters(), c.grad_clip,  # over every shard and stage
+                                    pp_group=None if self.pipeline is None else self.pipeline.group)
         finite = math.isfinite(logged["loss"]) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
