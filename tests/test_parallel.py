@@ -72,6 +72,7 @@ def test_layouts_that_do_not_fit_are_refused_with_their_numbers():
 LAYOUTS = {  # name: (processes, flags)
     "fsdp2": (2, ["--dp-shard", "2"]),
     "ep2": (2, ["--ep", "2"]),
+    "tp2": (2, ["--tp", "2"]),
     **{f"pp2-{s}": (2, ["--pp", "2", "--pp-schedule", s]) for s in ("1f1b", "interleaved1f1b", "zbv", "dualpipev")},
     "pp2-dp2-ep2": (4, ["--pp", "2", "--ep", "2"]),  # FSDP over 2, experts split over 2, 2 stages: 4 processes
 }
@@ -136,3 +137,11 @@ def test_killed_on_one_process_resumed_on_two(reference, corpus_file, tmp_path):
     _run_until_checkpoint([sys.executable, *args], out, 4)
     torchrun([*args, "--dp-shard", "2"], nproc=2)
     assert_same_losses(out, reference)
+
+
+def test_fp8_dispatch_gives_the_experts_what_they_would_quantise_themselves(tmp_path):
+    """--precision fp8 with --ep: rows go to the experts in e4m3 with 1x128 power-of-two scales (§3.3); the
+    experts' own quantisation of what arrives reproduces the same values, so nothing changes but the bytes."""
+    torchrun([os.path.join(HERE, "dist_worker.py"), "fp8-dispatch", str(tmp_path)], nproc=2)
+    with open(tmp_path / "fp8_dispatch.json") as f:
+        assert json.load(f)["identical"] == [True, True]

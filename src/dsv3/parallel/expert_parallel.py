@@ -15,7 +15,11 @@ One MoE layer's forward on rank r (E experts, L = E/ep of them local, P = ep ran
     5. combine: the outputs go back in source order by the inverse all-to-all, and are added into their
        tokens' rows as on one process
 
-Both all-to-alls carry autograd: in backward the gradients travel the other way. Every rank computes the
+Both all-to-alls carry autograd: in backward the gradients travel the other way. In FP8 training
+(`--precision fp8`, experts in FP8: quant/training.py) the rows go out as V3 sends them (§3.3): e4m3 with one
+power-of-two scale per 128 values, half the bytes of BF16; the experts quantise their input with the same
+tiles and scales, so they compute exactly what they would from the unquantised rows. Combine and every
+gradient travel in the activations' own precision. Every rank computes the
 same thing as one process on its tokens; only the grouping of a GEMM's rows differs (tokens of several ranks
 meet at one expert), so results equal one process's within float32 reordering.
 
@@ -38,9 +42,10 @@ from ..model.moe import MoE, TokenDispatcher, moe_layers
 class AllToAllDispatcher(TokenDispatcher):
     """A TokenDispatcher over the ranks of `group`, rank p holding experts p*L .. (p+1)*L-1."""
 
-    def __init__(self, n_experts: int, topk: int, group: dist.ProcessGroup):
+    def __init__(self, n_experts: int, topk: int, group: dist.ProcessGroup, fp8_recipe=None):
         super().__init__(n_experts, topk)
         self.group = group
+        self.fp8_recipe = fp8_recipe  # rows dispatched in FP8 with this recipe's activation tiles (None: as they are)
         self.ep = dist.get_world_size(group)
         self.local = n_experts // self.ep
 
@@ -52,7 +57,10 @@ class AllToAllDispatcher(TokenDispatcher):
         dist.all_to_all_single(recv_E, counts_E, group=self.group)
         send_P, recv_PL = counts_E.view(P, L).sum(1), recv_E.view(P, L)
         send, recv = send_P.tolist(), recv_PL.sum(1).tolist()  # the split sizes, on the host
-        x_RD = _all_to_all(x_SD, recv, send, self.group)
+        if self.fp8_recipe is None:
+            x_RD = _all_to_all(x_SD, recv, send, self.group)
+        else:
+            x_RD = _Fp8AllToAll.apply(x_SD, recv, send, self.group, self.fp8_recipe)
         w_R = _all_to_all(weight_S, recv, send, self.group)
         order = _source_major_to_expert_major(recv_PL)
         return x_RD.index_select(0, order), w_R.index_select(0, order), recv_PL.sum(0), (token_S, order, send, recv)
@@ -69,6 +77,32 @@ def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gr
     """Uneven all-to-all along dim 0, differentiable (its backward is the all-to-all the other way)."""
     out = x.new_empty((sum(out_splits), *x.shape[1:]))
     return all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+
+
+class _Fp8AllToAll(torch.autograd.Function):
+    """Uneven all-to-all of rows quantised to e4m3 with 1x128 tile scales (the FP8 training recipe's), received
+    dequantised; the gradient comes back unquantised (the identity's, straight through the quantiser: the
+    experts quantise these rows to the same values anyway)."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group, recipe):
+        from ..quant import fp8
+        from ..quant.training import ops
+        o = ops(x)
+        q, scale = o.act_quant(x.contiguous(), recipe.block, recipe.act_scale_fmt)
+        q_out = q.new_empty((sum(out_splits), q.shape[1])).view(torch.uint8)
+        s_out = scale.new_empty((sum(out_splits), scale.shape[1]))
+        dist.all_to_all_single(q_out, q.view(torch.uint8), out_splits, in_splits, group=group)
+        dist.all_to_all_single(s_out, scale.contiguous(), out_splits, in_splits, group=group)
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return fp8.act_dequant(q_out.view(fp8.FP8), s_out, x.dtype, recipe.block)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        back = grad.new_empty((sum(in_splits), grad.shape[1]))
+        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return back, None, None, None, None
 
 
 def _source_major_to_expert_major(counts_PL: torch.Tensor) -> torch.Tensor:
@@ -95,7 +129,8 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
             w = getattr(experts, name)
             experts.register_parameter(name, nn.Parameter(distribute_tensor(w.data, ep_mesh, [Shard(0)]),
                                                           requires_grad=w.requires_grad))
-        moe.dispatcher = AllToAllDispatcher(moe.n_experts, moe.topk, ep_mesh.get_group())
+        recipe = getattr(experts, "recipe", None)  # Float8Experts (--precision fp8) carry their FP8 recipe
+        moe.dispatcher = AllToAllDispatcher(moe.n_experts, moe.topk, ep_mesh.get_group(), fp8_recipe=recipe)
 
 
 def is_expert_parallel(moe: MoE) -> bool:

@@ -39,8 +39,8 @@ def parallelize(model: DeepSeekV3 | StageModel, par: Parallel) -> None:
         apply_tp(model, par.tp_mesh)
     if layout.ep > 1:
         apply_ep(model, par.ep_mesh)
-    if layout.dp > 1:
-        apply_fsdp(model, par)
+    if layout.dp > 1 or layout.tp > 1:  # (with TP alone too: the optimizer's fused step takes DTensors or
+        apply_fsdp(model, par)          # plain tensors, not both; FSDP over one rank makes them all DTensors)
 
 
 @torch.no_grad()
