@@ -115,27 +115,31 @@ def _run_until_checkpoint(cmd, out, step, timeout=300):
     assert os.path.isdir(target), f"checkpoint {step} never appeared"
 
 
-def _torchrun_cmd(nproc, args):
+RESUMES = {  # killed after checkpoint 4 in the first layout, resumed in the second
+    "ep2-to-one": ((2, ["--ep", "2"]), (1, [])),
+    "one-to-dp2": ((1, []), (2, ["--dp-shard", "2"])),
+    "dualpipev-to-ep2": ((2, ["--pp", "2", "--pp-schedule", "dualpipev"]), (2, ["--ep", "2"])),
+}
+
+
+def _cmd(nproc, args):
+    if nproc == 1:
+        return [sys.executable, *args]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
             f"--master-port={free_port()}", "--max-restarts=0", *args]
 
 
-def test_killed_on_two_processes_resumed_on_one(reference, corpus_file, tmp_path):
+@pytest.mark.parametrize("name", list(RESUMES))
+def test_killed_and_resumed_in_another_layout(name, reference, corpus_file, tmp_path):
+    (n1, first), (n2, then) = RESUMES[name]
     out = tmp_path / "run"
     args = ["-m", "dsv3", "train", "--out", str(out), "--data", corpus_file, *COMMON]
-    _run_until_checkpoint(_torchrun_cmd(2, [*args, "--ep", "2"]), out, 4)
-    assert os.path.isdir(out / "checkpoints" / "step_00000004" / "dcp")  # sharded
-    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV, timeout=300)
+    _run_until_checkpoint(_cmd(n1, [*args, *first]), out, 4)
+    sharded = os.path.isdir(out / "checkpoints" / "step_00000004" / "dcp")
+    assert sharded == (n1 > 1)  # DCP under torchrun, safetensors on one process: each loads into the other
+    r = subprocess.run(_cmd(n2, [*args, *then]), capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming at step" in r.stdout
-    assert_same_losses(out, reference)
-
-
-def test_killed_on_one_process_resumed_on_two(reference, corpus_file, tmp_path):
-    out = tmp_path / "run"
-    args = ["-m", "dsv3", "train", "--out", str(out), "--data", corpus_file, *COMMON]
-    _run_until_checkpoint([sys.executable, *args], out, 4)
-    torchrun([*args, "--dp-shard", "2"], nproc=2)
     assert_same_losses(out, reference)
 
 
