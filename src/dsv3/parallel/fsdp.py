@@ -22,9 +22,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from ..model.model import DeepSeekV3
 from .expert_parallel import is_expert_parallel
 from .mesh import Parallel
+from .pipeline import StageModel
 
 
-def apply_fsdp(model: DeepSeekV3, par: Parallel, param_dtype=None, reduce_dtype=None) -> None:
+def apply_fsdp(model: DeepSeekV3 | StageModel, par: Parallel, param_dtype=None, reduce_dtype=None) -> None:
     """Shard `model` over par's data-parallel ranks (in place). param_dtype/reduce_dtype: FSDP's mixed
     precision (None: as the parameters; the trainer's bf16 runs autocast instead)."""
     # The experts' output is a view (model/moe.py's _ContiguousGrad); FSDP warns that an in-place op on it
@@ -32,23 +33,25 @@ def apply_fsdp(model: DeepSeekV3, par: Parallel, param_dtype=None, reduce_dtype=
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP\w*Experts\) returned a view tensor")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     dp = par.layout.dp
+    pipelined = not isinstance(model, DeepSeekV3)
+    # Under pipeline parallelism a stage runs forward once per micro-batch: parameters stay gathered from the
+    # first forward to the end of the step (the schedule reshards them; torchtitan does the same), instead
+    # of an all-gather per micro-batch; gradients are reduce-scattered once, after the last backward.
+    opts = dict(mesh=par.dp_mesh, mp_policy=mp, reshard_after_forward=not pipelined)
     layers = model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers
     mtp = list(model.mtp.values() if isinstance(model.mtp, nn.ModuleDict) else model.mtp) if hasattr(model, "mtp") else []
     for block in [*layers, *(m.block for m in mtp)]:
         if block.is_moe and is_expert_parallel(block.ffn):
-            experts = fully_shard(block.ffn.experts, mesh=par.dp_mod_ep_mesh, mp_policy=mp)
+            experts = fully_shard(block.ffn.experts, **dict(opts, mesh=par.dp_mod_ep_mesh))
             experts.set_gradient_divide_factor(dp)
-        fully_shard(block, mesh=par.dp_mesh, mp_policy=mp)
-    if isinstance(model, DeepSeekV3):
-        fully_shard(model, mesh=par.dp_mesh, mp_policy=mp)
+        fully_shard(block, **opts)
+    if not pipelined:
+        fully_shard(model, **opts)
         # the training forward is forward_with_mtp, not forward: the root gathers its parameters for it too
         register_fsdp_forward_method(model, "forward_with_mtp")
         return
-    # a pipeline rank's stages (parallel/pipeline.py): no root forward runs, so each module the stages call
-    # directly is a unit of its own: the embedding, the final norm and head, each MTP module and its norm
-    for m in mtp:
-        fully_shard(m.norm, mesh=par.dp_mesh, mp_policy=mp)
-        fully_shard(m, mesh=par.dp_mesh, mp_policy=mp)
-    for name in ("embed", "norm", "head"):
-        if hasattr(model, name):
-            fully_shard(getattr(model, name), mesh=par.dp_mesh, mp_policy=mp)
+    # a pipeline rank's stages (parallel/pipeline.py): each stage is a root of its own (the schedule calls
+    # its forward), holding what is not in a block: embedding, final norm, head, MTP projections and norms
+    for stage in model.stages:
+        fully_shard(stage, **opts)
+        register_fsdp_forward_method(stage, "evaluate")  # evaluation's pass, outside the schedule

@@ -115,6 +115,12 @@ class Stage(nn.Module):
             h = self.run_block(layer, h, freqs, None, stats)
         return h
 
+    def evaluate(self, x: torch.Tensor | None, ids: torch.Tensor, stats: RoutingStats | None) -> torch.Tensor:
+        """Evaluation's pass through this stage (main model only): hidden states in and out, token ids in on
+        the first, logits out on the last."""
+        h = self.blocks(self.embed(ids) if self.first else x, ids, stats)
+        return self.head(self.norm(h)) if self.last else h
+
     def balance_loss(self, stats: RoutingStats) -> torch.Tensor | None:
         mine = [loss for moe, loss in stats.losses.items() if id(moe) in self._moe_ids]
         return torch.stack(mine).sum() if mine else None
@@ -175,6 +181,7 @@ class StageModel(nn.Module):
                     setattr(self, name, getattr(s, name))
                     break
         self.rope = model.rope
+        object.__setattr__(self, "stages", stages)  # the stage modules themselves (not registered twice)
 
 
 class Pipeline:
@@ -251,10 +258,9 @@ class Pipeline:
                 if s and prev != owner:
                     h = torch.empty(ids.shape[0], ids.shape[1], self.model_dim, device=ids.device)
                     dist.recv(h, src=pp_ranks[prev], group=None)
-                stage = self.stages[self.stage_ids.index(s)]
-                h = stage.blocks(stage.embed(ids) if s == 0 else h, ids, stats)
+                h = self.stages[self.stage_ids.index(s)].evaluate(h, ids, stats)
                 if s == self.n_stages - 1:
-                    logits = stage.head(stage.norm(h))
+                    logits = h
                     result[0] = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum").item()
                     result[1] = labels.numel()
             elif s and prev == self.pp_rank and owner != self.pp_rank:
