@@ -32,7 +32,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.nn.functional import all_to_all_single
 from torch.distributed.tensor import Shard, distribute_tensor
 from torch import nn
 
@@ -42,9 +41,13 @@ from ..model.moe import MoE, TokenDispatcher, moe_layers
 class AllToAllDispatcher(TokenDispatcher):
     """A TokenDispatcher over the ranks of `group`, rank p holding experts p*L .. (p+1)*L-1."""
 
-    def __init__(self, n_experts: int, topk: int, group: dist.ProcessGroup, fp8_recipe=None):
+    def __init__(self, n_experts: int, topk: int, group: dist.ProcessGroup, fp8_recipe=None,
+                 backward_group: dist.ProcessGroup | None = None):
         super().__init__(n_experts, topk)
         self.group = group
+        # the backward's all-to-alls on a group of their own (the same ranks): DualPipeV's overlap runs one
+        # micro-batch's backward beside another's forward, and each group then sees one stream of collectives
+        self.backward_group = backward_group or group
         self.fp8_recipe = fp8_recipe  # rows dispatched in FP8 with this recipe's activation tiles (None: as they are)
         self.ep = dist.get_world_size(group)
         self.local = n_experts // self.ep
@@ -58,10 +61,10 @@ class AllToAllDispatcher(TokenDispatcher):
         send_P, recv_PL = counts_E.view(P, L).sum(1), recv_E.view(P, L)
         send, recv = send_P.tolist(), recv_PL.sum(1).tolist()  # the split sizes, on the host
         if self.fp8_recipe is None:
-            x_RD = _all_to_all(x_SD, recv, send, self.group)
+            x_RD = _AllToAll.apply(x_SD, recv, send, self.group, self.backward_group)
         else:
-            x_RD = _Fp8AllToAll.apply(x_SD, recv, send, self.group, self.fp8_recipe)
-        w_R = _all_to_all(weight_S, recv, send, self.group)
+            x_RD = _Fp8AllToAll.apply(x_SD, recv, send, self.group, self.backward_group, self.fp8_recipe)
+        w_R = _AllToAll.apply(weight_S, recv, send, self.group, self.backward_group)
         order = _source_major_to_expert_major(recv_PL)
         return x_RD.index_select(0, order), w_R.index_select(0, order), recv_PL.sum(0), (token_S, order, send, recv)
 
@@ -69,14 +72,31 @@ class AllToAllDispatcher(TokenDispatcher):
         token_S, order, send, recv = handle
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        y_SD = _all_to_all(y_RD.index_select(0, inverse), send, recv, self.group)  # back in the order sent
+        y_SD = _AllToAll.apply(y_RD.index_select(0, inverse), send, recv, self.group,  # back in the order sent
+                               self.backward_group)
         return super().combine(y_SD, token_S, out_ND)
 
 
-def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    """Uneven all-to-all along dim 0, differentiable (its backward is the all-to-all the other way)."""
+def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """Uneven all-to-all along dim 0."""
     out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    return all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """Uneven all-to-all along dim 0 over `group`; its backward, the all-to-all the other way, over
+    `backward_group`."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group, backward_group):
+        ctx.splits, ctx.group = (out_splits, in_splits), backward_group
+        return _exchange(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        return _exchange(grad, in_splits, out_splits, ctx.group), None, None, None, None
 
 
 class _Fp8AllToAll(torch.autograd.Function):
@@ -85,7 +105,7 @@ class _Fp8AllToAll(torch.autograd.Function):
     experts quantise these rows to the same values anyway)."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, recipe):
+    def forward(ctx, x, out_splits, in_splits, group, backward_group, recipe):
         from ..quant import fp8
         from ..quant.training import ops
         o = ops(x)
@@ -94,15 +114,13 @@ class _Fp8AllToAll(torch.autograd.Function):
         s_out = scale.new_empty((sum(out_splits), scale.shape[1]))
         dist.all_to_all_single(q_out, q.view(torch.uint8), out_splits, in_splits, group=group)
         dist.all_to_all_single(s_out, scale.contiguous(), out_splits, in_splits, group=group)
-        ctx.splits, ctx.group = (out_splits, in_splits), group
+        ctx.splits, ctx.group = (out_splits, in_splits), backward_group
         return fp8.act_dequant(q_out.view(fp8.FP8), s_out, x.dtype, recipe.block)
 
     @staticmethod
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
-        back = grad.new_empty((sum(in_splits), grad.shape[1]))
-        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return back, None, None, None, None
+        return _exchange(grad, in_splits, out_splits, ctx.group), None, None, None, None, None
 
 
 def _source_major_to_expert_major(counts_PL: torch.Tensor) -> torch.Tensor:
@@ -121,6 +139,7 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
     """Split every MoE layer's routed experts over `ep_mesh` (rank p keeps experts p*E/ep .. (p+1)*E/ep - 1,
     as DTensors Shard(0), so checkpoints know the whole) and route its tokens by all-to-all."""
     ep = ep_mesh.size()
+    backward_group = _twin_group(ep_mesh)
     for moe in moe_layers(model):
         if moe.n_experts % ep:
             raise ValueError(f"--ep {ep} must divide the routed experts per layer ({moe.n_experts})")
@@ -130,7 +149,22 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
             experts.register_parameter(name, nn.Parameter(distribute_tensor(w.data, ep_mesh, [Shard(0)]),
                                                           requires_grad=w.requires_grad))
         recipe = getattr(experts, "recipe", None)  # Float8Experts (--precision fp8) carry their FP8 recipe
-        moe.dispatcher = AllToAllDispatcher(moe.n_experts, moe.topk, ep_mesh.get_group(), fp8_recipe=recipe)
+        moe.dispatcher = AllToAllDispatcher(moe.n_experts, moe.topk, ep_mesh.get_group(), fp8_recipe=recipe,
+                                            backward_group=backward_group)
+
+
+def _twin_group(mesh: DeviceMesh) -> dist.ProcessGroup:
+    """A second process group with the ranks of this rank's group of 1-D sub-mesh `mesh`. new_group is
+    collective over the world: every rank creates the twin of every such group, keeps its own."""
+    root = mesh._get_root_mesh()
+    dim = root.mesh_dim_names.index(mesh.mesh_dim_names[0])
+    table = root.mesh.movedim(dim, -1).reshape(-1, root.mesh.shape[dim])  # one row per group of that dimension
+    mine = None
+    for ranks in table.tolist():
+        group = dist.new_group(ranks)
+        if dist.get_rank() in ranks:
+            mine = group
+    return mine
 
 
 def is_expert_parallel(moe: MoE) -> bool:

@@ -38,6 +38,7 @@ class Layout:
     pp: int = 1  # pipeline stages
     tp: int = 1  # tensor-parallel degree (MLA heads, dense MLPs)
     pp_schedule: str = "1f1b"
+    pp_overlap: bool = True  # DualPipeV: each paired forward and backward side by side (pipeline.py)
 
     @property
     def dp(self) -> int:
@@ -65,7 +66,7 @@ class Layout:
         if dp % self.ep:
             raise ValueError(f"--ep {self.ep} must divide the data-parallel degree {dp}: expert parallelism "
                              "borrows its ranks from data parallelism (each EP rank reads its own data)")
-        return Layout(dp, self.ep, self.pp, self.tp, self.pp_schedule)
+        return Layout(dp, self.ep, self.pp, self.tp, self.pp_schedule, self.pp_overlap)
 
     @property
     def is_single(self) -> bool:

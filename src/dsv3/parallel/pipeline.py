@@ -18,11 +18,22 @@ arise (`_AddLoss`: the stage's output carries them into backward), so nothing bu
 between stages. Token ids, labels and the micro-batch's index reach every stage as keyword arguments of
 `schedule.step`, split into micro-batches as the inputs are.
 
+DualPipeV pairs one micro-batch's forward on one stage with another's backward on the other (the report's
+Figure 4). `overlap_forward_backward`, registered as the schedule's handler for those pairs, runs the
+backward in a second thread while the forward runs here: one's all-to-all (and any communication) proceeds
+while the other computes. The two touch different stages and micro-batches, the backward's all-to-alls use
+a process group of their own (expert_parallel.py), so the results are those of the sequential handler, bit
+for bit (tests/test_parallel.py). On GPUs the same split would use two CUDA streams; in threads it needs no
+change to the model.
+
 Every rank builds the whole model and keeps its stages' modules (the others are never run): simple, and
 enough for the models a CPU trains; on the meta device first for large ones is future work.
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
 
 
 import torch
@@ -31,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleDualPipeV, ScheduleInterleaved1F1B,
                                           ScheduleZBVZeroBubble)
+from torch.distributed.pipelining.schedules import OVERLAP_F_B, _wait_batch_p2p
 
 from ..model.model import DeepSeekV3
 from ..model.moe import MoE, RoutingStats
@@ -205,6 +217,7 @@ class Pipeline:
         self.n_microbatches, self.micro_batch, self.seq_len = n_microbatches, micro_batch, seq_len
         self.device = par.device
         self.schedule = None
+        self.overlap = layout.pp_overlap  # DualPipeV: run each paired forward and backward side by side
 
     def build_schedule(self) -> None:
         """After FSDP has wrapped the stages (the PipelineStages keep references to the modules)."""
@@ -226,6 +239,8 @@ class Pipeline:
             self.schedule = cls(pstages[0], n_microbatches=self.n_microbatches, loss_fn=loss_fn, scale_grads=True)
         else:
             self.schedule = cls(pstages, n_microbatches=self.n_microbatches, loss_fn=loss_fn, scale_grads=True)
+        if self.schedule_name == "dualpipev" and self.overlap:
+            self.schedule.register_custom_function(OVERLAP_F_B, overlap_forward_backward)
 
     @property
     def model_dim(self) -> int:
@@ -241,8 +256,14 @@ class Pipeline:
         mb = torch.arange(self.n_microbatches, device=batch.device).repeat_interleave(self.micro_batch)
         args = (ids,) if self.holds_first else ()
         target = labels if self.holds_last else None
+        self.schedule.overlapped_pairs = 0
         self.schedule.step(*args, target=target, return_outputs=False, ids=ids, labels=labels, mb=mb)
         return ctx.stats, ctx.terms
+
+    @property
+    def overlapped_pairs(self) -> int:
+        """Forward-backward pairs the last step ran side by side (DualPipeV with overlap)."""
+        return getattr(self.schedule, "overlapped_pairs", 0)
 
     @torch.no_grad()
     def evaluate_batch(self, batch: torch.Tensor, stats: RoutingStats | None) -> tuple[float, int]:
@@ -267,6 +288,63 @@ class Pipeline:
                 dist.send(h.contiguous(), dst=pp_ranks[owner])
         dist.all_reduce(result, group=self.group)  # only the last stage's rank holds it
         return result[0].item(), int(result[1].item())
+
+
+def overlap_forward_backward(action, ctx) -> None:
+    """The handler of DualPipeV's OVERLAP_F_B actions: the pair's backward (FULL_BACKWARD of one micro-batch on
+    one stage) in a thread of its own, the forward (FORWARD of another on the other stage) in this one. Each
+    does what the schedule's runtime does for that action alone (torch.distributed.pipelining's
+    _PipelineScheduleRuntime: wait for its input, compute, hand the result to a stage on this rank)."""
+    schedule = ctx.schedule_ref
+    stages = {s.stage_index: s for s in schedule._stages}
+    forward, backward = action.sub_actions
+    failure = []
+    modes = torch.utils._python_dispatch._get_current_dispatch_mode_stack()  # e.g. BF16 products in FP32
+
+    def run_backward():
+        try:
+            with contextlib.ExitStack() as stack:
+                for mode in modes:
+                    stack.enter_context(mode)
+                _full_backward(schedule, stages, backward)
+        except BaseException as e:  # re-raised in the schedule's thread
+            failure.append(e)
+
+    thread = threading.Thread(target=run_backward, name="dualpipev-backward")
+    thread.start()
+    try:
+        _forward(schedule, stages, forward, ctx)
+    finally:
+        thread.join()
+    if failure:
+        raise failure[0]
+    schedule.overlapped_pairs = getattr(schedule, "overlapped_pairs", 0) + 1
+
+
+def _forward(schedule, stages, action, ctx) -> None:
+    sid, mb = action.stage_index, action.microbatch_index
+    stage = stages[sid]
+    schedule._assert_unsharded(stage)
+    if not stage.is_first and sid - 1 not in stages:
+        _wait_batch_p2p(schedule.fwd_recv_ops.pop((sid, mb)))
+    output = stage.forward_one_chunk(mb, ctx.arg_mbs[mb], ctx.kwarg_mbs[mb], save_forward_output=False)
+    schedule._maybe_compute_loss(stage, output, ctx.target_mbs, mb)
+    if sid + 1 in stages:  # the next stage is on this rank: no send
+        stages[sid + 1].set_local_fwd_input(output, mb)
+
+
+def _full_backward(schedule, stages, action) -> None:
+    sid, mb = action.stage_index, action.microbatch_index
+    stage = stages[sid]
+    schedule._assert_unsharded(stage)
+    if not stage.is_last and sid + 1 not in stages:
+        _wait_batch_p2p(schedule.bwd_recv_ops.pop((sid, mb)))
+    loss = schedule._maybe_get_loss(stage, mb)
+    schedule.backward_counter[sid] += 1
+    last = schedule.backward_counter[sid] == schedule._n_microbatches
+    stage.backward_one_chunk(mb, loss=loss, full_backward=True, last_backward=last)
+    if sid - 1 in stages:  # the previous stage is on this rank: no send
+        stages[sid - 1].set_local_bwd_input(stage.get_local_bwd_output(mb), mb)
 
 
 def _stage_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -111,6 +111,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="tensor-parallel degree for MLA heads and dense MLPs (default 1)")
     g.add_argument("--pp-schedule", choices=PP_SCHEDULES, default="1f1b",
                    help="pipeline schedule (torch.distributed.pipelining's; default 1f1b)")
+    g.add_argument("--no-pp-overlap", dest="pp_overlap", action="store_false",
+                   help="dualpipev: run each paired forward and backward one after the other (default: side by "
+                        "side, one's all-to-all during the other's compute; the same numbers)")
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -112,6 +112,7 @@ class TrainConfig:
     pp: int = 1  # pipeline stages
     tp: int = 1  # tensor-parallel degree
     pp_schedule: str = "1f1b"
+    pp_overlap: bool = True  # dualpipev: run each paired forward and backward side by side
 
     def __post_init__(self) -> None:
         if self.preset is not None and self.init_from is not None:
@@ -132,7 +133,7 @@ class TrainConfig:
     @property
     def layout(self) -> Layout:
         """How the run splits over processes (parallel/mesh.py)."""
-        return Layout(self.dp_shard, self.ep, self.pp, self.tp, self.pp_schedule)
+        return Layout(self.dp_shard, self.ep, self.pp, self.tp, self.pp_schedule, self.pp_overlap)
 
     @classmethod
     def from_args(cls, args) -> "TrainConfig":
@@ -545,6 +546,8 @@ class Trainer:
         dist.all_reduce(loads, group=group)
         logged = {"loss": parts[0].item(), "mtp_loss": parts[1].item() if model.mtp else None,
                   "balance_loss": parts[2].item(), "mtp_lambda": lam}
+        if c.pp_schedule == "dualpipev":  # rank 0's forward-backward pairs run side by side this step
+            logged["pp_overlapped_pairs"] = self.pipeline.overlapped_pairs
         return loads, logged
 
     def evaluate(self) -> dict:
