@@ -258,11 +258,8 @@ def split_layers(cfg: ModelConfig, n_stages: int, seq_len: int, placement: dict[
     that it takes fewer layers and the rank's load evens out. The embedding costs no FLOPs."""
     L = cfg.num_hidden_layers
     if how == "even":
-        base, extra = divmod(L, n_stages)
-        bounds = [0]
-        for s in range(n_stages):
-            bounds.append(bounds[-1] + base + (s < extra))
-        return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+        from .pipeline import layer_ranges
+        return layer_ranges(L, n_stages)
     prefix = [0.0]
     for i in range(L):
         prefix.append(prefix[-1] + block_flops(cfg, i, seq_len))
