@@ -66,6 +66,7 @@ def test_a_request_larger_than_the_queue_is_refused_whole(model_dir):
 
 def test_the_queue_counts_sequences_not_http_requests(model_dir):
     srv = Server(model_dir, max_queue=4, max_num_seqs=1)
+    srv.server.config.app.state.engine.hold_s = 0  # no room held for a refused request (the fair-admission tests)
     m = srv.metrics
     try:
         srv.llm.hold()
@@ -178,6 +179,150 @@ def test_a_request_the_engine_chokes_on_fails_alone(model_dir):
         assert other[0].status_code == 200, other[0].text
         assert other[0].json()["usage"]["completion_tokens"] == 20
         assert m()["dsv3_num_requests_waiting"] == 0
+    finally:
+        srv.stop()
+
+
+# ---- fair admission: no stream of small requests keeps a larger one out; preempted sequences counted once ---
+
+def one_step(srv) -> None:
+    """Let the held engine run exactly one step, and wait for its figures."""
+    steps = srv.metrics()["dsv3_engine_steps_total"]
+    srv.llm.allow(1)
+    wait_for(lambda: srv.metrics()["dsv3_engine_steps_total"] > steps, "an engine step")
+
+
+def in_flight(srv) -> float:
+    f = srv.metrics()
+    return f["dsv3_num_requests_waiting"] + f["dsv3_num_requests_running"] + f.get("dsv3_num_requests_preempted", 0)
+
+
+def post_and_see(srv, body) -> tuple[threading.Thread, list, bool]:
+    """POST body while the engine is held: -> (thread, its response list, whether it was admitted). A refused
+    request answers at once; an admitted one shows in the sequences in flight (its answer comes later)."""
+    before = in_flight(srv)
+    t, out = in_thread(lambda: srv.http.post("/v1/completions", json=body))
+    wait_for(lambda: out or in_flight(srv) > before, "the request's fate")
+    return t, out, not out
+
+
+def test_a_stream_of_small_requests_cannot_keep_a_large_one_out(model_dir):
+    """A queue of 4, full of one-sequence requests; a request of 3 gets a 429. Each time the engine frees a place,
+    a small request arrives before the large one retries. It used to take the place, every time: the large one
+    got 429 for as long as small ones kept coming. Now the room of the refused large request is held: small
+    ones get 429 until the queue has drained enough for it, and its next retry is admitted."""
+    srv = Server(model_dir, max_queue=4, max_num_seqs=1)
+    m = srv.metrics
+    small, large = cmpl(ignore_eos=True), cmpl(prompt=["a", "b", "c"], ignore_eos=True)
+    admitted: list[tuple[threading.Thread, list]] = []
+    try:
+        srv.llm.hold()
+        for k in range(4):
+            t, out, ok = post_and_see(srv, small)
+            assert ok
+            admitted.append((t, out))
+        got_in = False
+        refused_small = []
+        for _ in range(8):
+            t, out, got_in = post_and_see(srv, large)
+            if got_in:
+                admitted.append((t, out))
+                break
+            assert out[0].status_code == 429 and out[0].json()["error"]["code"] == "queue_full", out[0].text
+            assert out[0].headers.get("retry-after") == "1"  # (the openai client waits that long, then retries)
+            assert m()["dsv3_queue_reserved"] == 3
+            waiting = m()["dsv3_num_requests_waiting"]
+            while m()["dsv3_num_requests_waiting"] >= waiting:  # the engine frees a place
+                one_step(srv)
+            t, out, ok = post_and_see(srv, small)  # and a small client comes first
+            if ok:
+                admitted.append((t, out))
+            else:
+                refused_small.append(out[0])
+        assert got_in, "the request of 3 sequences was kept out by the stream of small ones"
+        assert refused_small and all(r.status_code == 429 for r in refused_small)
+        err = refused_small[0].json()["error"]
+        assert err["code"] == "queue_full" and "held" in err["message"] and "max_queue=4" in err["message"], err
+        assert m()["dsv3_queue_reserved"] == 0  # the room was taken by the request it was held for
+        srv.llm.allow()
+        for t, out in admitted:
+            t.join()
+            assert out[0].status_code == 200, out[0].text
+        assert len(admitted[-1][1][0].json()["choices"]) == 3
+        # with the room free again, small requests are admitted as before
+        assert srv.http.post("/v1/completions", json=small).status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_the_held_room_is_released_if_its_request_does_not_come_back(model_dir):
+    """The hold lasts hold_s (30 s) after the large request was last refused: a client that gave up does not
+    keep the room from others beyond that."""
+    srv = Server(model_dir, max_queue=4, max_num_seqs=1)
+    engine = srv.server.config.app.state.engine
+    clock = [1000.0]
+    engine.clock = lambda: clock[0]
+    small, large = cmpl(ignore_eos=True), cmpl(prompt=["a", "b", "c"], ignore_eos=True)
+    threads = []
+    try:
+        srv.llm.hold()
+        for _ in range(3):
+            t, out, ok = post_and_see(srv, small)
+            threads.append((t, out))
+        t, out, ok = post_and_see(srv, large)  # 3 waiting + 3 > 4
+        assert not ok and out[0].status_code == 429
+        assert srv.metrics()["dsv3_queue_reserved"] == 3
+        clock[0] += engine.hold_s - 1  # within the window: 3 waiting + 1 would leave no room for the 3
+        t, out, ok = post_and_see(srv, small)
+        assert not ok and "held" in out[0].json()["error"]["message"]
+        clock[0] += 2  # past it: released
+        t, out, ok = post_and_see(srv, small)
+        assert ok
+        threads.append((t, out))
+        assert srv.metrics()["dsv3_queue_reserved"] == 0
+        srv.llm.allow()
+        for t, out in threads:
+            t.join()
+            assert out[0].status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_a_preempted_sequence_is_counted_once(model_dir):
+    """Two sequences run, a third waits (max_queue=1), and the cache cannot hold both running ones as they grow:
+    one is preempted. It used to count as waiting again, so 2 sequences 'waited' on a queue of 1. A sequence
+    the engine has started counts as started until it ends, whether running or preempted (it resumes before
+    any waiting one): waiting + running + preempted is always the sequences in flight, and waiting never
+    exceeds max_queue."""
+    srv = Server(model_dir, max_queue=1, max_num_seqs=2, block_size=4, kv_cache_tokens=16, max_model_len=16,
+                 enable_prefix_caching=False)
+    m = srv.metrics
+    threads = []
+    try:
+        srv.llm.hold()
+        for k, prompt in enumerate(([5, 6, 7], [8, 9, 10], [11, 12, 13])):
+            t, out, ok = post_and_see(srv, cmpl(prompt=[prompt], max_tokens=12, ignore_eos=True))
+            assert ok, out[0].text
+            threads.append((t, out))
+            while k < 2 and m()["dsv3_num_requests_waiting"]:
+                one_step(srv)  # it starts: the next one fits in the queue
+        seen_preempted = 0
+        for _ in range(40):
+            f = m()
+            waiting, running, preempted = (f["dsv3_num_requests_waiting"], f["dsv3_num_requests_running"],
+                                           f.get("dsv3_num_requests_preempted", 0))
+            finished = sum(f[f'dsv3_requests_finished_total{{reason="{r}"}}'] for r in ("stop", "length", "abort"))
+            assert waiting <= 1, f
+            assert waiting + running + preempted == 3 - finished, f
+            seen_preempted = max(seen_preempted, preempted)
+            if finished == 3:
+                break
+            one_step(srv)
+        assert seen_preempted >= 1 and m()["dsv3_preemptions_total"] >= 1  # (the premise: a preemption happened)
+        srv.llm.allow()
+        for t, out in threads:
+            t.join()
+            assert out[0].status_code == 200 and out[0].json()["usage"]["completion_tokens"] == 12, out[0].text
     finally:
         srv.stop()
 

@@ -185,6 +185,8 @@ YARN = dict(rope_type="yarn", rope_factor=4.0, original_max_position_embeddings=
     (dict(YARN, beta_fast=0.0), "beta_fast"), (dict(YARN, beta_slow=-1.0), "beta_slow"),
     (dict(YARN, mscale=-1.0), "mscale"), (dict(YARN, mscale_all_dim=float("inf")), "mscale_all_dim"),
     (dict(quantization_config={"quant_method": "fp8", "weight_block_size": 128}), "weight_block_size"),
+    (dict(torch_dtype="banana"), "torch_dtype"), (dict(torch_dtype="int8"), "torch_dtype"),
+    (dict(torch_dtype="auto"), "torch_dtype"), (dict(torch_dtype=""), "torch_dtype"),
 ])
 def test_config_refuses_values_no_model_can_run_with(kw, field):
     with pytest.raises(ValueError, match=field) as e:
@@ -212,12 +214,54 @@ def write_config(dirpath: pathlib.Path, **changes) -> pathlib.Path:
      "original_max_position_embeddings"),
     (dict(rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 64, "beta_fast": 0}),
      "beta_fast"),  # (was read as "not given": 32)
+    (dict(torch_dtype="bfloat61"), "torch_dtype"), (dict(torch_dtype=16), "torch_dtype"),
+    (dict(torch_dtype=["bfloat16"]), "torch_dtype"), (dict(torch_dtype=None, dtype="int4"), "torch_dtype"),
 ])
 def test_config_file_errors_name_the_file_and_field(tmp_path, changes, field):
     path = write_config(tmp_path, **changes)
     with pytest.raises(ValueError, match=field) as e:
         ModelConfig.from_hf(tmp_path)
     assert str(path) in str(e.value)
+
+
+def test_torch_dtype_names_the_real_configs_use_are_accepted(tmp_path):
+    """torch_dtype is the dtype of the weights on disk: a dtype name as transformers writes it (float8 variants
+    included: FP8 releases write them), torch's aliases, or nothing (the default, bfloat16)."""
+    for name in ("float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                 "float8_e5m2fnuz", "fp32", "bf16", "fp16", "half", "float", "torch.bfloat16", "BFloat16"):
+        assert tiny_config(torch_dtype=name).torch_dtype == name
+        write_config(tmp_path, torch_dtype=name)
+        assert ModelConfig.from_hf(tmp_path).torch_dtype == name
+    d = tiny_config().to_hf()
+    for changes, want in ((dict(torch_dtype=None), "bfloat16"), (dict(dtype="float16"), "float16"),
+                          (dict(dtype=None), "bfloat16"), (dict(torch_dtype=None, dtype=None), "bfloat16")):
+        e = {k: v for k, v in d.items() if k != "torch_dtype"}
+        assert ModelConfig.from_hf({**e, **changes}).torch_dtype == want, changes
+    del d["torch_dtype"]
+    assert ModelConfig.from_hf(d).torch_dtype == "bfloat16"
+
+
+def test_a_bad_tokenizer_is_reported_before_the_weights_are_read(tmp_path):
+    """LLM reads the tokenizer first: a tokenizer.json (or tokenizer_config.json) that does not parse is a
+    ValueError naming that file, though the weights file beside it is garbage too (had the weights been read
+    first, the error would name them)."""
+    tok = train_bpe(["the cat sat on the mat " * 20], vocab_size=300)
+    dsv3.save_pretrained(random_model(tiny_config(vocab_size=tok.vocab_size)), tmp_path, dtype=torch.float32,
+                         tokenizer=tok)
+    weights = tmp_path / "model.safetensors"
+    assert weights.is_file()
+    weights.write_bytes(b"\xff" * 64)  # a header length no file has: loading it fails at once
+    with pytest.raises(ValueError, match="safetensors"):
+        dsv3.load_pretrained(tmp_path)  # (what LLM would report if it read the weights first)
+    good_config = (tmp_path / "tokenizer_config.json").read_text()
+    for name, junk in (("tokenizer.json", "{not json"), ("tokenizer.json", ""), ("tokenizer_config.json", "[1, 2")):
+        (tmp_path / name).write_text(junk)
+        with pytest.raises(ValueError) as e:
+            LLM(tmp_path, cpu_kernels=False, kv_cache_tokens=64)
+        assert str(tmp_path / name) in str(e.value) and "safetensors" not in str(e.value), str(e.value)
+        if name == "tokenizer.json":
+            tok.save_pretrained(tmp_path)
+        (tmp_path / "tokenizer_config.json").write_text(good_config)
 
 
 def test_a_model_that_cannot_run_is_refused_at_load(tmp_path):

@@ -246,8 +246,9 @@ def _add_serve(sub) -> None:
         description="Serve a model directory with the OpenAI API (/v1/chat/completions, /v1/completions, "
                     "/v1/models; /health, /metrics) and continuous batching: requests join and leave the running "
                     "batch between engine steps; the cache budget decides how many run at once, at most "
-                    "--max-queue sequences (prompts x n) wait, and a request that does not fit gets a 429. The "
-                    "model runs once before the server starts: one that cannot run is refused.")
+                    "--max-queue sequences (prompts x n) wait, and a request that does not fit gets a 429 (its room "
+                    "is then held for its retry, so that no stream of smaller requests keeps it out). The model runs "
+                    "once before the server starts: one that cannot run is refused.")
     p.add_argument("--model", required=True, help="model directory (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -260,9 +261,12 @@ def _add_serve(sub) -> None:
                    help="the model name clients send (default: the model directory's name)")
     p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
     p.add_argument("--max-queue", type=int, default=256,
-                   help="sequences (each prompt x n choices of a request counts) that may wait for a slot; a request "
-                        "whose sequences do not fit beside those waiting gets a 429, one larger than the whole "
-                        "queue a 400 (default 256)")
+                   help="sequences (each prompt x n choices of a request counts) that may wait for a slot, not yet "
+                        "started (a sequence counts once: waiting, running, or preempted, which resumes first); a "
+                        "request whose sequences do not fit beside those waiting gets a 429 with Retry-After: 1, "
+                        "one larger than the whole queue a 400 (default 256). Fair to large requests: the room of "
+                        "the largest refused one is held (smaller requests that would take it get 429) until it "
+                        "is admitted, or for 30 s after its last retry")
     p.add_argument("--max-seqs-per-request", type=int, default=64, metavar="N",
                    help="the most sequences (prompts x n) one request may hold, so that one client cannot take the "
                         "whole queue; more is a 400 (default 64)")

@@ -22,6 +22,10 @@ _TYPES = {  # the annotations below, as isinstance() checks (int is accepted whe
 }
 _ARCHS = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM"}
 _TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
+# torch_dtype: the names transformers writes (float8 ones in FP8 releases) and the aliases load_pretrained reads,
+# compared without a "torch." prefix and case
+_DTYPE_NAMES = ("float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+_DTYPE_ALIASES = ("fp32", "float", "bf16", "fp16", "half")
 
 
 @dataclass
@@ -100,6 +104,9 @@ class ModelConfig:
         self._check_rope()
         if self.quantization_config is not None:
             self._check_quantization()
+        if self.torch_dtype.removeprefix("torch.").lower() not in _DTYPE_NAMES + _DTYPE_ALIASES:
+            raise ValueError(f"torch_dtype={self.torch_dtype!r} is not a dtype name; expected one of "
+                             f"{', '.join(_DTYPE_NAMES)} (or leave it out: bfloat16)")
 
     def _check_sizes(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
@@ -330,8 +337,11 @@ class ModelConfig:
             kw.setdefault("eos_token_id", 100001)
         else:
             kw.setdefault("num_nextn_predict_layers", 0)  # a v3 config without the field has no MTP weights
-        if "dtype" in d and "torch_dtype" not in d:
-            kw["torch_dtype"] = d["dtype"]  # transformers >= 4.56 writes "dtype"
+        dtype = d.get("torch_dtype")
+        if dtype is None:
+            dtype = d.get("dtype")  # transformers >= 4.56 writes "dtype"; neither (or null): the default
+        if dtype is not None:
+            kw["torch_dtype"] = dtype
         kw.setdefault("n_group", 1)  # V2-Lite and greedy configs write null here
         kw.setdefault("topk_group", 1)
 

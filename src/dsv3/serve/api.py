@@ -13,7 +13,10 @@ batch when it finishes. How many run at once is the engine's to decide (its cach
 and `max_num_seqs`); the others wait, and at most `max_queue` of them. Admission counts sequences, one per
 prompt and choice (prompts x n), however they were packed into HTTP requests: a request whose sequences do not
 fit beside those waiting gets a 429, and one that could never fit (more than `max_queue`, or than
-`max_seqs_per_request`, the cap that keeps one client from taking the whole queue) a 400.
+`max_seqs_per_request`, the cap that keeps one client from taking the whole queue) a 400. Admission is fair to
+large requests: the room of one refused for lack of it is held for it (`EngineLoop.admit`), so that no stream of
+smaller requests keeps it out. A sequence is counted once, from admission to its end: waiting (not yet started),
+running, or preempted (started, then put back for lack of cache; it resumes before any waiting one).
 
 Before it serves, the app runs the model once (`warm_up`): a model that cannot run is refused at startup, and
 /health reports 200 only for one that has generated.
@@ -36,6 +39,7 @@ import logging
 import math
 import secrets
 import threading
+import time
 from collections import Counter
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
@@ -68,6 +72,8 @@ class Output:
 
 
 _DISCONNECTED = object()  # put in a job's queue when its client goes away
+RETRY_AFTER_S = 1  # what a 429 tells clients to wait (the openai client honours it), well inside HOLD_S
+HOLD_S = 30.0  # how long the room of a refused request is held after its last refusal
 
 
 @dataclass(eq=False)
@@ -94,19 +100,24 @@ class EngineLoop:
     """The thread that runs the LLM, admission, and the figures /metrics reports. `check_size`, `submit` and
     `cancel` are called from the event loop; everything else that touches the LLM runs on the engine thread.
 
-    Admission counts sequences (engine requests: prompts x n), not HTTP requests. `in_flight` is every sequence
-    submitted and not yet finished, aborted or failed; `running` those in the engine's running batch after its
-    last step; the rest wait, and a request is admitted only if its sequences fit beside them in `max_queue`. A
-    request larger than `max_seqs_per_request` or than `max_queue` is a 400 (it could never be admitted); one
-    that does not fit now is a 429. The two counts change together, under `cond`, so the waiting figure never
-    shows a sequence released but still running."""
+    Admission counts sequences (engine requests: prompts x n), not HTTP requests, each once: `in_flight` is every
+    sequence submitted and not yet finished, aborted or failed; `started` those the engine has started, running or
+    preempted (a preempted sequence goes back to the front of the engine's queue and resumes before any that has
+    not started, so at most max_num_seqs are started at once); the rest wait, and a request is admitted only if
+    its sequences fit beside them in `max_queue` (`admit`). A request larger than `max_seqs_per_request` or than
+    `max_queue` is a 400 (it could never be admitted); one that does not fit now is a 429. The counts change
+    together, under `cond`, so the waiting figure never shows a sequence released but still running, and it
+    grows only by admission: it never exceeds `max_queue`."""
 
-    def __init__(self, llm: LLM, max_queue: int, max_seqs_per_request: int):
+    def __init__(self, llm: LLM, max_queue: int, max_seqs_per_request: int, hold_s: float = HOLD_S):
         if max_queue < 1:
             raise ValueError(f"max_queue={max_queue} must be >= 1 (sequences that may wait for a slot)")
         if max_seqs_per_request < 1:
             raise ValueError(f"max_seqs_per_request={max_seqs_per_request} must be >= 1")
+        if not hold_s >= 0:
+            raise ValueError(f"hold_s={hold_s} must be >= 0 (seconds the room of a refused request is held)")
         self.llm, self.max_queue, self.max_seqs_per_request = llm, max_queue, max_seqs_per_request
+        self.hold_s, self.clock = hold_s, time.monotonic
         self.cond = threading.Condition()  # guards everything below that both threads touch
         self.inbox: list[Job] = []  # submitted, not yet added to the engine
         self.cancels: list[Job] = []
@@ -116,15 +127,23 @@ class EngineLoop:
         self.held: set[Job] = set()  # jobs with sequences in the in-flight count
         # admission and the figures for /metrics, written under cond
         self.in_flight = 0  # sequences submitted, not yet finished, aborted or failed
-        self.num_running = 0  # of those, in the engine's running batch after its last step
+        self.num_started = 0  # of those, started by the engine (running or preempted) after its last step
+        self.num_running = 0  # of those, in the engine's running batch
+        self.reserved = 0  # queue places held for a refused request (sequences), until reserved_until
+        self.reserved_until = 0.0
         self.cache_usage = 0.0
         self.engine_stats: dict = dict(llm.stats)
         self.counts: Counter = Counter()
 
     @property
     def num_waiting(self) -> int:
-        """Sequences waiting for a slot: in the inbox, in the scheduler's queue, or preempted."""
-        return self.in_flight - self.num_running
+        """Sequences waiting for a slot: in the inbox, or in the scheduler's queue, not yet started."""
+        return self.in_flight - self.num_started
+
+    @property
+    def num_preempted(self) -> int:
+        """Sequences the engine started and put back for lack of cache: they resume first."""
+        return self.num_started - self.num_running
 
     # ---- called from the event loop ------------------------------------------------------------------------
     def start(self) -> None:
@@ -154,18 +173,43 @@ class EngineLoop:
         raise APIError(400, f"this request asks for {count} sequences ({what}), {limit}: send fewer prompts or a "
                             "smaller n", param="n" if n > 1 else "prompt", code="too_many_sequences")
 
+    def admit(self, count: int) -> None:
+        """Under cond: admit a request of count sequences, or refuse it with a 429.
+
+        Fair to large requests: when one is refused because its sequences do not fit beside those waiting, its
+        size is held (the largest refused size, if several): a smaller request is then admitted only if it
+        leaves that much room free, so the queue drains until the large one fits and its next retry is
+        admitted, however many small requests arrive meanwhile. The hold ends when a request at least that
+        large is admitted, or hold_s after the last refusal of one (a client that gave up keeps nothing for
+        long). So no request is kept out by a stream of smaller ones; equal ones take the room in turn."""
+        now = self.clock()
+        if self.reserved and now >= self.reserved_until:
+            self.reserved = 0
+        waiting = self.num_waiting
+        kept = self.reserved if count < self.reserved else 0  # (one as large as the held one may take its room)
+        if waiting + count + kept <= self.max_queue:
+            if count >= self.reserved:
+                self.reserved = 0
+            return
+        self.counts["rejected"] += 1
+        retry = {"Retry-After": str(RETRY_AFTER_S)}
+        if kept:
+            raise APIError(429, f"the server is busy: {waiting} sequences are waiting for a slot and {kept} places "
+                                f"are held for a larger request refused earlier, so this one's {count} do not fit "
+                                f"(max_queue={self.max_queue}); retry later", type="rate_limit_exceeded",
+                           code="queue_full", headers=retry)
+        self.reserved, self.reserved_until = count, now + self.hold_s  # (count >= any hold: takes or renews it)
+        raise APIError(429, f"the server is busy: {waiting} sequences are waiting for a slot and this request adds "
+                            f"{count} (max_queue={self.max_queue}); its room is held for its retry; retry later",
+                       type="rate_limit_exceeded", code="queue_full", headers=retry)
+
     def submit(self, prompts: list[list[int]], params: list[SamplingParams], cache_salt: str | None = None) -> Job:
         job = Job(prompts, params, asyncio.get_running_loop(), asyncio.Queue(), cache_salt=cache_salt)
         count = len(prompts)
         with self.cond:
             if not self.alive:
                 raise APIError(503, "the engine is not running", type="server_error")
-            waiting = self.num_waiting
-            if waiting + count > self.max_queue:
-                self.counts["rejected"] += 1
-                raise APIError(429, f"the server is busy: {waiting} sequences are waiting for a slot and this "
-                                    f"request adds {count} (max_queue={self.max_queue}); retry later",
-                               type="rate_limit_exceeded", code="queue_full")
+            self.admit(count)
             job.held = count
             self.in_flight += count
             self.held.add(job)
@@ -301,6 +345,8 @@ class EngineLoop:
         """Under cond, right after the engine changed: what runs, the cache, the engine's counters."""
         sched = self.llm.scheduler
         self.num_running = len(sched.running)
+        # a sequence the scheduler has admitted once has its prefix-hit count set; a preempted one keeps it
+        self.num_started = self.num_running + sum(s.num_prefix_hit is not None for s in sched.waiting)
         self.cache_usage = 1 - sched.blocks.num_free / sched.blocks.num_blocks
         self.engine_stats = dict(self.llm.stats)
 
@@ -355,17 +401,18 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
 
 
 def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue: int = 256,
-               max_seqs_per_request: int = 64) -> FastAPI:
+               max_seqs_per_request: int = 64, hold_s: float = HOLD_S) -> FastAPI:
     """An OpenAI-compatible app serving `llm` as `model_name`; runs the model once first (`warm_up`: a
     RuntimeError if it cannot run). The engine loop starts and stops with the app (its lifespan).
     api_key: required on /v1/* when given. max_queue: sequences (engine requests, one per prompt and choice)
-    that may wait for a slot; a request whose sequences do not fit beside those waiting gets a 429.
+    that may wait for a slot, not yet started; a request whose sequences do not fit beside those waiting gets a
+    429, and its room is then held for its retry for up to hold_s seconds (`EngineLoop.admit`).
     max_seqs_per_request: the most sequences (prompts x n) one request may hold; more is a 400."""
     if llm.tokenizer is None:
         raise ValueError("serving needs the model's tokenizer (tokenizer.json in the model directory)")
     tok = llm.tokenizer
     token_text = TokenText(tok)
-    engine = EngineLoop(llm, max_queue, max_seqs_per_request)
+    engine = EngineLoop(llm, max_queue, max_seqs_per_request, hold_s)
     warm_up(llm)
     blocks = llm.scheduler.blocks
     # the longest prompt + output a request may ask for: the context, and what the whole cache holds
@@ -388,7 +435,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
     # ---- errors: always OpenAI's shape, a 4xx for anything the client did -------------------------------------
     def error_response(e: APIError) -> JSONResponse:
         http_errors[e.status] += 1
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -687,6 +734,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
         with engine.cond:
             counts, stats = Counter(engine.counts), dict(engine.engine_stats)
             waiting, running, cache_usage = engine.num_waiting, engine.num_running, engine.cache_usage
+            preempted, reserved = engine.num_preempted, engine.reserved
         errors = dict(http_errors)
         lines: list[str] = []
 
@@ -708,10 +756,14 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
                [(f'{{status="{s}"}}', c) for s, c in sorted(errors.items())] or [('{status="none"}', 0)])
         metric("prompt_tokens_total", "counter", "Prompt tokens admitted.", counts["prompt_tokens"])
         metric("generation_tokens_total", "counter", "Tokens generated.", counts["generation_tokens"])
-        metric("num_requests_waiting", "gauge", "Engine requests (sequences: prompts x n) waiting for a slot.",
-               waiting)
+        metric("num_requests_waiting", "gauge", "Engine requests (sequences: prompts x n) waiting for a slot, not "
+               "yet started (at most max_queue).", waiting)
         metric("num_requests_running", "gauge", "Engine requests in the running batch.", running)
+        metric("num_requests_preempted", "gauge", "Engine requests started, then put back for lack of cache (they "
+               "resume before any waiting one).", preempted)
         metric("max_queue", "gauge", "Waiting sequences beyond which new requests get 429.", max_queue)
+        metric("queue_reserved", "gauge", "Queue places held for a request refused for lack of room, which "
+               "smaller requests may not take.", reserved)
         metric("max_seqs_per_request", "gauge", "The most sequences (prompts x n) one request may hold.",
                max_seqs_per_request)
         metric("max_num_seqs", "gauge", "The most requests decoded together.", llm.scheduler.max_num_seqs)

@@ -35,9 +35,10 @@ class APIError(Exception):
     rate_limit_exceeded (429), server_error (5xx)."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers  # sent with the response (a 429's Retry-After)
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
