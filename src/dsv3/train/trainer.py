@@ -416,9 +416,11 @@ class Trainer:
         if par is not None:
             self.dp_rank, self.dp = par.dp_rank, par.layout.dp
             if c.accumulation % self.dp:
+                hint = (f"; e.g. --micro-batch-size {c.batch_size // self.dp}" if c.batch_size % self.dp == 0
+                        else "")
                 raise ValueError(f"{c.accumulation} micro-batches per step (--batch-size {c.batch_size} / "
                                  f"--micro-batch-size {c.micro_batch_size}) do not split over {self.dp} "
-                                 "data-parallel ranks; choose a batch that does")
+                                 f"data-parallel ranks: each rank runs its own micro-batches{hint}")
             if par.layout.pp > 1:  # this rank's stages of the model: what it trains, checkpoints and clips
                 if objective is not None and not isinstance(objective, Pretraining):
                     raise ValueError("pipeline parallelism (--pp) runs the pretraining objective only")
