@@ -78,6 +78,7 @@ LAYOUTS = {  # name: (processes, flags)
     "tp2": (2, ["--tp", "2"]),
     **{f"pp2-{s}": (2, ["--pp", "2", "--pp-schedule", s]) for s in ("1f1b", "interleaved1f1b", "zbv", "dualpipev")},
     "pp2-dp2-ep2": (4, ["--pp", "2", "--ep", "2"]),  # FSDP over 2, experts split over 2, 2 stages: 4 processes
+    "pp2-tp2": (4, ["--pp", "2", "--tp", "2", "--pp-schedule", "dualpipev"]),  # overlap off under TP
 }
 
 

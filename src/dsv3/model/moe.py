@@ -308,12 +308,13 @@ class RoutingStats:
         if loss is not None:
             self.losses[moe] = loss
 
-    def loads(self, layers: list[MoE]) -> torch.Tensor:
+    def loads(self, layers: list[MoE], device: torch.device | None = None) -> torch.Tensor:
         """-> (len(layers), E) tokens routed to each expert of each layer; zeros for a layer this forward did
-        not run (the MTP modules' when only the main model ran)."""
+        not run (the MTP modules' when only the main model ran, another pipeline stage's), on `device`
+        (default: where the counts are)."""
         if not layers:
-            return torch.zeros(0, 0, dtype=torch.long)
-        device = next((c.device for c in self.counts.values()), None)
+            return torch.zeros(0, 0, dtype=torch.long, device=device)
+        device = device or next((c.device for c in self.counts.values()), None)
         return torch.stack([self.counts[m] if m in self.counts else
                             torch.zeros(m.n_experts, dtype=torch.long, device=device) for m in layers])
 

@@ -98,11 +98,11 @@ def _load_full(d: str, state: dict, model: nn.Module, optimizer: torch.optim.Opt
     order = [names[id(p)] for g in param_groups(whole, 0.0) for p in g["params"]]
     own = get_model_state_dict(model)
     with SafetensorsFile(os.path.join(d, "model.safetensors")) as sf:
-        missing, unexpected = set(own) - set(sf.keys()), set(whole.state_dict()) ^ set(sf.keys())
+        missing, mismatched = set(own) - set(sf.keys()), set(whole.state_dict()) ^ set(sf.keys())
         model_sd = {k: sf.read(k) for k in sf.keys() if k in own}
-    if missing or unexpected:
+    if missing or mismatched:
         raise ValueError(f"{d}: checkpoint does not match the model (missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}): was it made with other options?")
+                         f"not in both {sorted(mismatched)[:5]}): was it made with other options?")
     opt = state["optimizer"]
     if opt["num_params"] != len(order):
         raise ValueError(f"{d}: the optimizer state is for another set of parameters")
@@ -133,8 +133,10 @@ def full_model_state(model: nn.Module, pp_group=None) -> dict[str, torch.Tensor]
     parallelism each pipeline rank's stages, gathered over `pp_group`); None on the other ranks."""
     # cpu_offload keeps the gathered tensors on global rank 0 only: the other pipeline ranks need theirs
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=pp_group is None))
-    if pp_group is not None:
-        parts = [None] * dist.get_world_size(pp_group)
-        dist.all_gather_object(parts, {k: v.cpu() for k, v in sd.items()}, group=pp_group)
-        sd = {k: v for part in parts for k, v in part.items()}
+    if pp_group is not None:  # the stages of global rank 0's pipeline, gathered there
+        if 0 in dist.get_process_group_ranks(pp_group):
+            parts = [None] * dist.get_world_size(pp_group) if dist.get_rank() == 0 else None
+            dist.gather_object({k: v.cpu() for k, v in sd.items()}, parts, dst=0, group=pp_group)
+            if dist.get_rank() == 0:
+                sd = {k: v for part in parts for k, v in part.items()}
     return sd if dist.get_rank() == 0 else None

@@ -1,5 +1,6 @@
 """FSDP2 (`fully_shard`) for DeepSeek-V3: every parameter sharded over the data-parallel ranks, gathered one
-block at a time for its forward and backward, its gradient reduce-scattered back (ZeRO-3).
+block at a time for its forward and backward, its gradient reduce-scattered back (ZeRO-3). Under pipeline
+parallelism a stage's parameters stay gathered from its first forward to the end of the step.
 
 Units, innermost first (each `fully_shard` call takes the parameters not already in a unit below it):
 - the routed experts of each MoE layer, when expert parallelism holds them: sharded over "dp_mod_ep" only
@@ -22,15 +23,16 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from ..model.model import DeepSeekV3
 from .expert_parallel import is_expert_parallel
 from .mesh import Parallel
-from .pipeline import StageModel
+from .pipeline import StageModel, blocks_of
+
+# The experts' output is a view (model/moe.py's _ContiguousGrad); FSDP warns that an in-place op on it would
+# skip its backward hook. The dispatcher only reads it (index_select, all-to-all, index_add).
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP\w*Experts\) returned a view tensor")
 
 
 def apply_fsdp(model: DeepSeekV3 | StageModel, par: Parallel, param_dtype=None, reduce_dtype=None) -> None:
     """Shard `model` over par's data-parallel ranks (in place). param_dtype/reduce_dtype: FSDP's mixed
     precision (None: as the parameters; the trainer's bf16 runs autocast instead)."""
-    # The experts' output is a view (model/moe.py's _ContiguousGrad); FSDP warns that an in-place op on it
-    # would skip its backward hook. The dispatcher only reads it (index_select, all-to-all, index_add).
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP\w*Experts\) returned a view tensor")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     dp = par.layout.dp
     pipelined = not isinstance(model, DeepSeekV3)
@@ -38,9 +40,7 @@ def apply_fsdp(model: DeepSeekV3 | StageModel, par: Parallel, param_dtype=None, 
     # first forward to the end of the step (the schedule reshards them; torchtitan does the same), instead
     # of an all-gather per micro-batch; gradients are reduce-scattered once, after the last backward.
     opts = dict(mesh=par.dp_mesh, mp_policy=mp, reshard_after_forward=not pipelined)
-    layers = model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers
-    mtp = list(model.mtp.values() if isinstance(model.mtp, nn.ModuleDict) else model.mtp) if hasattr(model, "mtp") else []
-    for block in [*layers, *(m.block for m in mtp)]:
+    for block in blocks_of(model):
         if block.is_moe and is_expert_parallel(block.ffn):
             experts = fully_shard(block.ffn.experts, **dict(opts, mesh=par.dp_mod_ep_mesh))
             experts.set_gradient_divide_factor(dp)

@@ -149,7 +149,8 @@ def start(layout: Layout, device: str | None = None, timeout_s: float = 1800) ->
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
+        # on GPUs NCCL for CUDA tensors and gloo for the few CPU ones (logged numbers, flags)
+        backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     mesh = init_device_mesh(dev.type, (layout.pp, layout.dp // layout.ep, layout.ep, layout.tp),
                             mesh_dim_names=("pp", "dp_mod_ep", "ep", "tp"))

@@ -23,8 +23,10 @@ Figure 4). `overlap_forward_backward`, registered as the schedule's handler for 
 backward in a second thread while the forward runs here: one's all-to-all (and any communication) proceeds
 while the other computes. The two touch different stages and micro-batches, the backward's all-to-alls use
 a process group of their own (expert_parallel.py), so the results are those of the sequential handler, bit
-for bit (tests/test_parallel.py). On GPUs the same split would use two CUDA streams; in threads it needs no
-change to the model.
+for bit (tests/test_parallel.py, pp2 x ep2). Not with --recompute (a recomputed forward in the backward's
+thread would issue forward all-to-alls beside the forward's) nor with --tp (TP's all-reduces have no twin
+group): there the pairs run one after the other. Tested on CPU only; on GPUs the natural form is two CUDA
+streams, not threads.
 
 Every rank builds the whole model and keeps its stages' modules (the others are never run): simple, and
 enough for the models a CPU trains; on the meta device first for large ones is future work.
@@ -103,8 +105,8 @@ class StepContext:
 
 
 class Stage(nn.Module):
-    """One pipeline stage: `layers` of the model (names kept), with the embedding on the first and the last,
-    and norm, head and MTP modules on the last."""
+    """One pipeline stage: `layers` of the model (names kept), with the embedding on the first, and norm, head
+    and MTP modules on the last (the token embeddings the MTP modules read arrive with the hidden states)."""
 
     def __init__(self, model: DeepSeekV3, layers: range, first: bool, last: bool, ctx: StepContext):
         super().__init__()
@@ -179,6 +181,14 @@ class Stage(nn.Module):
         return loss
 
 
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a DeepSeekV3 or of a rank's StageModel: main layers, then MTP blocks."""
+    layers = model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers
+    mtp = getattr(model, "mtp", ())
+    mtp = mtp.values() if isinstance(mtp, nn.ModuleDict) else mtp
+    return [*layers, *(m.block for m in mtp)]
+
+
 class StageModel(nn.Module):
     """All the stages one rank holds, under the model's own names (embed, layers.N, norm, head, mtp.K): what
     the optimizer, FSDP, clipping and checkpoints see of the model on this rank."""
@@ -217,7 +227,13 @@ class Pipeline:
         self.n_microbatches, self.micro_batch, self.seq_len = n_microbatches, micro_batch, seq_len
         self.device = par.device
         self.schedule = None
-        self.overlap = layout.pp_overlap  # DualPipeV: run each paired forward and backward side by side
+        # DualPipeV: run each paired forward and backward side by side, where the collectives of the two stay
+        # on separate groups (not with recompute, nor TP: see the module docstring)
+        self.overlap = layout.pp_overlap and layout.tp == 1 and not model.recompute
+        self.overlapped_pairs = 0  # in the last step
+        if model.config.tie_word_embeddings:
+            raise ValueError("pipeline parallelism (--pp) with tie_word_embeddings: the embedding (first stage) and "
+                             "the head (last stage) would be two weights; train this model without --pp")
 
     def build_schedule(self) -> None:
         """After FSDP has wrapped the stages (the PipelineStages keep references to the modules)."""
@@ -240,7 +256,10 @@ class Pipeline:
         else:
             self.schedule = cls(pstages, n_microbatches=self.n_microbatches, loss_fn=loss_fn, scale_grads=True)
         if self.schedule_name == "dualpipev" and self.overlap:
-            self.schedule.register_custom_function(OVERLAP_F_B, overlap_forward_backward)
+            def overlap(action, ctx):
+                overlap_forward_backward(action, ctx, self.device)
+                self.overlapped_pairs += 1
+            self.schedule.register_custom_function(OVERLAP_F_B, overlap)
 
     @property
     def model_dim(self) -> int:
@@ -256,14 +275,9 @@ class Pipeline:
         mb = torch.arange(self.n_microbatches, device=batch.device).repeat_interleave(self.micro_batch)
         args = (ids,) if self.holds_first else ()
         target = labels if self.holds_last else None
-        self.schedule.overlapped_pairs = 0
+        self.overlapped_pairs = 0
         self.schedule.step(*args, target=target, return_outputs=False, ids=ids, labels=labels, mb=mb)
         return ctx.stats, ctx.terms
-
-    @property
-    def overlapped_pairs(self) -> int:
-        """Forward-backward pairs the last step ran side by side (DualPipeV with overlap)."""
-        return getattr(self.schedule, "overlapped_pairs", 0)
 
     @torch.no_grad()
     def evaluate_batch(self, batch: torch.Tensor, stats: RoutingStats | None) -> tuple[float, int]:
@@ -271,26 +285,26 @@ class Pipeline:
         the stages run in order, hidden states sent from rank to rank."""
         ids, labels = batch[:, :-1], batch[:, 1:]
         h = None
-        pp_ranks = self.par.pp_mesh.mesh.flatten().tolist()
-        result = torch.zeros(2, dtype=torch.float64)
+        result = torch.zeros(2, dtype=torch.float64, device=self.device)
+        dtype = torch.float32  # the residual stream's dtype (float32 weights; autocast keeps it float32)
         for s in range(self.n_stages):
             owner, prev = self.owners[s], self.owners[s - 1] if s else None
             if owner == self.pp_rank:
                 if s and prev != owner:
-                    h = torch.empty(ids.shape[0], ids.shape[1], self.model_dim, device=ids.device)
-                    dist.recv(h, src=pp_ranks[prev], group=None)
+                    h = torch.empty(ids.shape[0], ids.shape[1], self.model_dim, device=ids.device, dtype=dtype)
+                    dist.recv(h, group=self.group, group_src=prev)
                 h = self.stages[self.stage_ids.index(s)].evaluate(h, ids, stats)
                 if s == self.n_stages - 1:
                     logits = h
                     result[0] = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum").item()
                     result[1] = labels.numel()
             elif s and prev == self.pp_rank and owner != self.pp_rank:
-                dist.send(h.contiguous(), dst=pp_ranks[owner])
+                dist.send(h.contiguous(), group=self.group, group_dst=owner)
         dist.all_reduce(result, group=self.group)  # only the last stage's rank holds it
         return result[0].item(), int(result[1].item())
 
 
-def overlap_forward_backward(action, ctx) -> None:
+def overlap_forward_backward(action, ctx, device: torch.device) -> None:
     """The handler of DualPipeV's OVERLAP_F_B actions: the pair's backward (FULL_BACKWARD of one micro-batch on
     one stage) in a thread of its own, the forward (FORWARD of another on the other stage) in this one. Each
     does what the schedule's runtime does for that action alone (torch.distributed.pipelining's
@@ -303,6 +317,8 @@ def overlap_forward_backward(action, ctx) -> None:
 
     def run_backward():
         try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # a new thread starts on device 0
             with contextlib.ExitStack() as stack:
                 for mode in modes:
                     stack.enter_context(mode)
@@ -318,7 +334,6 @@ def overlap_forward_backward(action, ctx) -> None:
         thread.join()
     if failure:
         raise failure[0]
-    schedule.overlapped_pairs = getattr(schedule, "overlapped_pairs", 0) + 1
 
 
 def _forward(schedule, stages, action, ctx) -> None:

@@ -50,6 +50,7 @@ from torch.distributed.tensor.parallel import parallelize_module
 from ..config import ModelConfig
 from ..model.layers import Linear, MLP
 from ..model.model import Block, DeepSeekV3
+from .pipeline import blocks_of
 
 
 class _LinearStyle:
@@ -140,7 +141,7 @@ def apply_tp(model: DeepSeekV3, tp_mesh: DeviceMesh) -> None:
     in every block of the main model and of the MTP modules. See the module docstring for the plan."""
     tp = tp_mesh.size()
     check_tp(model.config, tp)
-    blocks = [*model.layers, *(m.block for m in model.mtp)]
+    blocks = blocks_of(model)  # a whole model's, or under pipeline parallelism this rank's stages'
     for block in blocks:
         plan = block_plan(block)
         for name, style in plan.items():

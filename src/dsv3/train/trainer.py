@@ -388,7 +388,8 @@ class Trainer:
         self.run_args = {k: getattr(c, k) for k in RUN_DEFINING}
         if state is not None:
             self._check_resume(state)
-        self.precision = resolve_precision(c.precision, device, None if state is None else saved_precision(state))
+        self.precision = self._agreed(  # measured on rank 0 alone (ranks timing at once could disagree)
+            lambda: resolve_precision(c.precision, device, None if state is None else saved_precision(state)))
 
         # ---- data, tokenizer, model, optimizer --------------------------------------------------------------
         if self.is_main:  # tokenizer and token cache written once, then read by the other ranks
@@ -428,14 +429,19 @@ class Trainer:
                 self.module = self.pipeline.module
             parallelize(self.module, par)  # after FP8 and before the optimizer: it replaces the parameters
             if self.pipeline is not None:
-                self.pipeline.build_schedule()
+                try:
+                    self.pipeline.build_schedule()
+                except ValueError as e:  # torch's rule on micro-batches per stage, in the terms of our flags
+                    raise ValueError(f"{e}: each rank runs --batch-size / --micro-batch-size / dp = "
+                                     f"{c.batch_size} / {c.micro_batch_size} / {self.dp} micro-batches per step; "
+                                     "a smaller --micro-batch-size gives more") from None
         self.optimizer = build_optimizer(self.module, lr=c.lr, weight_decay=c.weight_decay,
                                          bf16_moments=c.bf16_moments)
         self.objective = objective or Pretraining(c.steps, c.mtp_lambda, c.alpha)
         self.export = export
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if self.precision in ("bf16", "fp8")
                          else contextlib.nullcontext())
-        self.products = bf16_products(device, self.precision)
+        self.products = self._agreed(lambda: bf16_products(device, self.precision))  # measured on rank 0 alone
 
         # ---- resume ------------------------------------------------------------------------------------------
         self.global_step, self.samples, self.skipped = 0, 0, 0
@@ -497,7 +503,7 @@ class Trainer:
                 with self.autocast:
                     loss, terms = self.objective(model, batch, stats, step)  # forward and loss terms
                 (loss / mine).backward()  # FSDP averages the gradients over the dp ranks: 1 / accumulation
-            loads = loads + stats.loads(self.moe_layers)
+            loads = loads + stats.loads(self.moe_layers, self.device)
             _accumulate(logged, terms, mine)
         self.samples += c.batch_size
         if self.par is not None:  # every rank's share: loads and logged terms over all of them
@@ -538,7 +544,7 @@ class Trainer:
         with self.products, self.autocast:
             stats, terms = self.pipeline.step(batch, self.balance_loss, lam, self.objective.alpha)
         n = len(stats)
-        loads = sum(st.loads(self.moe_layers) for st in stats)
+        loads = sum(st.loads(self.moe_layers, self.device) for st in stats)
         bal = [st.balance_loss_sum() for st in stats]
         parts = torch.tensor([sum(t["loss"].item() for t in terms) / n if terms else 0.0,
                               sum(t["mtp_loss"].item() for t in terms if isinstance(t["mtp_loss"], torch.Tensor)) / n,
@@ -577,7 +583,7 @@ class Trainer:
                 stats = RoutingStats()
                 b = self.val_data.batch(start, min(c.micro_batch_size, count - start)).to(self.device)
                 loss_sum, tokens = self.pipeline.evaluate_batch(b, stats)
-                total, n, loads = total + loss_sum, n + tokens, loads + stats.loads(self.moe_layers)
+                total, n, loads = total + loss_sum, n + tokens, loads + stats.loads(self.moe_layers, self.device)
         finally:
             self.module.train()
         dist.all_reduce(loads, group=self.pipeline.group)
@@ -607,6 +613,14 @@ class Trainer:
             whole.generation_config = getattr(self.model, "generation_config", None)
             self.export(whole, self.run_dir, self.tok, self.global_step)
         self._barrier()
+
+    def _agreed(self, decide):
+        """decide() on rank 0, its answer on every rank (one process: decide())."""
+        if self.par is None:
+            return decide()
+        box = [decide() if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def _barrier(self) -> None:
         if self.par is not None:
