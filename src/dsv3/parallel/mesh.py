@@ -26,7 +26,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-PP_SCHEDULES = ("1f1b", "interleaved1f1b", "zbv", "dualpipev")
+# --pp-schedule: (torch.distributed.pipelining's class, stages per rank, placement: "loop" puts stage s on rank
+# s % pp, "v" on rank s for the first pp stages and back down for the rest, so rank 0 holds first and last)
+PP_SCHEDULES = {
+    "1f1b": ("Schedule1F1B", 1, "loop"),
+    "interleaved1f1b": ("ScheduleInterleaved1F1B", 2, "loop"),
+    "zbv": ("ScheduleZBVZeroBubble", 2, "v"),
+    "dualpipev": ("ScheduleDualPipeV", 2, "v"),
+}
 
 
 @dataclass(frozen=True)

@@ -42,28 +42,23 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleDualPipeV, ScheduleInterleaved1F1B,
-                                          ScheduleZBVZeroBubble)
+import torch.distributed.pipelining as pipelining
+from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import OVERLAP_F_B, _wait_batch_p2p
 
 from ..model.model import DeepSeekV3
 from ..model.moe import MoE, RoutingStats
 from ..model.mtp import mtp_loss
-from .mesh import Parallel
-
-SCHEDULES = {"1f1b": Schedule1F1B, "interleaved1f1b": ScheduleInterleaved1F1B, "zbv": ScheduleZBVZeroBubble,
-             "dualpipev": ScheduleDualPipeV}
-V_SHAPED = ("zbv", "dualpipev")
-
+from .mesh import PP_SCHEDULES, Parallel
 
 def stages_per_rank(schedule: str) -> int:
-    return 1 if schedule == "1f1b" else 2
+    return PP_SCHEDULES[schedule][1]
 
 
 def stage_ranks(pp: int, schedule: str) -> list[int]:
-    """-> the pp rank holding each stage."""
+    """-> the pp rank holding each stage, as torch's schedules place them (mesh.PP_SCHEDULES)."""
     n = pp * stages_per_rank(schedule)
-    if schedule in V_SHAPED:
+    if PP_SCHEDULES[schedule][2] == "v":
         return [s if s < pp else n - 1 - s for s in range(n)]
     return [s % pp for s in range(n)]
 
@@ -249,7 +244,7 @@ class Pipeline:
                            if sid == self.n_stages - 1 else hidden)
             pstages.append(PipelineStage(stage, sid, self.n_stages, self.device, input_args=example_in,
                                          output_args=example_out, group=self.group))
-        cls = SCHEDULES[self.schedule_name]
+        cls = getattr(pipelining, PP_SCHEDULES[self.schedule_name][0])
         loss_fn = _stage_loss
         if self.schedule_name == "1f1b":
             self.schedule = cls(pstages[0], n_microbatches=self.n_microbatches, loss_fn=loss_fn, scale_grads=True)

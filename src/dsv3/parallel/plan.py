@@ -51,6 +51,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import PRESETS, ModelConfig
+from .mesh import PP_SCHEDULES
 
 GiB = 1024 ** 3
 BF16, FP32, INT64 = 2, 4, 8
@@ -58,13 +59,7 @@ FP8_TILE = 1 + 4 / 128  # an e4m3 byte plus one FP32 scale per 1x128 tile (§3.3
 E5M6_TILE = 1.5 + 4 / 128  # the attention output (o_proj's input): 12 bits plus a scale per tile (§3.3.2)
 OPTIMIZER_BYTES = FP32 + 2 * BF16  # FP32 master weights + AdamW moments in BF16 (§3.3.3)
 
-# (torch class name, stages per rank, how torch places stages on ranks)
-SCHEDULES = {
-    "1f1b": ("Schedule1F1B", 1, "loop"),
-    "interleaved1f1b": ("ScheduleInterleaved1F1B", 2, "loop"),
-    "zbv": ("ScheduleZBVZeroBubble", 2, "v"),
-    "dualpipev": ("ScheduleDualPipeV", 2, "v"),
-}
+SCHEDULES = PP_SCHEDULES  # (torch class name, stages per rank, how torch places stages on ranks): mesh.py's
 
 # What the V3 report states about its own run (arXiv 2412.19437), printed beside the plan's figures.
 REPORT = {
@@ -285,10 +280,10 @@ def split_layers(cfg: ModelConfig, n_stages: int, seq_len: int, placement: dict[
 
 
 def stage_to_rank(layout: Layout) -> dict[int, int]:
-    """Where torch's schedule puts each stage (its own placement function)."""
-    from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
+    """Where torch's schedule puts each stage, as `dsv3 train` builds its stages (pipeline.stage_ranks)."""
+    from .pipeline import stage_ranks
 
-    return generate_stage_to_rank_mapping(layout.pp, layout.n_stages, style=SCHEDULES[layout.schedule][2])
+    return dict(enumerate(stage_ranks(layout.pp, layout.schedule)))
 
 
 # ---- parameters per rank, from the model on the meta device ---------------------------------------------
