@@ -262,6 +262,12 @@ def read_checkpoint_state(run_dir: str, step: int) -> dict:
         return json.load(f)
 
 
+def read_run_state(run_dir: str) -> tuple[list[int], dict | None]:
+    """-> the steps of the run's checkpoints and the newest one's state.json (None for a new run)."""
+    saved = list_checkpoints(run_dir)
+    return saved, (read_checkpoint_state(run_dir, saved[-1]) if saved else None)
+
+
 def hash_text(s: str) -> str:
     return hashlib.sha256(s.encode()).hexdigest()
 
@@ -372,8 +378,8 @@ class Trainer:
         self._barrier()
 
         # ---- what a resumed run was; else what a new one starts from --------------------------------------------
-        saved = list_checkpoints(run_dir)
-        state = read_checkpoint_state(run_dir, saved[-1]) if saved else None
+        # read by rank 0 alone and shared: on a network filesystem ranks could see different directories
+        saved, state = self._agreed(lambda: read_run_state(run_dir))
         source = None  # the init_from model, for a new run only: a resumed one reads its checkpoint
         if state is not None and config.init_from:
             if "model_config" not in state:
@@ -451,7 +457,7 @@ class Trainer:
             else:
                 state = load_checkpoint(run_dir, saved[-1], model, self.optimizer)
             self.global_step, self.samples, self.skipped = state["step"], state["samples"], state.get("skipped", 0)
-            if exported_step(run_dir) != self.global_step:  # stopped between its last checkpoint and its export
+            if self._agreed(lambda: exported_step(run_dir)) != self.global_step:  # stopped before its export
                 print(f"exporting checkpoint {self.global_step} to {run_dir} (the model there was not that "
                       "checkpoint's)")
                 self._export()
@@ -494,17 +500,18 @@ class Trainer:
         logged, loads = {}, 0
         mine = c.accumulation // self.dp  # with data parallelism each rank runs every dp-th micro-batch
         starts = [self.samples + (i * self.dp + self.dp_rank) * c.micro_batch_size for i in range(mine)]
-        if self.pipeline is not None:
+        if self.pipeline is not None:  # the schedule runs them, through this rank's stages
             loads, logged = self._pipeline_step(starts, step)
-        for start in starts if self.pipeline is None else ():
-            batch = self.train_data.batch(start, c.micro_batch_size).to(self.device)
-            stats = RoutingStats(self.balance_loss)  # this micro-batch's expert loads and balance losses
-            with self.products:  # forward and backward: how BF16 products are taken on this device
-                with self.autocast:
-                    loss, terms = self.objective(model, batch, stats, step)  # forward and loss terms
-                (loss / mine).backward()  # FSDP averages the gradients over the dp ranks: 1 / accumulation
-            loads = loads + stats.loads(self.moe_layers, self.device)
-            _accumulate(logged, terms, mine)
+        else:
+            for start in starts:
+                batch = self.train_data.batch(start, c.micro_batch_size).to(self.device)
+                stats = RoutingStats(self.balance_loss)  # this micro-batch's expert loads and balance losses
+                with self.products:  # forward and backward: how BF16 products are taken on this device
+                    with self.autocast:
+                        loss, terms = self.objective(model, batch, stats, step)  # forward and loss terms
+                    (loss / mine).backward()  # FSDP averages the gradients over the dp ranks: 1 / accumulation
+                loads = loads + stats.loads(self.moe_layers, self.device)
+                _accumulate(logged, terms, mine)
         self.samples += c.batch_size
         if self.par is not None:  # every rank's share: loads and logged terms over all of them
             loads, logged = sum_over_dp(loads, self.par), mean_over_dp(logged, self.par)
