@@ -36,27 +36,38 @@ class LossResult:
 
 @torch.no_grad()
 def next_token_loss(model: DeepSeekV3, data: PackedSequences, max_sequences: int | None, batch_size: int,
-                    device: torch.device | str, count_loads: bool = False) -> LossResult:
+                    device: torch.device | str, count_loads: bool = False, score=None,
+                    layers: list | None = None) -> LossResult:
     """The mean next-token loss over the first `max_sequences` sequences of `data` (all when None), in
     batches of `batch_size`, in float32 logits; with count_loads, the expert loads of those forwards too.
-    The model is put in eval mode and returned to the mode it was in."""
+    The model is put in eval mode and returned to the mode it was in.
+
+    score(batch, stats) -> (summed loss, tokens) replaces the model's forward (a pipeline runs it through its
+    stages: parallel/pipeline.py); `layers` are the MoE layers whose loads are counted (default: the model's)."""
     was_training = model.training
     model.eval()
-    layers = moe_layers(model)
+    layers = moe_layers(model) if layers is None else layers
+    score = score or (lambda b, stats: _scored(model, b, stats))
     count = data.num_sequences if max_sequences is None else min(max_sequences, data.num_sequences)
     total, n, loads = 0.0, 0, None
     try:
         for start in range(0, count, batch_size):
             b = data.batch(start, min(batch_size, count - start)).to(device)
             stats = RoutingStats() if count_loads else None
-            logits = model(b[:, :-1], stats=stats)
-            total += F.cross_entropy(logits.flatten(0, 1).float(), b[:, 1:].flatten(), reduction="sum").item()
-            n += b[:, 1:].numel()
+            loss_sum, tokens = score(b, stats)
+            total, n = total + loss_sum, n + tokens
             if stats is not None:
-                loads = stats.loads(layers) + (0 if loads is None else loads)
+                loads = stats.loads(layers, b.device) + (0 if loads is None else loads)
     finally:
         model.train(was_training)
     return LossResult(loss=total / max(n, 1), tokens=n, sequences=count, loads=loads)
+
+
+def _scored(model: DeepSeekV3, batch_BT: torch.Tensor, stats: RoutingStats | None) -> tuple[float, int]:
+    """The summed next-token cross-entropy of a batch of T tokens a sequence (T - 1 predicted), and its count."""
+    logits = model(batch_BT[:, :-1], stats=stats)
+    labels = batch_BT[:, 1:]
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum").item(), labels.numel()
 
 
 def bits_per_byte(loss: float, tokens_per_byte: float) -> float:

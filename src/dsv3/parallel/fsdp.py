@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import warnings
 
-from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from ..model.model import DeepSeekV3

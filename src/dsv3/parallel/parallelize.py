@@ -20,7 +20,6 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from ..model.model import DeepSeekV3

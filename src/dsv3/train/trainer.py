@@ -580,21 +580,14 @@ class Trainer:
                 "unigram_entropy": self.data_info["unigram_entropy"]}
 
     def _pipeline_evaluate(self) -> LossResult:
-        """next_token_loss through the pipeline's stages (every rank runs the same batches)."""
+        """next_token_loss through the pipeline's stages (every rank runs the same batches), the expert loads
+        summed over the pipeline ranks (each counts its own stages' layers)."""
         c = self.config
-        count = min(c.eval_batches * c.micro_batch_size, self.val_data.num_sequences)
-        total, n, loads = 0.0, 0, 0
-        self.module.eval()
-        try:
-            for start in range(0, count, c.micro_batch_size):
-                stats = RoutingStats()
-                b = self.val_data.batch(start, min(c.micro_batch_size, count - start)).to(self.device)
-                loss_sum, tokens = self.pipeline.evaluate_batch(b, stats)
-                total, n, loads = total + loss_sum, n + tokens, loads + stats.loads(self.moe_layers, self.device)
-        finally:
-            self.module.train()
-        dist.all_reduce(loads, group=self.pipeline.group)
-        return LossResult(loss=total / max(n, 1), tokens=n, sequences=count, loads=loads)
+        r = next_token_loss(self.module, self.val_data, c.eval_batches * c.micro_batch_size, c.micro_batch_size,
+                            self.device, count_loads=True, score=self.pipeline.evaluate_batch,
+                            layers=self.moe_layers)
+        dist.all_reduce(r.loads, group=self.pipeline.group)
+        return r
 
     def save(self) -> None:
         """Checkpoint the whole training state (atomically), then export its weights as the run's model."""
