@@ -65,9 +65,13 @@ def next_token_loss(model: DeepSeekV3, data: PackedSequences, max_sequences: int
 
 def _scored(model: DeepSeekV3, batch_BT: torch.Tensor, stats: RoutingStats | None) -> tuple[float, int]:
     """The summed next-token cross-entropy of a batch of T tokens a sequence (T - 1 predicted), and its count."""
-    logits = model(batch_BT[:, :-1], stats=stats)
-    labels = batch_BT[:, 1:]
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum").item(), labels.numel()
+    return summed_cross_entropy(model(batch_BT[:, :-1], stats=stats), batch_BT[:, 1:])
+
+
+def summed_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[float, int]:
+    """-> (the cross-entropy summed over the positions, in float32 logits; the number of positions)."""
+    return (F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), reduction="sum").item(),
+            labels_BT.numel())
 
 
 def bits_per_byte(loss: float, tokens_per_byte: float) -> float:

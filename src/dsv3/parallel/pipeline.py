@@ -48,6 +48,7 @@ from torch.distributed.pipelining.schedules import OVERLAP_F_B, _wait_batch_p2p
 
 from ..model.model import DeepSeekV3
 from ..model.moe import MoE, RoutingStats
+from ..eval.bpb import summed_cross_entropy
 from ..model.mtp import mtp_loss
 from .mesh import PP_SCHEDULES, Parallel
 
@@ -244,12 +245,10 @@ class Pipeline:
                            if sid == self.n_stages - 1 else hidden)
             pstages.append(PipelineStage(stage, sid, self.n_stages, self.device, input_args=example_in,
                                          output_args=example_out, group=self.group))
-        cls = getattr(pipelining, PP_SCHEDULES[self.schedule_name][0])
-        loss_fn = _stage_loss
-        if self.schedule_name == "1f1b":
-            self.schedule = cls(pstages[0], n_microbatches=self.n_microbatches, loss_fn=loss_fn, scale_grads=True)
-        else:
-            self.schedule = cls(pstages, n_microbatches=self.n_microbatches, loss_fn=loss_fn, scale_grads=True)
+        cls_name, per_rank, _ = PP_SCHEDULES[self.schedule_name]
+        self.schedule = getattr(pipelining, cls_name)(pstages[0] if per_rank == 1 else pstages,  # single or multi
+                                                      n_microbatches=self.n_microbatches, loss_fn=_stage_loss,
+                                                      scale_grads=True)
         if self.schedule_name == "dualpipev" and self.overlap:
             def overlap(action, ctx):
                 overlap_forward_backward(action, ctx, self.device)
@@ -289,10 +288,8 @@ class Pipeline:
                     h = torch.empty(ids.shape[0], ids.shape[1], self.model_dim, device=ids.device, dtype=dtype)
                     dist.recv(h, group=self.group, group_src=prev)
                 h = self.stages[self.stage_ids.index(s)].evaluate(h, ids, stats)
-                if s == self.n_stages - 1:
-                    logits = h
-                    result[0] = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum").item()
-                    result[1] = labels.numel()
+                if s == self.n_stages - 1:  # h: the logits
+                    result[0], result[1] = summed_cross_entropy(h, labels)
             elif s and prev == self.pp_rank and owner != self.pp_rank:
                 dist.send(h.contiguous(), group=self.group, group_dst=owner)
         dist.all_reduce(result, group=self.group)  # only the last stage's rank holds it
