@@ -327,6 +327,24 @@ def _train(args) -> None:
     train_main(args)
 
 
+def _add_post_training(sub) -> None:
+    """sft, distill, grpo (train/) and tasks (data/tasks.py): each module's add_args and main."""
+    for name, module, help_ in (
+            ("sft", "sft", "supervised fine-tuning on chat records or a built-in task (resumable)"),
+            ("distill", "distill", "a teacher answers prompts; the verified answers become SFT records"),
+            ("grpo", "grpo", "GRPO with rule-based rewards, rollouts by dsv3's engine (resumable)"),
+            ("tasks", None, "write a built-in task's prompts or SFT records as JSONL")):
+        if module is None:
+            from .data import tasks as mod
+        else:
+            import importlib
+            mod = importlib.import_module(f".train.{module}", __package__)
+        p = sub.add_parser(name, help=help_, description=mod.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_args(p)
+        p.set_defaults(func=lambda args, main=mod.main: main(args))
+
+
 def _add_experiment(sub) -> None:
     from .train import experiment, fp8_experiment
     p = sub.add_parser("experiment", help="small-scale experiments from the papers (balance, fp8)",
@@ -403,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_train(sub)
+    _add_post_training(sub)
     _add_generate(sub)
     _add_serve(sub)
     _add_bench(sub)

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..ckpt.pretrained import load_pretrained
+from ..model.layers import RMSNorm
 from ..model.model import DeepSeekV3
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from . import cpu_kernels as cpu_kernels_lib
@@ -205,6 +206,21 @@ class LLM:
         if self.tokenizer is not None:
             add(self.tokenizer.eos_token_id)
         return ids
+
+    def refresh_weights(self) -> None:
+        """The model's weights changed in place (an optimizer step on the live policy, as GRPO's rollouts take
+        them: no copy of the model): recompute what the engine derived from them, the absorbed W_UK / W_UV and
+        the norms' cached factors, re-pack any projection whose parameters were replaced, and forget the prefix
+        cache, whose rows the old weights computed. Between generate() calls only."""
+        if self.has_unfinished():
+            raise RuntimeError("refresh_weights() with requests still running; call it between generate() calls")
+        self.model.eval()
+        self.model.pack_projections()  # a no-op for packs still intact (an in-place update keeps them so)
+        for module in self.model.modules():
+            if isinstance(module, RMSNorm):
+                module.forget_cached()
+        self.runner.absorb_weights()
+        self.scheduler.blocks.forget_prefixes()
 
     # ---- facts -----------------------------------------------------------------------------------------
     @property

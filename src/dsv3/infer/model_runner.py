@@ -237,9 +237,14 @@ class ModelRunner:
         self.absorb_max_queries = absorb_max_queries  # steps feeding at most this many tokens per sequence
         # W_UK (H, P, C) and W_UV^T (H, C, V) per attention module (dequantised once if FP8)
         self.absorbed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        cfg = self.config
-        dtype = model.dtype
-        blocks = list(model.layers) + [m.block for m in model.mtp]
+        self.absorb_weights()
+
+    @torch.no_grad()
+    def absorb_weights(self) -> None:
+        """W_UK and W_UV^T of every attention module, taken from wkv_b as it is now (again after the weights
+        changed: a training step on the live model, see LLM.refresh_weights)."""
+        cfg, dtype = self.config, self.model.dtype
+        blocks = list(self.model.layers) + [m.block for m in self.model.mtp]
         for i, block in enumerate(blocks):
             w = block.attn.wkv_b.dense_weight(dtype).view(cfg.num_attention_heads, -1, cfg.kv_lora_rank)
             self.absorbed[i] = (w[:, : cfg.qk_nope_head_dim].contiguous(),

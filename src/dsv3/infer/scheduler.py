@@ -173,6 +173,15 @@ class BlockManager:
                 self.registry[key], self.key_of[block] = block, key
             seq.num_committed = b + 1
 
+    def forget_prefixes(self) -> None:
+        """Drop every registered prefix (the weights that computed their rows have changed): blocks held by no
+        one become free, blocks still held stay with their sequences but are no longer found by others."""
+        for block in self.evictable:
+            self.free.append(block)
+        self.evictable.clear()
+        self.registry.clear()
+        self.key_of.clear()
+
     def release(self, seq: Sequence) -> None:
         """seq lets go of its blocks. Registered ones nobody else holds stay cached, its last blocks first in
         line for eviction (a prefix's first blocks are the likeliest to be asked for again)."""

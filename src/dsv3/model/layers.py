@@ -173,6 +173,10 @@ class RMSNorm(nn.Module):
         # lower precision: normalise in float32, round, then scale (as the reference implementations do)
         return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
+    def forget_cached(self) -> None:
+        """Drop the cached factor (the weight changed in place without a version bump)."""
+        self._cpu_consts, self._cpu_consts_key = None, None
+
     def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
         """The same in 4 ops: on CPUs F.rms_norm is a composite of 6 (pow, mean, add, rsqrt, mul, mul) whose
         mean alone costs three elementwise ops, and a decode step runs 17 norms or more on a few rows.

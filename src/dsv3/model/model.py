@@ -216,7 +216,10 @@ class DeepSeekV3(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                       mask: torch.Tensor | None = None, stats: RoutingStats | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> the final-normed hidden states (B, T, D) that the head maps to logits."""
+        """input_ids (B, T) -> the final-normed hidden states (B, T, D) that the head maps to logits.
+        positions: (T,) or (B, T) (default 0..T-1); mask: None for causal, else boolean (B, 1, T, T), True where
+        attention is allowed. Packed training rows pass both: positions restarting at each packed sample and a
+        block-diagonal causal mask, so no sample sees another."""
         self._check_input(input_ids)
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -235,25 +238,29 @@ class DeepSeekV3(nn.Module):
                 mask: torch.Tensor | None = None, stats: RoutingStats | None = None) -> torch.Tensor:
         return self.head(self.hidden_states(input_ids, positions, mask, stats))
 
-    def mtp_hidden_states(self, h: torch.Tensor, input_ids: torch.Tensor,
-                          stats: RoutingStats | None = None) -> list[torch.Tensor]:
+    def mtp_hidden_states(self, h: torch.Tensor, input_ids: torch.Tensor, stats: RoutingStats | None = None,
+                          positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Run the MTP modules in sequence from the main model's hidden states h (B, T, D). Module k returns
-        (B, T-k, D): position i sees tokens up to i+k and predicts token i+k+1."""
+        (B, T-k, D): position i sees tokens up to i+k and predicts token i+k+1. positions and mask as the main
+        model's (packed sequences), cut to the first T-k positions."""
         T = input_ids.shape[1]
         outs = []
         for k, module in enumerate(self.mtp, start=1):
             if T - k <= 0:
                 break
-            freqs = self.rope(torch.arange(T - k, device=input_ids.device))
-            h = self._run(module, h[:, :T - k], self.embed(input_ids[:, k:]), freqs, None, stats)
+            pos = torch.arange(T - k, device=input_ids.device) if positions is None else positions[..., :T - k]
+            m = None if mask is None else mask[..., :T - k, :T - k]
+            h = self._run(module, h[:, :T - k], self.embed(input_ids[:, k:]), self.rope(pos), m, stats)
             outs.append(h)
         return outs
 
-    def forward_with_mtp(self, input_ids: torch.Tensor,
-                         stats: RoutingStats | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """-> (main logits (B, T, V), [MTP module k's logits (B, T-k, V) for k = 1..D]), one pass."""
-        h = self.hidden_states(input_ids, stats=stats)
-        mtp_h = self.mtp_hidden_states(h, input_ids, stats)
+    def forward_with_mtp(self, input_ids: torch.Tensor, stats: RoutingStats | None = None,
+                         positions: torch.Tensor | None = None,
+                         mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """-> (main logits (B, T, V), [MTP module k's logits (B, T-k, V) for k = 1..D]), one pass. positions
+        (T,) or (B, T) and mask (B, 1, T, T) for packed sequences (see `hidden_states`)."""
+        h = self.hidden_states(input_ids, positions, mask, stats)
+        mtp_h = self.mtp_hidden_states(h, input_ids, stats, positions, mask)
         return self.head(h), [self.head(m.norm(hk)) for m, hk in zip(self.mtp, mtp_h)]
 
     def pack_projections(self) -> "DeepSeekV3":

@@ -37,3 +37,22 @@ def gamma_at(step: int, total: int, gamma: float) -> float:
 
 def mtp_lambda_at(step: int, total: int, first: float = 0.3, then: float = 0.1) -> float:
     return first if step / max(total, 1) < MTP_SWITCH else then
+
+
+LR_SCHEDULES = ("v3", "cosine", "constant")
+
+
+def lr_for(schedule: str, step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -> float:
+    """The learning rate of a named schedule (step 0-based), each after a linear warmup:
+    "v3": pretraining's (`lr_at`); "cosine": cosine decay to floor x peak over the run (V3's SFT: 5e-6 -> 1e-6,
+    floor 0.2); "constant": the peak throughout (TRL's GRPO runs without decay are this)."""
+    if schedule == "v3":
+        return lr_at(step, total, peak, warmup)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
+    if schedule == "cosine":
+        t = (step - warmup) / max(total - warmup, 1)
+        return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")

@@ -47,7 +47,7 @@ from . import balance, cpu
 from .metrics import MetricsLog, plot_run, read_metrics
 from .objectives import Pretraining
 from .optim import build_optimizer
-from .schedules import default_warmup, gamma_at, lr_at, mtp_lambda_at
+from .schedules import default_warmup, gamma_at, lr_for, mtp_lambda_at
 
 # options that define a run: resuming with different values would not continue the same run
 RUN_DEFINING = ("preset", "seed", "data", "tokenizer", "seq_len", "batch_size", "micro_batch_size", "balance",
@@ -91,6 +91,8 @@ class TrainConfig:
     warmup_steps: int | None = None  # None: 5% of the steps, at most 2000
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    lr_schedule: str = "v3"  # v3 (pretraining's warmup-constant-cosine) | cosine (to lr_floor x lr) | constant
+    lr_floor: float = 0.1  # the cosine schedule's end, as a fraction of the peak
     bf16_moments: bool = False  # AdamW's moments in BF16 (as V3)
     init_std: float = 0.006  # weight init std (V3: 0.006); with init_from, for new MTP modules only
     recompute: bool = False  # recompute each block in backward
@@ -302,6 +304,40 @@ def prepare_data(c: TrainConfig, run_dir: str):
     return tok, train, val, info
 
 
+class CorpusData:
+    """What a Trainer reads and how it evaluates, for pretraining: a text corpus packed into sequences
+    (`prepare_data`), validation loss and bits per byte. Post-training brings its own (sft.py, grpo.py), with
+    the same methods:
+
+        prepare(config, run_dir) -> (tokenizer, train, val, info)   # train.batch(start, size) -> a batch
+        attach(trainer)                                             # once the model is built (optional)
+        evaluate(trainer) -> dict                                   # the figures logged at eval steps
+    """
+
+    def prepare(self, c: TrainConfig, run_dir: str):
+        tok, train_tokens, val_tokens, info = prepare_data(c, run_dir)
+        return (tok, PackedSequences(train_tokens, c.seq_len, c.seed),
+                PackedSequences(val_tokens, c.seq_len, c.seed, shuffle=False), info)
+
+    def attach(self, trainer: "Trainer") -> None:
+        pass
+
+    def evaluate(self, trainer: "Trainer") -> dict:
+        """Validation loss and bits per byte over the first eval_batches batches, and the expert loads' MaxVio
+        over all of them (eval/bpb.py)."""
+        c, info = trainer.config, trainer.data_info
+        with trainer.products:
+            if trainer.pipeline is None:
+                r = next_token_loss(trainer.model, trainer.val_data, c.eval_batches * c.micro_batch_size,
+                                    c.micro_batch_size, trainer.device, count_loads=True)
+            else:
+                r = trainer._pipeline_evaluate()
+        tokens_per_byte = info["val_tokens"] / max(info["val_bytes"], 1)
+        return {"val_loss": r.loss, "val_bpb": bits_per_byte(r.loss, tokens_per_byte),
+                "maxvio_global": balance.maxvio(r.loads).nanmean().item(),
+                "unigram_entropy": info["unigram_entropy"]}
+
+
 def model_config(c: TrainConfig, tok: Tokenizer, source: ModelConfig | None) -> ModelConfig:
     """The model a new run trains: the preset's, sized to the tokenizer, or the `source` model's (init_from);
     either with the options that may change it (sequence length, MTP depth, rope scaling)."""
@@ -355,9 +391,11 @@ class Trainer:
     """Runs a TrainConfig: `fit()` trains the steps left and returns a summary; `step()` is one step.
 
     objective(model, batch, stats, step) -> (loss, terms) (objectives.py; default: V3 pretraining).
-    export(model, run_dir, tokenizer, step) writes the run directory's model after each checkpoint."""
+    export(model, run_dir, tokenizer, step) writes the run directory's model after each checkpoint.
+    data: what the run reads and how it is evaluated (`CorpusData`, the default: pretraining).
+    config.RUN_DEFINING (a class attribute, optional) names the options a resumed run must keep."""
 
-    def __init__(self, config: TrainConfig, objective=None, export=export_model):
+    def __init__(self, config: TrainConfig, objective=None, export=export_model, data=None):
         run_dir = self.run_dir = config.out
         if config.init_from and os.path.realpath(config.init_from) == os.path.realpath(run_dir):
             raise ValueError(f"--init-from and --out are the same directory ({run_dir}): to continue that run, "
@@ -391,20 +429,19 @@ class Trainer:
         else:
             max_positions = None
         self.config = c = config.with_defaults(max_positions)
-        self.run_args = {k: getattr(c, k) for k in RUN_DEFINING}
+        self.run_args = {k: getattr(c, k) for k in getattr(c, "RUN_DEFINING", RUN_DEFINING)}
         if state is not None:
             self._check_resume(state)
         self.precision = self._agreed(  # measured on rank 0 alone (ranks timing at once could disagree)
             lambda: resolve_precision(c.precision, device, None if state is None else saved_precision(state)))
 
         # ---- data, tokenizer, model, optimizer --------------------------------------------------------------
+        self.data = data or CorpusData()
         if self.is_main:  # tokenizer and token cache written once, then read by the other ranks
-            self.tok, train_tokens, val_tokens, self.data_info = prepare_data(c, run_dir)
+            self.tok, self.train_data, self.val_data, self.data_info = self.data.prepare(c, run_dir)
         self._barrier()
         if not self.is_main:
-            self.tok, train_tokens, val_tokens, self.data_info = prepare_data(c, run_dir)
-        self.train_data = PackedSequences(train_tokens, c.seq_len, c.seed)
-        self.val_data = PackedSequences(val_tokens, c.seq_len, c.seed, shuffle=False)
+            self.tok, self.train_data, self.val_data, self.data_info = self.data.prepare(c, run_dir)
         if state is not None and c.init_from:
             mconfig = ModelConfig.from_hf(state["model_config"])
         else:
@@ -444,6 +481,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.module, lr=c.lr, weight_decay=c.weight_decay,
                                          bf16_moments=c.bf16_moments)
         self.objective = objective or Pretraining(c.steps, c.mtp_lambda, c.alpha)
+        if getattr(self.objective, "alpha", 0) is None:  # an objective built before the run's defaults were known
+            self.objective.alpha = c.alpha
         self.export = export
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if self.precision in ("bf16", "fp8")
                          else contextlib.nullcontext())
@@ -473,7 +512,7 @@ class Trainer:
                 "accumulation": c.accumulation, "warmup_steps": c.warmup_steps, "alpha": c.alpha,
                 "layout": None if par is None else dataclasses.asdict(par.layout)})
         self.tokens_per_step = c.batch_size * c.seq_len
-        self.val_tokens_per_byte = self.data_info["val_tokens"] / max(self.data_info["val_bytes"], 1)
+        self.data.attach(self)
 
     def _check_resume(self, state: dict) -> None:
         """Refuse to resume with options that would make another run (its precision included)."""
@@ -493,7 +532,7 @@ class Trainer:
         clip -> optimizer -> balancing-bias update -> log, evaluate, save. -> the metrics record it wrote."""
         c, step, model = self.config, self.global_step, self.model
         t0 = time.perf_counter()
-        lr = lr_at(step, c.steps, c.lr, c.warmup_steps)
+        lr = lr_for(c.lr_schedule, step, c.steps, c.lr, c.warmup_steps, c.lr_floor)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         model.train()
@@ -503,8 +542,10 @@ class Trainer:
         if self.pipeline is not None:  # the schedule runs them, through this rank's stages
             loads, logged = self._pipeline_step(starts, step)
         else:
-            for start in starts:
-                batch = self.train_data.batch(start, c.micro_batch_size).to(self.device)
+            batches = [self.train_data.batch(start, c.micro_batch_size).to(self.device) for start in starts]
+            if hasattr(self.objective, "prepare_step"):  # e.g. a loss normalised over the whole step's tokens
+                self.objective.prepare_step(batches, self)
+            for batch in batches:
                 stats = RoutingStats(self.balance_loss)  # this micro-batch's expert loads and balance losses
                 with self.products:  # forward and backward: how BF16 products are taken on this device
                     with self.autocast:
@@ -531,6 +572,7 @@ class Trainer:
 
         mv = balance.maxvio(loads)
         record = {"step": step, **logged, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": self.tokens_per_step / dt,
+                  "step_time_s": dt,
                   "maxvio": mv.nanmean().item(), "maxvio_layers": mv.tolist(),
                   "expert_load": (loads.float() / loads.sum(-1, keepdim=True).clamp(min=1)).tolist(),
                   "moe_layers": self.moe_names, "skipped": not finite}
@@ -566,18 +608,9 @@ class Trainer:
         return loads, logged
 
     def evaluate(self) -> dict:
-        """Validation loss and bits per byte over the first eval_batches batches, and the expert loads' MaxVio
-        over all of them (eval/bpb.py)."""
-        c = self.config
-        with self.products:
-            if self.pipeline is None:
-                r = next_token_loss(self.model, self.val_data, c.eval_batches * c.micro_batch_size,
-                                    c.micro_batch_size, self.device, count_loads=True)
-            else:
-                r = self._pipeline_evaluate()
-        return {"val_loss": r.loss, "val_bpb": bits_per_byte(r.loss, self.val_tokens_per_byte),
-                "maxvio_global": balance.maxvio(r.loads).nanmean().item(),
-                "unigram_entropy": self.data_info["unigram_entropy"]}
+        """The figures the run's data logs at evaluation steps (`CorpusData.evaluate`: validation loss and bits
+        per byte)."""
+        return self.data.evaluate(self)
 
     def _pipeline_evaluate(self) -> LossResult:
         """next_token_loss through the pipeline's stages (every rank runs the same batches), the expert loads
@@ -634,7 +667,7 @@ class Trainer:
         what = c.preset if c.init_from is None else f"from {c.init_from}"
         where = "" if self.par is None else f" on {self.par.world} processes ({self.par.layout.describe()})"
         print(f"training {what}{where}: {cfg.num_params() / 1e6:.2f}M parameters ({cfg.num_active_params() / 1e6:.2f}M "
-              f"active), {info['train_tokens'] / 1e6:.2f}M training tokens, {self.tokens_per_step} tokens per step, "
+              f"active), {info.get('train_tokens', 0) / 1e6:.2f}M training tokens, {self.tokens_per_step} tokens per step, "
               f"{c.steps} steps, {self.precision}"
               + (f", resuming at step {self.global_step}" if self.resumed_at else ""))
         bar = tqdm(total=c.steps, initial=self.global_step, desc="train", unit="step", dynamic_ncols=True,
@@ -662,10 +695,12 @@ class Trainer:
             path = os.path.join(self.run_dir, "metrics.jsonl")
             last = next((r for r in reversed(read_metrics(path)) if r.get("step") == self.global_step), {})
         summary = {"steps": self.global_step, "loss": last.get("loss"), "val_loss": last.get("val_loss"),
-                   "val_bpb": last.get("val_bpb"), "unigram_entropy": self.data_info["unigram_entropy"],
+                   "val_bpb": last.get("val_bpb"), "unigram_entropy": self.data_info.get("unigram_entropy"),
                    "maxvio": last.get("maxvio"), "maxvio_global": last.get("maxvio_global"),
                    "skipped_steps": self.skipped}
-        if last:
+        if last and hasattr(self.data, "summary"):
+            summary.update(self.data.summary(self, last))
+        elif last:
             nan = float("nan")
             print(f"done: step {self.global_step}, train loss {last['loss']:.3f}, validation loss "
                   f"{last.get('val_loss', nan):.3f} ({last.get('val_bpb', nan):.3f} bits/byte) against "
