@@ -38,7 +38,7 @@ def live_engine(model: DeepSeekV3, tok: Tokenizer, max_model_len: int, max_num_s
     """An engine on `model` itself (its weights, no copy), for sequences of at most max_model_len tokens.
     Call `refresh_weights()` on it after the weights change."""
     return LLM(model, tokenizer=tok, max_model_len=min(max_model_len, model.config.max_position_embeddings),
-               max_num_seqs=max_num_seqs)
+               max_num_seqs=max_num_seqs, live_weights=True)
 
 
 @torch.no_grad()

@@ -94,7 +94,10 @@ class LLM:
     way from them (a chat's next turn, a shared system prompt), computing only the rest (default on, as
     vLLM's; scheduler.py). cpu_kernels: on a CPU, take each decode-sized matrix product in the layout timed
     fastest on this machine (cpu_kernels.py; timed once per machine and cached; default on for CPU models);
-    False runs the plain PyTorch reference.
+    False runs the plain PyTorch reference. live_weights: the model is also being trained, in place (GRPO's
+    rollouts, evaluations during SFT): every parameter is left contiguous (the routed experts' w1 | w3 are not
+    stacked; torch's fused AdamW updates non-contiguous parameters wrongly on CPU), and `refresh_weights()`
+    takes up each update.
     """
 
     def __init__(self, model: str | os.PathLike | DeepSeekV3, dtype: torch.dtype | str | None = None,
@@ -104,7 +107,7 @@ class LLM:
                  seed: int | None = None, speculative_topk: int | None = None, num_speculative_tokens: int = 1,
                  speculative_policy: str | DraftPolicy = "adaptive",
                  cuda_graphs: bool | None = None, enable_prefix_caching: bool = True,
-                 cpu_kernels: bool | None = None):
+                 cpu_kernels: bool | None = None, live_weights: bool = False):
         path = None
         if speculative not in (None, "mtp"):
             raise ValueError(f"speculative={speculative!r} is not supported; expected None or 'mtp'")
@@ -129,7 +132,9 @@ class LLM:
         if not 1 <= self.max_model_len <= config.max_position_embeddings:
             raise ValueError(f"max_model_len={self.max_model_len} must be in [1, max_position_embeddings="
                              f"{config.max_position_embeddings}]")
-        self.model.pack_projections()  # before the cache is sized: packing briefly holds two copies of a layer
+        self.live_weights = live_weights
+        # before the cache is sized: packing briefly holds two copies of a layer
+        self.model.pack_projections(contiguous_only=live_weights)
         n_mtp = 1 if speculative else 0
         dev, dtype = self.model.device, self.model.dtype
         per_token = LatentCache.bytes_per_token(config, dtype, config.num_hidden_layers + n_mtp)
@@ -215,7 +220,7 @@ class LLM:
         if self.has_unfinished():
             raise RuntimeError("refresh_weights() with requests still running; call it between generate() calls")
         self.model.eval()
-        self.model.pack_projections()  # a no-op for packs still intact (an in-place update keeps them so)
+        self.model.pack_projections(contiguous_only=self.live_weights)  # a no-op for packs still intact
         for module in self.model.modules():
             if isinstance(module, RMSNorm):
                 module.forget_cached()

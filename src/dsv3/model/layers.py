@@ -236,7 +236,7 @@ class MLP(nn.Module):
         self.w3 = Linear(dim, inter_dim)
         self.w13: PackedWeights | None = None  # w1 and w3 stacked, after pack_projections()
 
-    def pack_projections(self) -> None:
+    def pack_projections(self, contiguous_only: bool = False) -> None:
         """Keep w1 and w3 in one (2I, D) matrix (their weights become views of it): one GEMM, not two."""
         if not (self.w1.is_fp8 or self.w3.is_fp8):
             pack(self, "w13", [self.w1.weight, self.w3.weight])

@@ -105,9 +105,9 @@ class MLA(nn.Module):
         self.wqkv_a: PackedWeights | None = None  # wq_a and wkv_a stacked, after pack_projections()
         self.softmax_scale = config.softmax_scale
 
-    def pack_projections(self) -> None:
+    def pack_projections(self, contiguous_only: bool = False) -> None:
         """Keep wq_a and wkv_a, both applied to the block's input, in one matrix (their weights become views
-        of it): one GEMM, not two."""
+        of it): one GEMM, not two. (Stacked by rows: the views stay contiguous.)"""
         if self.q_lora_rank is not None and not (self.wq_a.is_fp8 or self.wkv_a.is_fp8) \
                 and self.wq_a.bias is None and self.wkv_a.bias is None:
             pack(self, "wqkv_a", [self.wq_a.weight, self.wkv_a.weight])
@@ -263,14 +263,17 @@ class DeepSeekV3(nn.Module):
         mtp_h = self.mtp_hidden_states(h, input_ids, stats, positions, mask)
         return self.head(h), [self.head(m.norm(hk)) for m, hk in zip(self.mtp, mtp_h)]
 
-    def pack_projections(self) -> "DeepSeekV3":
+    def pack_projections(self, contiguous_only: bool = False) -> "DeepSeekV3":
         """For inference: stack the projections that read the same input (MLA's wq_a | wkv_a; w1 | w3 of the
         dense MLPs, shared and routed experts) so each pair costs one GEMM. Parameters become views of the
         stacked tensors: values and state_dict are unchanged. FP8 weights stay as they are. Call it once the
-        model has its final device and dtype; a later move or cast quietly returns to the unpacked path."""
+        model has its final device and dtype; a later move or cast quietly returns to the unpacked path.
+        contiguous_only: stack only where every parameter stays a contiguous view (not the routed experts'
+        w1 | w3, stacked per expert): for a model that is also being trained, since torch's fused AdamW on
+        CPU updates non-contiguous parameters wrongly (torch 2.13; tests/test_grpo.py shows it)."""
         for module in self.modules():
             if module is not self and hasattr(module, "pack_projections"):
-                module.pack_projections()
+                module.pack_projections(contiguous_only)
         return self
 
     @property

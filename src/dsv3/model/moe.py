@@ -88,9 +88,10 @@ class Experts(KeepDtype):
         # leave them to `MoE.routed`'s grouped GEMMs
         self.kernel = None
 
-    def pack_projections(self) -> None:
-        """Keep each expert's w1 and w3 in one (2I, D) matrix (w1, w3 become views): one grouped GEMM, not two."""
-        if not self.is_fp8:
+    def pack_projections(self, contiguous_only: bool = False) -> None:
+        """Keep each expert's w1 and w3 in one (2I, D) matrix (w1, w3 become views): one grouped GEMM, not two.
+        The views are not contiguous (w1 and w3 alternate per expert), so contiguous_only leaves them."""
+        if not self.is_fp8 and not contiguous_only:
             pack(self, "w13", [self.w1, self.w3], dim=1)
 
     @property

@@ -335,6 +335,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", default=None, metavar="FILE.jsonl",
                    help="prompt records: {\"prompt\"|\"messages\", \"answer\"} (math) or {\"prompt\", \"tests\"} (code)")
     g.add_argument("--digits", type=int, default=None, help="--task arithmetic: digits per operand")
+    g.add_argument("--task-records", type=int, default=20000, help="--task: training prompts (default 20000)")
     g.add_argument("--eval-data", default=None, metavar="FILE.jsonl", help="--data: prompt records for evaluation "
                                                                            "(default: --val-fraction held out)")
     g.add_argument("--val-fraction", type=float, default=0.05, help="--data: prompts held out (default 0.05)")

@@ -516,7 +516,9 @@ class Trainer:
 
     def _check_resume(self, state: dict) -> None:
         """Refuse to resume with options that would make another run (its precision included)."""
-        changed = {k: (state["args"].get(k), v) for k, v in self.run_args.items() if state["args"].get(k) != v}
+        as_saved = lambda v: json.loads(json.dumps(v))  # noqa: E731 (tuples come back from state.json as lists)
+        changed = {k: (state["args"].get(k), v) for k, v in self.run_args.items()
+                   if state["args"].get(k) != as_saved(v)}
         was = saved_precision(state)
         if self.config.precision not in ("auto", was):
             changed["precision"] = (was, self.config.precision)
