@@ -59,7 +59,7 @@ class GRPOConfig(TrainConfig):
 
     task: str | None = None  # a built-in task (data/tasks.py) instead of --data
     digits: int | None = None
-    task_records: int = 20000  # the built-in task's training prompts
+    task_records: int = 5000  # the built-in task's training prompts
     eval_data: str | None = None  # --data: prompt records for eval_accuracy (default: a held-out share)
     eval_records: int = 200
     eval_max_new_tokens: int | None = None  # default: max_new_tokens
@@ -335,7 +335,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", default=None, metavar="FILE.jsonl",
                    help="prompt records: {\"prompt\"|\"messages\", \"answer\"} (math) or {\"prompt\", \"tests\"} (code)")
     g.add_argument("--digits", type=int, default=None, help="--task arithmetic: digits per operand")
-    g.add_argument("--task-records", type=int, default=20000, help="--task: training prompts (default 20000)")
+    g.add_argument("--task-records", type=int, default=5000, help="--task: training prompts (default 5000)")
     g.add_argument("--eval-data", default=None, metavar="FILE.jsonl", help="--data: prompt records for evaluation "
                                                                            "(default: --val-fraction held out)")
     g.add_argument("--val-fraction", type=float, default=0.05, help="--data: prompts held out (default 0.05)")
