@@ -47,7 +47,8 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot_run(run_dir: str) -> list[str]:
-    """Write loss.png, maxvio.png and expert_load.png into run_dir from its metrics.jsonl. -> paths."""
+    """Write loss.png, maxvio.png and expert_load.png into run_dir from its metrics.jsonl, and for post-training
+    runs post_training.png (rewards, held-out accuracy, KL, entropy, completion lengths, clip ratios). -> paths."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -96,6 +97,9 @@ def plot_run(run_dir: str) -> list[str]:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
 
+    if any("reward" in r or "eval_accuracy" in r for r in rows):  # post-training: rewards and accuracy
+        paths.append(_plot_post_training(rows, run_dir, plt))
+
     loads = [r["expert_load"] for r in rows if r.get("expert_load")]
     if loads:
         recent = np.asarray(loads[-max(1, len(loads) // 10):], dtype=float).mean(axis=0)  # last 10% of steps
@@ -110,3 +114,31 @@ def plot_run(run_dir: str) -> list[str]:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
+
+
+def _plot_post_training(rows: list[dict], run_dir: str, plt) -> str:
+    """post_training.png: what a GRPO (or SFT) run logs beyond the loss, each panel only where logged."""
+    def series(key):
+        return [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+
+    panels = [("Rewards", [k for k in rows[-1] if k.startswith("rewards/") and k.endswith("/mean")] + ["reward"]),
+              ("Held-out accuracy (greedy)", ["eval_accuracy", "eval_format"]),
+              ("KL to the reference, entropy", ["kl", "entropy"]),
+              ("Completion length (tokens)", ["completions/mean_length", "completions/max_length"]),
+              ("Clip ratios", ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]),
+              ("Groups with equal rewards", ["frac_reward_zero_std"])]
+    panels = [(t, [k for k in keys if series(k)]) for t, keys in panels]
+    panels = [(t, keys) for t, keys in panels if keys]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for k in keys:
+            pts = series(k)
+            ax.plot(*zip(*pts), "o-" if len(pts) < 30 else "-", ms=3, lw=1, label=k)
+        ax.set(xlabel="step", title=title)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(run_dir, "post_training.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
