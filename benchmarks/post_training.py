@@ -23,6 +23,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 from dsv3.cli import build_parser  # noqa: E402
+from dsv3.data.tasks import make_task  # noqa: E402
+from dsv3.eval.tasks import task_accuracy  # noqa: E402
+from dsv3.infer.engine import LLM  # noqa: E402
 
 
 def dsv3(*argv: str):
@@ -38,6 +41,12 @@ def metrics(run: str) -> list[dict]:
 
 def curve(run: str, key: str) -> list[tuple[int, float]]:
     return [(r["step"], r[key]) for r in metrics(run) if key in r]
+
+
+def accuracy(model_dir: str, records: list[dict]) -> float:
+    """Greedy held-out accuracy of a model directory, as the runs' evaluations measure it."""
+    llm = LLM(model_dir, max_num_seqs=64)
+    return task_accuracy(llm, records, max_new_tokens=64)["accuracy"]
 
 
 def cpu_name() -> str:
@@ -58,10 +67,10 @@ def main() -> None:
     ap.add_argument("--digits", type=int, default=2, help="arithmetic operands' digits (default 2)")
     ap.add_argument("--sft-steps", type=int, default=600)
     ap.add_argument("--grpo-steps", type=int, default=200)
-    ap.add_argument("--grpo-lr", type=float, default=2e-5)
+    ap.add_argument("--grpo-lr", type=float, default=3e-5)
     ap.add_argument("--distill-prompts", type=int, default=2000)
     ap.add_argument("--student-steps", type=int, default=300)
-    ap.add_argument("--eval-records", type=int, default=200)
+    ap.add_argument("--eval-records", type=int, default=400, help="held-out prompts per evaluation (SFT: 200)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     if not os.path.isfile(os.path.join(a.base, "config.json")):
@@ -70,16 +79,16 @@ def main() -> None:
     out = lambda name: os.path.join(a.out, name)  # noqa: E731
     t0 = time.time()
     task = ["--task", "arithmetic", "--digits", a.digits]
-    common = ["--precision", "fp32", "--seed", a.seed, "--eval-records", a.eval_records, "--no-plots"]
+    common = ["--precision", "fp32", "--seed", a.seed, "--no-plots"]
 
     # 1. SFT on step-by-step traces of the built-in task
     dsv3("sft", "--init-from", a.base, *task, "--out", out("sft"), "--steps", a.sft_steps, "--lr", 2e-3,
          "--seq-len", 256, "--batch-size", 16, "--task-records", 10000, "--eval-every", 50, "--save-every", 100,
-         *common)
+         "--eval-records", 200, *common)
     # 2. GRPO from the SFT model, and the control: the same run with its rewards shuffled across each batch
-    grpo = ["--init-from", out("sft"), *task, "--steps", a.grpo_steps, "--prompts-per-step", 8, "-G", 8,
+    grpo = ["--init-from", out("sft"), *task, "--steps", a.grpo_steps, "--prompts-per-step", 16, "-G", 8,
             "--max-new-tokens", 64, "--seq-len", 128, "--lr", a.grpo_lr, "--eval-every", 25, "--save-every", 50,
-            *common]
+            "--eval-records", a.eval_records, *common]
     dsv3("grpo", *grpo, "--out", out("grpo"))
     dsv3("grpo", *grpo, "--out", out("grpo-shuffled"), "--shuffle-rewards")
     # 3. Distillation: the GRPO model as teacher (as R1 taught V3), its verified traces for a student; the
@@ -87,7 +96,7 @@ def main() -> None:
     traces = out("traces.jsonl")
     if not os.path.isfile(traces):
         dsv3("distill", "--teacher", out("grpo"), *task, "-n", a.distill_prompts, "--out", traces,
-             "--max-new-tokens", 64, "--seed", a.seed + 1)
+             "--max-new-tokens", 64, "--seed", a.seed)
     answers = out("answers.jsonl")
     dsv3("tasks", *task, "--split", "train", "-n", a.distill_prompts, "--seed", a.seed, "--format", "sft-answers",
          "--out", answers)
@@ -96,9 +105,13 @@ def main() -> None:
          "--out", test_prompts)
     student = ["--init-from", a.base, "--steps", a.student_steps, "--lr", 2e-3, "--seq-len", 256,
                "--batch-size", 16, "--eval-every", 50, "--save-every", 100, "--eval-data", test_prompts,
-               "--val-fraction", 0.02, *common]
+               "--eval-records", a.eval_records, "--val-fraction", 0.02, *common]
     dsv3("sft", *student, "--data", traces, "--out", out("student-traces"))
     dsv3("sft", *student, "--data", answers, "--out", out("student-answers"))
+
+    # the starting points, on the same held-out prompts as the runs' evaluations
+    held_out = make_task("arithmetic", digits=a.digits).records("test", a.eval_records, a.seed)
+    start = {name: accuracy(path, held_out) for name, path in (("base", a.base), ("sft", out("sft")))}
 
     runs = {name: out(name) for name in ("sft", "grpo", "grpo-shuffled", "student-traces", "student-answers")}
     result = {"cpu": cpu_name(), "seconds": time.time() - t0, "args": vars(a),
@@ -107,20 +120,19 @@ def main() -> None:
     with open(traces + ".summary.json", encoding="utf-8") as f:
         result["distill"] = json.load(f)
     acc = {name: result["curves"][name]["eval_accuracy"] for name in runs}
-    base_grpo = acc["grpo"][0][1] if acc["grpo"] else float("nan")
-    table = [("SFT (traces), held-out accuracy", acc["sft"][0][1], acc["sft"][-1][1]),
-             ("GRPO, held-out accuracy", acc["sft"][-1][1], acc["grpo"][-1][1]),
-             ("GRPO shuffled rewards (control)", acc["sft"][-1][1], acc["grpo-shuffled"][-1][1]),
-             ("student on verified traces", None, acc["student-traces"][-1][1]),
-             ("student on answers alone", None, acc["student-answers"][-1][1])]
+    result["start"] = start
+    table = [("SFT on traces (from the base model)", start["base"], start["sft"]),
+             ("GRPO (from the SFT model)", start["sft"], acc["grpo"][-1][1]),
+             ("GRPO, shuffled rewards (control)", start["sft"], acc["grpo-shuffled"][-1][1]),
+             ("student on the teacher's verified traces", start["base"], acc["student-traces"][-1][1]),
+             ("student on answers alone", start["base"], acc["student-answers"][-1][1])]
     result["table"] = [{"run": r, "start": s, "end": e} for r, s, e in table]
-    result["grpo_first_eval"] = base_grpo
     with open(os.path.join(a.out, "post_training.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     print(f"\n{result['cpu']}; {result['seconds'] / 60:.1f} min")
-    print(f"{'run':40s} {'start':>7s} {'end':>7s}")
+    print(f"{'held-out greedy accuracy':42s} {'start':>7s} {'end':>7s}")
     for r, s, e in table:
-        print(f"{r:40s} {'' if s is None else f'{s:7.3f}':>7s} {e:7.3f}")
+        print(f"{r:42s} {s:7.3f} {e:7.3f}")
     print(f"distillation: kept {result['distill']['kept']} of {result['distill']['completions']} teacher "
           f"completions ({result['distill']['acceptance_rate']:.1%} correct)")
     plot(result, os.path.join(a.out, "post_training.png"))
