@@ -164,3 +164,23 @@ def test_distill_keeps_only_verified_well_formed_completions(base, tmp_path, mon
     distill.main(_parse(distill.add_args, ["--teacher", base, "--task", "arithmetic", "-n", "4", "--out", str(out),
                                            "--max-new-tokens", "8"]))
     assert out.exists() and json.loads((tmp_path / "traces.jsonl.summary.json").read_text())["prompts"] == 4
+
+
+def test_sft_under_torchrun_gives_one_process_losses(base, tmp_path):
+    """dsv3 sft on two processes (FSDP2, each rank its own micro-batches, the loss normalised over both
+    ranks' assistant tokens): the same losses as one process, to float32 reordering."""
+    from multiproc import torchrun
+    one = tmp_path / "one"
+    sft.main(_sft_args(base, one, 3))
+    two = tmp_path / "two"
+    argv = ["--init-from", base, "--out", str(two), "--task", "arithmetic", "--steps", "3", "--task-records", "64",
+            "--seq-len", "128", "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-3", "--eval-every", "2",
+            "--eval-records", "4", "--eval-max-new-tokens", "8", "--save-every", "2", "--no-plots", "--precision",
+            "fp32", "--dp-shard", "2"]
+    torchrun(["-m", "dsv3", "sft", *argv], nproc=2)
+    a, b = _metrics(str(one)), _metrics(str(two))
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+    assert b[-1]["val_loss"] == pytest.approx(a[-1]["val_loss"], rel=1e-5)
+    assert os.path.isfile(two / "model.safetensors")  # rank 0 wrote the gathered model
