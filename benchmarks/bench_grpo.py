@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,7 +48,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import dsv3  # noqa: E402
-from dsv3.data.tasks import TASKS, to_messages  # noqa: E402
+from dsv3.data.tasks import TASKS, make_task, to_messages  # noqa: E402
 from dsv3.eval.tasks import prompt_ids  # noqa: E402
 from dsv3.tokenizer import Tokenizer  # noqa: E402
 from dsv3.train.grpo import GRPOConfig, Rollouts  # noqa: E402
@@ -66,8 +67,7 @@ SRC = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "src"))
 def step_records(args) -> list[dict]:
     """The prompt records `dsv3 grpo --task` trains on, in its order (its own code: the task's train records,
     a seeded permutation per epoch), P per step: TRL is given them in this order, unshuffled."""
-    n = GRPOConfig.__dataclass_fields__["task_records"].default
-    pool = TASKS[args.task].records("train", n, args.seed)
+    pool = make_task(args.task, digits=args.digits).records("train", args.task_records, args.seed)
     order = Rollouts(SimpleNamespace(config=SimpleNamespace(prompts_per_step=args.prompts_per_step, seed=args.seed)),
                      pool)
     rollouts = -(-args.steps // args.num_iterations)  # each serves num_iterations optimizer steps, on both sides
@@ -76,19 +76,34 @@ def step_records(args) -> list[dict]:
 
 # ---- dsv3 ------------------------------------------------------------------------------------------------------
 
-def run_dsv3(args, out: str) -> list[dict]:
-    """`python -m dsv3 grpo` with the benchmark's settings -> its metrics.jsonl rows, one per optimizer step."""
-    cmd = [sys.executable, "-m", "dsv3", "grpo", "--init-from", args.model, "--task", args.task, "--out", out,
-           "--steps", str(args.steps), "--num-generations", str(args.num_generations),
-           "--prompts-per-step", str(args.prompts_per_step), "--micro-batch-size", str(args.micro_batch_size),
-           "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
-           "--top-p", str(args.top_p), "--lr", str(args.lr), "--beta", str(args.beta), "--epsilon", str(args.epsilon),
-           "--loss-type", args.loss_type, "--num-iterations", str(args.num_iterations),
-           "--scale-rewards", args.scale_rewards, "--rewards", *args.rewards, "--seed", str(args.seed),
-           "--lr-schedule", args.lr_schedule, "--balance", args.balance, "--precision", "fp32",
-           "--eval-every", str(args.steps), "--eval-records", str(args.eval_records), "--no-plots"]
+def dsv3_argv(args, out: str) -> list[str]:
+    """`dsv3 grpo`'s command line for the benchmark's settings."""
+    argv = ["grpo", "--init-from", args.model, "--task", args.task, "--task-records", str(args.task_records),
+            "--out", out, "--steps", str(args.steps), "--num-generations", str(args.num_generations),
+            "--prompts-per-step", str(args.prompts_per_step), "--micro-batch-size", str(args.micro_batch_size),
+            "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
+            "--top-p", str(args.top_p), "--lr", str(args.lr), "--lr-schedule", args.lr_schedule,
+            "--beta", str(args.beta), "--epsilon", str(args.epsilon), "--loss-type", args.loss_type,
+            "--num-iterations", str(args.num_iterations), "--scale-rewards", args.scale_rewards,
+            "--rewards", *args.rewards, "--seed", str(args.seed), "--balance", args.balance, "--precision", "fp32",
+            "--eval-every", str(args.steps), "--eval-records", str(args.eval_records), "--no-plots"]
     if args.epsilon_high is not None:
-        cmd += ["--epsilon-high", str(args.epsilon_high)]
+        argv += ["--epsilon-high", str(args.epsilon_high)]
+    if args.digits is not None:
+        argv += ["--digits", str(args.digits)]
+    return argv
+
+
+def dsv3_row(r: dict) -> dict:
+    """A `dsv3 grpo` metrics record -> the benchmark's row."""
+    return {"step": int(r["step"]), "step_time_s": r["step_time_s"], "generate_s": r.get("time/generation_s"),
+            "reward": r["reward"], "completion_length": r.get("completions/mean_length"), "kl": r.get("kl"),
+            "loss": r.get("loss"), "lr": r.get("lr"), **{k: r[k] for k in r if k.startswith("rewards/")}}
+
+
+def run_dsv3(args, out: str) -> list[dict]:
+    """`python -m dsv3 grpo` in a subprocess -> its metrics.jsonl rows, one per optimizer step."""
+    cmd = [sys.executable, "-m", "dsv3", *dsv3_argv(args, out)]
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -98,12 +113,26 @@ def run_dsv3(args, out: str) -> list[dict]:
     wall = time.perf_counter() - t
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    rows = [r for r in rows if "step_time_s" in r]  # training steps (evaluation rows have no step time)
     print(f"dsv3: {len(rows)} steps in {wall:.1f} s wall (process start and model load included)", flush=True)
-    return [{"step": int(r["step"]), "step_time_s": r["step_time_s"], "generate_s": r.get("time/generation_s"),
-             "reward": r["reward"],
-             "completion_length": r.get("completions/mean_length"), "kl": r.get("kl"), "loss": r.get("loss"),
-             "lr": r.get("lr"), **{k: r[k] for k in r if k.startswith("rewards/")}} for r in rows]
+    return [dsv3_row(r) for r in rows if "step_time_s" in r]
+
+
+def dsv3_trainer(args, out: str):
+    """`dsv3 grpo`'s trainer in this process, from the same command line parsed by dsv3's own parser and built
+    as grpo.main builds it; the benchmark calls its step() between TRL's steps instead of its fit()."""
+    from dsv3.cli import build_parser
+    from dsv3.train.grpo import GRPOData
+    from dsv3.train.objectives import GRPO
+    from dsv3.train.trainer import Trainer, export_model
+
+    argv = dsv3_argv(args, out)
+    print("dsv3:", " ".join(argv), "(in this process, one step after each of TRL's)", flush=True)
+    ns = build_parser().parse_args(argv)
+    ns.rewards = tuple(ns.rewards)
+    config = GRPOConfig.from_args(ns)
+    objective = GRPO(config.loss_type, config.epsilon, config.epsilon_high or config.epsilon, config.beta,
+                     config.temperature, config.max_new_tokens)
+    return Trainer(config, objective=objective, export=export_model, data=GRPOData())
 
 
 # ---- TRL -------------------------------------------------------------------------------------------------------
@@ -122,9 +151,9 @@ def reward_adapter(name: str):
     return reward
 
 
-def run_trl(args, records: list[dict]) -> tuple[list[dict], dict]:
+def run_trl(args, records: list[dict], after_step=None) -> tuple[list[dict], dict]:
     """TRL's GRPOTrainer on the same directory, prompts, rewards and settings -> (one row per optimizer step,
-    the settings TRL ran with)."""
+    the settings TRL ran with). after_step() is called after each step's clock has stopped."""
     import datasets
     import transformers
     import trl
@@ -169,6 +198,8 @@ def run_trl(args, records: list[dict]) -> tuple[list[dict], dict]:
             rows.append({"step": state.global_step, "step_time_s": time.perf_counter() - self.t,
                          "generate_s": generate_s.pop()})
             generate_s.append(0.0)
+            if after_step is not None:
+                after_step()
 
         def on_log(self, a, state, control, logs=None, **kw):
             if logs and "reward" in logs and rows and rows[-1]["step"] == state.global_step:
@@ -241,7 +272,8 @@ def summary(rows: list[dict]) -> dict:
     times = [r["step_time_s"] for r in rows[1:]] or [rows[0]["step_time_s"]]
     rewards = [r.get("reward") for r in rows]
     last = [x for x in rewards[-5:] if x is not None]
-    return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times), "first_s": rows[0]["step_time_s"],
+    return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times), "best_s": min(times),
+            "first_s": rows[0]["step_time_s"],
             "reward_first": rewards[0], "reward_last5": statistics.fmean(last) if last else None,
             "completion_length": statistics.fmean(r["completion_length"] for r in rows if r.get("completion_length"))}
 
@@ -253,7 +285,10 @@ def fmt(x, spec=".3f") -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="runs/demo", help="a model directory written by dsv3 (both sides load it)")
-    ap.add_argument("--task", default="arithmetic")
+    ap.add_argument("--task", default="arithmetic", choices=sorted(TASKS))
+    ap.add_argument("--digits", type=int, default=None, help="arithmetic: the operands' digits (default: the task's)")
+    ap.add_argument("--task-records", type=int, default=GRPOConfig.__dataclass_fields__["task_records"].default,
+                    help="the task's train prompts, drawn in dsv3's seeded order (default: dsv3 grpo's)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--num-generations", type=int, default=8, help="G: completions per prompt")
     ap.add_argument("--prompts-per-step", type=int, default=4, help="P: prompts per optimizer step")
@@ -282,7 +317,13 @@ def main() -> None:
                          "TRL has no such evaluation, and it is outside the step times either way)")
     ap.add_argument("--trl-malloc", choices=["retain", "default"], default="retain",
                     help="retain (default): this process's malloc keeps freed memory, as `dsv3 grpo` sets it on a "
-                         "CPU, so both run under the same allocator settings; default: as the C library does")
+                         "CPU, so both run under the same allocator settings; default: as the C library does "
+                         "(--order sequential only: in one process dsv3's trainer sets it for both)")
+    ap.add_argument("--order", choices=["interleaved", "sequential"], default="interleaved",
+                    help="interleaved (default): one process, dsv3's trainer (built from the same `dsv3 grpo` command "
+                         "line by dsv3's parser) takes a step after each of TRL's, so a slow spell of a shared "
+                         "machine falls on both; sequential: `python -m dsv3 grpo` as a subprocess, then TRL")
+    ap.add_argument("--dsv3-out", default=None, help="keep dsv3's run directory here (default: a temporary one)")
     ap.add_argument("--only", choices=["both", "dsv3", "trl"], default="both")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -309,14 +350,30 @@ def main() -> None:
     print(f"{len(records)} prompts ({min(prompt_lens)}-{max(prompt_lens)} tokens): "
           + ("the same tokens on both sides" if not differ else f"{differ} tokenised differently by TRL's path!"))
     sides = {}
-    if args.only in ("both", "dsv3"):
-        with tempfile.TemporaryDirectory(prefix="bench_grpo_dsv3_") as out:
-            sides["dsv3"] = run_dsv3(args, out)
+    if args.only == "dsv3" or args.order == "sequential" and args.only == "both":
+        if args.dsv3_out:
+            sides["dsv3"] = run_dsv3(args, args.dsv3_out)
+        else:
+            with tempfile.TemporaryDirectory(prefix="bench_grpo_dsv3_") as out:
+                sides["dsv3"] = run_dsv3(args, out)
     trl_settings = None
     if args.only in ("both", "trl"):
         retained = args.trl_malloc == "retain" and retain_freed_memory()
         print(f"TRL's process: malloc {'keeps freed memory (as dsv3 grpo)' if retained else 'as the C library does'}")
-        sides["trl"], trl_settings = run_trl(args, records)
+        if args.order == "interleaved" and args.only == "both":
+            out = args.dsv3_out or tempfile.mkdtemp(prefix="bench_grpo_dsv3_")
+            trainer = dsv3_trainer(args, out)
+            dsv3_rows = []
+            sides["trl"], trl_settings = run_trl(args, records,
+                                                 after_step=lambda: dsv3_rows.append(dsv3_row(trainer.step())))
+            while trainer.global_step < args.steps:  # (TRL stopped early: should not happen)
+                dsv3_rows.append(dsv3_row(trainer.step()))
+            trainer.metrics.close()
+            if not args.dsv3_out:
+                shutil.rmtree(out, ignore_errors=True)
+            sides = {"dsv3": dsv3_rows, **sides}
+        else:
+            sides["trl"], trl_settings = run_trl(args, records)
     peak_after = matmul_peak(torch.device("cpu"), torch.float32)
 
     P, G = args.prompts_per_step, args.num_generations
@@ -349,14 +406,16 @@ def main() -> None:
         s, rows = summ[n], sides[n]
         floor = statistics.fmean(r["floor_s"] for r in rows[1:] or rows)
         s["floor_s"] = floor
-        s["floor_fraction"] = floor / s["mean_s"]
-        print(f"  {n:5} median {s['median_s']:.3f} s, mean {s['mean_s']:.3f} s (step 1: {s['first_s']:.3f} s); "
+        s["floor_fraction"] = floor / s["median_s"]
+        print(f"  {n:5} median {s['median_s']:.3f} s, mean {s['mean_s']:.3f} s, best {s['best_s']:.3f} s "
+              f"(step 1: {s['first_s']:.3f} s); "
               f"reward step 1 {fmt(s['reward_first'])}, last 5 steps {fmt(s['reward_last5'])}; mean completion "
               f"{s['completion_length']:.1f} tokens; floor {floor * 1e3:.1f} ms "
-              f"({statistics.fmean(r['gflop'] for r in rows):.2f} GFLOP/step) = {s['floor_fraction']:.1%} of its step")
+              f"({statistics.fmean(r['gflop'] for r in rows):.2f} GFLOP/step) = {s['floor_fraction']:.1%} of its median step")
     if len(names) == 2:
         ratio = summ["trl"]["median_s"] / summ["dsv3"]["median_s"]
-        print(f"  TRL / dsv3: {ratio:.2f}x (median), {summ['trl']['mean_s'] / summ['dsv3']['mean_s']:.2f}x (mean)")
+        print(f"  TRL / dsv3: {ratio:.2f}x (median), {summ['trl']['mean_s'] / summ['dsv3']['mean_s']:.2f}x (mean), "
+              f"{summ['trl']['best_s'] / summ['dsv3']['best_s']:.2f}x (best)")
         summ["ratio_median"] = ratio
     for n in names:
         gen = [r["generate_s"] / r["step_time_s"] for r in sides[n][1:] if r.get("generate_s") is not None]
