@@ -275,6 +275,7 @@ def summary(rows: list[dict]) -> dict:
     return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times), "best_s": min(times),
             "first_s": rows[0]["step_time_s"],
             "reward_first": rewards[0], "reward_last5": statistics.fmean(last) if last else None,
+            "reward_mean": statistics.fmean(x for x in rewards if x is not None),
             "completion_length": statistics.fmean(r["completion_length"] for r in rows if r.get("completion_length"))}
 
 
@@ -359,7 +360,9 @@ def main() -> None:
     trl_settings = None
     if args.only in ("both", "trl"):
         retained = args.trl_malloc == "retain" and retain_freed_memory()
-        print(f"TRL's process: malloc {'keeps freed memory (as dsv3 grpo)' if retained else 'as the C library does'}")
+        malloc = "keeps freed memory (as dsv3 grpo sets it)" if retained else "as the C library does"
+        print(f"TRL's process: malloc {malloc}"
+              + (" (dsv3 in this process too)" if args.order == "interleaved" and args.only == "both" else ""))
         if args.order == "interleaved" and args.only == "both":
             out = args.dsv3_out or tempfile.mkdtemp(prefix="bench_grpo_dsv3_")
             trainer = dsv3_trainer(args, out)
@@ -409,9 +412,11 @@ def main() -> None:
         s["floor_fraction"] = floor / s["median_s"]
         print(f"  {n:5} median {s['median_s']:.3f} s, mean {s['mean_s']:.3f} s, best {s['best_s']:.3f} s "
               f"(step 1: {s['first_s']:.3f} s); "
-              f"reward step 1 {fmt(s['reward_first'])}, last 5 steps {fmt(s['reward_last5'])}; mean completion "
+              f"reward step 1 {fmt(s['reward_first'])}, last 5 steps {fmt(s['reward_last5'])}, all "
+              f"{fmt(s['reward_mean'])}; mean completion "
               f"{s['completion_length']:.1f} tokens; floor {floor * 1e3:.1f} ms "
-              f"({statistics.fmean(r['gflop'] for r in rows):.2f} GFLOP/step) = {s['floor_fraction']:.1%} of its median step")
+              f"({statistics.fmean(r['gflop'] for r in rows):.2f} GFLOP/step) = {s['floor_fraction']:.1%} of its "
+              f"median step")
     if len(names) == 2:
         ratio = summ["trl"]["median_s"] / summ["dsv3"]["median_s"]
         print(f"  TRL / dsv3: {ratio:.2f}x (median), {summ['trl']['mean_s'] / summ['dsv3']['mean_s']:.2f}x (mean), "
