@@ -42,16 +42,16 @@ import sys
 import tempfile
 import time
 import warnings
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import dsv3  # noqa: E402
+from dsv3.data.dataset import EpochOrder  # noqa: E402
 from dsv3.data.tasks import TASKS, make_task, to_messages  # noqa: E402
 from dsv3.eval.tasks import prompt_ids  # noqa: E402
 from dsv3.tokenizer import Tokenizer  # noqa: E402
-from dsv3.train.grpo import GRPOConfig, Rollouts  # noqa: E402
+from dsv3.train.grpo import GRPOConfig  # noqa: E402
 from dsv3.train.cpu import retain_freed_memory  # noqa: E402
 from dsv3.train.optim import build_optimizer  # noqa: E402
 from dsv3.train.rewards import REWARDS  # noqa: E402
@@ -68,10 +68,9 @@ def step_records(args) -> list[dict]:
     """The prompt records `dsv3 grpo --task` trains on, in its order (its own code: the task's train records,
     a seeded permutation per epoch), P per step: TRL is given them in this order, unshuffled."""
     pool = make_task(args.task, digits=args.digits).records("train", args.task_records, args.seed)
-    order = Rollouts(SimpleNamespace(config=SimpleNamespace(prompts_per_step=args.prompts_per_step, seed=args.seed)),
-                     pool)
+    order = EpochOrder(len(pool), args.seed)  # dsv3 grpo's Rollouts read prompt r*P + k through it
     rollouts = -(-args.steps // args.num_iterations)  # each serves num_iterations optimizer steps, on both sides
-    return [rec for r in range(rollouts) for rec in order._prompts_of(r)]
+    return [pool[order[i]] for i in range(rollouts * args.prompts_per_step)]
 
 
 # ---- dsv3 ------------------------------------------------------------------------------------------------------

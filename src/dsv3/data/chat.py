@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import bisect
-import json
 import os
 from dataclasses import dataclass
 
@@ -29,6 +28,8 @@ import numpy as np
 import torch
 
 from ..tokenizer import Tokenizer
+from .corpus import jsonl_lines
+from .dataset import EpochOrder
 
 IGNORE = -100  # the label of a position with no loss (cross_entropy's ignore_index)
 ROLES = ("system", "user", "assistant")
@@ -42,20 +43,12 @@ Example = tuple[list[int], list[bool]]  # token ids, loss mask (True on the assi
 def load_chat_records(path: str | os.PathLike) -> list[dict]:
     """JSONL records, each with `messages` (prompt/completion records are turned into a user and an assistant
     turn). Blank lines are skipped; extra keys are kept. A malformed line is a ValueError naming path:line."""
-    path = os.fspath(path)
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            try:
-                records.append(_check_record(rec))
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from None
+    for where, rec in jsonl_lines(path):
+        try:
+            records.append(_check_record(rec))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
     return records
 
 
@@ -263,16 +256,7 @@ class PackedChat:
         self._row_ptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
         self._row_items = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows])
         self.num_sequences = len(rows)
-        self._perm_epoch, self._perm = -1, None
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            if self.shuffle:
-                self._perm = np.random.default_rng((self.seed, epoch)).permutation(self.num_sequences)
-            else:
-                self._perm = np.arange(self.num_sequences)
-            self._perm_epoch = epoch
-        return self._perm
+        self.order = EpochOrder(self.num_sequences, seed, shuffle)
 
     def row(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Packed row k -> (input_ids, labels, positions, segments), each (seq_len,) int64."""
@@ -289,8 +273,7 @@ class PackedChat:
 
     def sequence(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The i-th row the run reads (i counts across epochs)."""
-        epoch, j = divmod(i, self.num_sequences)
-        return self.row(int(self._order(epoch)[j]))
+        return self.row(self.order[i])
 
     def batch(self, start: int, size: int) -> SFTBatch:
         """Rows start .. start+size-1 -> SFTBatch of (size, seq_len)."""

@@ -12,6 +12,7 @@ import json
 import os
 import sysconfig
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs", ".json", ".html",
@@ -75,21 +76,28 @@ def load_corpus(path: str) -> list[Document]:
     return docs
 
 
-def _read_jsonl(path: str, rel: str) -> list[Document]:
-    docs = []
+def jsonl_lines(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
+    """The parsed JSON value of each non-blank line of a JSONL file, with where it is ("path:line"), for
+    errors that name it; a line that does not parse is a ValueError naming path:line."""
+    path = os.fspath(path)
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield f"{path}:{i}", json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
-            text = obj.get("text") if isinstance(obj, dict) else None
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{i}: each line must be an object with a string 'text' field")
-            if text.strip():
-                docs.append(Document(f"{rel}:{i}", text))
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _read_jsonl(path: str, rel: str) -> list[Document]:
+    docs = []
+    for where, obj in jsonl_lines(path):
+        text = obj.get("text") if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: each line must be an object with a string 'text' field")
+        if text.strip():
+            docs.append(Document(f"{rel}:{where.rsplit(':', 1)[1]}", text))
     return docs
 
 

@@ -67,6 +67,24 @@ def cached_tokens(path: str, key: dict, build) -> np.ndarray:
     return tokens
 
 
+class EpochOrder:
+    """Items 0..n-1 visited in a seeded random order, a fresh permutation each epoch (or in order, without
+    shuffle). `order[i]` is the item read i-th, i counting across epochs: the position alone is the state, so
+    a resumed run reads exactly what an uninterrupted one would."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self._epoch, self._perm = -1, None
+
+    def __getitem__(self, i: int) -> int:
+        epoch, j = divmod(i, self.n)
+        if epoch != self._epoch:
+            self._perm = (np.random.default_rng((self.seed, epoch)).permutation(self.n) if self.shuffle
+                          else np.arange(self.n))
+            self._epoch = epoch
+        return int(self._perm[j])
+
+
 class PackedSequences:
     """Sequences of seq_len + 1 tokens cut from one token stream, visited in seeded random order."""
 
@@ -76,21 +94,11 @@ class PackedSequences:
         if self.num_sequences < 1:
             raise ValueError(f"{len(tokens)} tokens do not make one sequence of {seq_len + 1}; use more data "
                              "or a shorter --seq-len")
-        self._perm_epoch, self._perm = -1, None
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            if self.shuffle:
-                self._perm = np.random.default_rng((self.seed, epoch)).permutation(self.num_sequences)
-            else:
-                self._perm = np.arange(self.num_sequences)
-            self._perm_epoch = epoch
-        return self._perm
+        self.order = EpochOrder(self.num_sequences, seed, shuffle)
 
     def sequence(self, i: int) -> np.ndarray:
         """The i-th sequence the run reads (i counts across epochs)."""
-        epoch, j = divmod(i, self.num_sequences)
-        k = int(self._order(epoch)[j])
+        k = self.order[i]
         return self.tokens[k * self.seq_len: k * self.seq_len + self.seq_len + 1]
 
     def batch(self, start: int, size: int) -> torch.Tensor:

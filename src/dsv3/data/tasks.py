@@ -31,6 +31,8 @@ from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
+from .corpus import jsonl_lines
+
 SPLITS = ("train", "test")
 TEST_FRACTION = 0.1  # the share of each task's problems that only the test split draws
 INSTRUCTION = "Think step by step, then answer in \\boxed{}."  # the same sentence ends every prompt
@@ -330,22 +332,13 @@ def load_records(path: str | os.PathLike) -> list[dict]:
     "answer" (a math answer, str or number), "tests" (code: a list of test source strings), or "numbers" and
     "target" (countdown, as `dsv3 tasks` writes it). Other fields are kept. Blank lines are skipped; a bad
     line raises ValueError naming `path:line`."""
-    path = os.fspath(path)
     records = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{i}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{where}: each line must be a JSON object, not {type(rec).__name__}")
-            records.append(_check_record(rec, where))
+    for where, rec in jsonl_lines(path):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{where}: each line must be a JSON object, not {type(rec).__name__}")
+        records.append(_check_record(rec, where))
     if not records:
-        raise ValueError(f"{path}: no records (expected JSONL, one object a line)")
+        raise ValueError(f"{os.fspath(path)}: no records (expected JSONL, one object a line)")
     return records
 
 

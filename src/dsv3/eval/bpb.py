@@ -69,9 +69,11 @@ def _scored(model: DeepSeekV3, batch_BT: torch.Tensor, stats: RoutingStats | Non
 
 
 def summed_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[float, int]:
-    """-> (the cross-entropy summed over the positions, in float32 logits; the number of positions)."""
-    return (F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), reduction="sum").item(),
-            labels_BT.numel())
+    """-> (the cross-entropy summed over the positions, in float32 logits; the number of positions). Labels
+    of -100 (no loss there: a prompt's tokens in SFT, padding) are left out of both."""
+    return (F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=-100,
+                            reduction="sum").item(),
+            int((labels_BT != -100).sum()))
 
 
 def bits_per_byte(loss: float, tokens_per_byte: float) -> float:

@@ -43,7 +43,7 @@ def distill(teacher: LLM, records: list[dict], samples: int = 1, keep_per_prompt
     bar = tqdm(total=len(records), desc="distill", unit="prompt")
     for lo in range(0, len(records), chunk):
         part = records[lo: lo + chunk]
-        prompts = [prompt_ids(tok, r) for r in part for _ in range(samples)]
+        prompts = [ids for r in part for ids in [prompt_ids(tok, r)] * samples]  # rendered once each
         recs = [r for r in part for _ in range(samples)]
         params = [SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                  seed=seed * 1_000_003 + (lo * samples + i)) for i in range(len(prompts))]

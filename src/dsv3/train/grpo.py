@@ -32,10 +32,10 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 
 from ..ckpt.pretrained import load_pretrained
+from ..data.dataset import EpochOrder
 from ..data.tasks import TASKS, load_records
 from ..eval.tasks import live_engine, prompt_ids, task_accuracy
 from ..infer.sampling import SamplingParams
@@ -43,8 +43,8 @@ from ..tokenizer import PAD
 from . import balance
 from .objectives import GRPO, LOSS_TYPES, SCALE_REWARDS, completion_logprobs, group_advantages
 from .rewards import reward_functions
-from .sft import held_out, run_tokenizer, task_of
-from .trainer import PRECISIONS, Trainer, TrainConfig, export_model
+from .sft import check_source, held_out, task_of
+from .trainer import PRECISIONS, Trainer, TrainConfig, export_model, run_tokenizer
 
 
 @dataclass
@@ -84,13 +84,8 @@ class GRPOConfig(TrainConfig):
     val_fraction: float = 0.05  # --data without --eval-data: prompts held out for eval_accuracy
 
     def __post_init__(self) -> None:
-        if self.init_from is None:
-            raise ValueError("dsv3 grpo trains a model: give --init-from DIR (a model directory)")
+        check_source(self, "dsv3 grpo trains a model", "prompt records")
         super().__post_init__()
-        if (self.task is None) == (self.data is None):
-            raise ValueError("give either --task NAME (a built-in task) or --data FILE.jsonl (prompt records)")
-        if self.task is not None and self.task not in TASKS:
-            raise ValueError(f"--task {self.task!r}: expected one of {', '.join(sorted(TASKS))}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"--loss-type {self.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
         if self.scale_rewards not in SCALE_REWARDS:
@@ -167,8 +162,9 @@ class Rollouts:
     the seed and r (prompts in a seeded order, one sampling seed per completion), so a resumed run regenerates
     the same batch."""
 
-    def __init__(self, data: "GRPOData", prompts: list[dict]):
+    def __init__(self, data: "GRPOData", prompts: list[dict], seed: int):
         self.data, self.prompts = data, prompts
+        self.order = EpochOrder(len(prompts), seed)
         self.index, self.current = None, None
 
     def batch(self, start: int, size: int) -> GRPOBatch:
@@ -185,13 +181,8 @@ class Rollouts:
 
     def _prompts_of(self, r: int) -> list[dict]:
         """Prompts r*P .. r*P + P - 1 of the run's order: a fresh seeded permutation each epoch."""
-        c, n = self.data.config, len(self.prompts)
-        out = []
-        for i in range(r * c.prompts_per_step, (r + 1) * c.prompts_per_step):
-            epoch, j = divmod(i, n)
-            perm = np.random.default_rng((c.seed, epoch)).permutation(n)
-            out.append(self.prompts[int(perm[j])])
-        return out
+        P = self.data.config.prompts_per_step
+        return [self.prompts[self.order[i]] for i in range(r * P, (r + 1) * P)]
 
 
 class GRPOData:
@@ -220,7 +211,6 @@ class GRPOData:
             if not prompts:
                 raise ValueError(f"--data {c.data}: no prompts left for training")
         self.tok = tok
-        self.prompt_ids = {}
         longest = max(len(prompt_ids(tok, r)) for r in prompts[:2000])
         if longest + c.max_new_tokens > c.seq_len:
             raise ValueError(f"prompts of up to {longest} tokens + --max-new-tokens {c.max_new_tokens} exceed "
@@ -232,7 +222,7 @@ class GRPOData:
         self.pad_id = pad if pad is not None else tok.eos_token_id
         info = {"source": c.data or f"task:{c.task}", "train_prompts": len(prompts),
                 "eval_prompts": len(self.eval_prompts), "train_tokens": 0}
-        return tok, Rollouts(self, prompts), None, info
+        return tok, Rollouts(self, prompts, c.seed), None, info
 
     def attach(self, trainer: Trainer) -> None:
         if trainer.par is not None:
@@ -257,7 +247,7 @@ class GRPOData:
         t0 = time.perf_counter()
         model = trainer.model
         self.llm.refresh_weights()
-        prompts = [prompt_ids(self.tok, rec) for rec in records for _ in range(G)]
+        prompts = [ids for rec in records for ids in [prompt_ids(self.tok, rec)] * G]  # rendered once each
         group_records = [rec for rec in records for _ in range(G)]
         params = [SamplingParams(temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
                                  seed=self._key(r, i)) for i in range(len(prompts))]
@@ -276,18 +266,15 @@ class GRPOData:
         adv = group_advantages(total, G, c.scale_rewards)
 
         ids, labels = rows(prompts, completions, self.pad_id)
-        old = ref = None
-        if c.num_iterations > 1 or c.beta:
-            mb = c.micro_batch_size
+        def logprobs(policy) -> torch.Tensor:  # (N, T) at the labels, in micro-batches as training runs them
+            mb, dev = c.micro_batch_size, trainer.device
             with trainer.products, trainer.autocast:
-                if c.num_iterations > 1:  # pi_old: the policy that sampled, as the training forward sees it
-                    old = torch.cat([completion_logprobs(model(ids[i:i + mb].to(trainer.device)),
-                                                         labels[i:i + mb].to(trainer.device), c.temperature)[0].cpu()
-                                     for i in range(0, len(ids), mb)])
-                if c.beta:
-                    ref = torch.cat([completion_logprobs(self.ref(ids[i:i + mb].to(trainer.device)),
-                                                         labels[i:i + mb].to(trainer.device), c.temperature)[0].cpu()
-                                     for i in range(0, len(ids), mb)])
+                return torch.cat([completion_logprobs(policy(ids[i:i + mb].to(dev)), labels[i:i + mb].to(dev),
+                                                      c.temperature)[0].cpu() for i in range(0, len(ids), mb)])
+
+        # pi_old: the policy that sampled, as the training forward sees it (needed when it will have moved)
+        old = logprobs(model) if c.num_iterations > 1 else None
+        ref = logprobs(self.ref) if c.beta else None
         lengths = [len(x) for x in completions]
         grouped = total.view(-1, G)
         stats = {"reward": total.mean().item(), "reward_std": grouped.std(dim=1).mean().item() if G > 1 else 0.0,

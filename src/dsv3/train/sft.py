@@ -29,16 +29,16 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from ..data import chat
 from ..data.tasks import TASKS, Task, load_records, make_task
+from ..eval.bpb import summed_cross_entropy
 from ..eval.tasks import live_engine, task_accuracy
 from ..parallel import mesh
-from ..tokenizer import PAD, Tokenizer
+from ..tokenizer import PAD
 from . import balance
 from .objectives import SFT
-from .trainer import PRECISIONS, Trainer, TrainConfig, export_model
+from .trainer import PRECISIONS, Trainer, TrainConfig, export_model, run_tokenizer
 
 COMPLETIONS = ("traces", "answers")
 
@@ -64,13 +64,8 @@ class SFTConfig(TrainConfig):
     mtp_lambda: tuple[float, float] = (0.1, 0.1)
 
     def __post_init__(self) -> None:
-        if self.init_from is None:
-            raise ValueError("dsv3 sft fine-tunes a model: give --init-from DIR (a model directory)")
+        check_source(self, "dsv3 sft fine-tunes a model", "chat records")
         super().__post_init__()
-        if (self.task is None) == (self.data is None):
-            raise ValueError("give either --task NAME (a built-in task) or --data FILE.jsonl (chat records)")
-        if self.task is not None and self.task not in TASKS:
-            raise ValueError(f"--task {self.task!r}: expected one of {', '.join(sorted(TASKS))}")
         if self.completions not in COMPLETIONS:
             raise ValueError(f"--completions {self.completions!r}: expected one of {', '.join(COMPLETIONS)}")
 
@@ -83,18 +78,14 @@ class SFTConfig(TrainConfig):
         return TrainConfig.with_defaults(c, max_positions)
 
 
-def run_tokenizer(c: TrainConfig, run_dir: str) -> Tokenizer:
-    """The run's tokenizer: --tokenizer, the run directory's own (a resumed run), or --init-from's, which
-    becomes the run's own."""
-    if c.tokenizer:
-        return Tokenizer.from_dir(c.tokenizer)
-    if os.path.isfile(os.path.join(run_dir, "tokenizer.json")):
-        return Tokenizer.from_dir(run_dir)
-    if not os.path.isfile(os.path.join(c.init_from, "tokenizer.json")):
-        raise ValueError(f"--init-from {c.init_from} has no tokenizer.json; name one with --tokenizer DIR")
-    tok = Tokenizer.from_dir(c.init_from)
-    tok.save_pretrained(run_dir)
-    return tok
+def check_source(c, what: str, records: str) -> None:
+    """A post-training run starts from a model (--init-from) and reads either a built-in task or --data."""
+    if c.init_from is None:
+        raise ValueError(f"{what}: give --init-from DIR (a model directory)")
+    if (c.task is None) == (c.data is None):
+        raise ValueError(f"give either --task NAME (a built-in task) or --data FILE.jsonl ({records})")
+    if c.task is not None and c.task not in TASKS:
+        raise ValueError(f"--task {c.task!r}: expected one of {', '.join(sorted(TASKS))}")
 
 
 def held_out(record: dict, seed: int, fraction: float) -> bool:
@@ -170,10 +161,9 @@ class SFTData:
                 for start in range(0, trainer.val_data.num_sequences, c.micro_batch_size):
                     b = trainer.val_data.batch(start, min(c.micro_batch_size, trainer.val_data.num_sequences - start))
                     b = b.to(trainer.device)
-                    logits = model(b.input_ids, positions=b.positions, mask=b.attention_mask())
-                    total += F.cross_entropy(logits.flatten(0, 1).float(), b.labels.flatten(), ignore_index=-100,
-                                             reduction="sum").item()
-                    count += b.num_loss_tokens
+                    loss, n = summed_cross_entropy(model(b.input_ids, positions=b.positions,
+                                                         mask=b.attention_mask()), b.labels)
+                    total, count = total + loss, count + n
             model.train(was_training)
             out["val_loss"] = total / max(count, 1)
         if self.eval_prompts and trainer.par is None:

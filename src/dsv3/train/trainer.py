@@ -274,21 +274,30 @@ def hash_text(s: str) -> str:
     return hashlib.sha256(s.encode()).hexdigest()
 
 
+def run_tokenizer(c: TrainConfig, run_dir: str) -> Tokenizer | None:
+    """The run's tokenizer: --tokenizer, the run directory's own (a resumed run keeps its tokenizer), or
+    --init-from's, which becomes the run's own (a resume does not read init_from again); None for a new run
+    from a preset without --tokenizer (it trains one)."""
+    if c.tokenizer:
+        return Tokenizer.from_dir(c.tokenizer)
+    if os.path.isfile(os.path.join(run_dir, "tokenizer.json")):
+        return Tokenizer.from_dir(run_dir)
+    if not c.init_from:
+        return None
+    if not os.path.isfile(os.path.join(c.init_from, "tokenizer.json")):
+        raise ValueError(f"--init-from {c.init_from} has no tokenizer.json; name one with --tokenizer DIR")
+    tok = Tokenizer.from_dir(c.init_from)
+    tok.save_pretrained(run_dir)
+    return tok
+
+
 def prepare_data(c: TrainConfig, run_dir: str):
     """Corpus -> split -> tokenizer (given, the run's own, init_from's, or a BPE trained here) -> cached token
     ids. -> (tokenizer, train ids, validation ids, a description for run.json)."""
     docs = load_corpus(c.data) if c.data else builtin_corpus()
     train_docs, val_docs = split(docs, c.val_fraction)
-    if c.tokenizer:
-        tok = Tokenizer.from_dir(c.tokenizer)
-    elif os.path.isfile(os.path.join(run_dir, "tokenizer.json")):
-        tok = Tokenizer.from_dir(run_dir)  # a resumed run keeps its tokenizer
-    elif c.init_from:
-        if not os.path.isfile(os.path.join(c.init_from, "tokenizer.json")):
-            raise ValueError(f"--init-from {c.init_from} has no tokenizer.json; name one with --tokenizer DIR")
-        tok = Tokenizer.from_dir(c.init_from)
-        tok.save_pretrained(run_dir)  # the run's own from now on: a resume does not read init_from again
-    else:
+    tok = run_tokenizer(c, run_dir)
+    if tok is None:
         tok = train_bpe((d.text for d in train_docs), vocab_size=PRESETS[c.preset]["vocab_size"])
         tok.save_pretrained(run_dir)
     key = {"format": 2, "corpus": corpus_hash(docs), "tokenizer": hash_text(tok.tok.to_str()), "fim_rate": c.fim_rate,
