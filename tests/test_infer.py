@@ -268,11 +268,11 @@ def test_draft_alternatives_share_a_position_and_see_only_the_prefix():
     b = build_batch([[7, 1, 2, 3], [9]], [5, 2], [[0, 1, 2], [3]], 4, "cpu", alternatives=[3, 0])
     assert b.positions.tolist() == [5, 6, 6, 6, 2]
     assert b.slots.tolist() == [5, 6, 7, 8, 14]
-    allowed = b.mask[0, 0]  # (T, S) for the first sequence: key positions 0..8
+    allowed = b.key_mask()[0, 0]  # (T, S) for the first sequence: key positions 0..8
     assert allowed[0].tolist() == [True] * 6 + [False] * 3  # the last real token: causal
     for j in range(3):  # alternative j: the prefix 0..5 and its own slot 6 + j
         assert allowed[1 + j].nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 5, 6 + j]
-    assert b.mask[1, 0, 0, :3].tolist() == [True] * 3 and not b.mask[1, 0, 0, 3:].any()
+    assert b.key_mask()[1, 0, 0, :3].tolist() == [True] * 3 and not b.key_mask()[1, 0, 0, 3:].any()
 
 
 def test_speculative_topk_one_guess_per_sampled_request():

@@ -27,7 +27,7 @@ from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from . import cpu_kernels as cpu_kernels_lib
 from .cuda_graphs import DecodeGraphs, capture_blocker
 from .kv_cache import LatentCache
-from .model_runner import ModelRunner, build_batch
+from .model_runner import DEFAULT_ATTENTION_WORKSPACE, ModelRunner, build_batch
 from .sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
 from .scheduler import Scheduler, Sequence, Status
 from .speculative import DraftPolicy, MTPSpeculator
@@ -97,7 +97,10 @@ class LLM:
     False runs the plain PyTorch reference. live_weights: the model is also being trained, in place (GRPO's
     rollouts, evaluations during SFT): every parameter is left contiguous (the routed experts' w1 | w3 are not
     stacked; torch's fused AdamW updates non-contiguous parameters wrongly on CPU), and `refresh_weights()`
-    takes up each update.
+    takes up each update. attention_workspace: bytes one layer's attention may take beyond the cache (default
+    256 MiB): a context whose gathered latents, expanded keys and values and float32 scores would take more is
+    attended in pieces of keys merged by log-sum-exp (flash-decoding's split), so memory at a 128K context
+    grows with the piece and the prefill chunk, not with the context (model_runner.py).
     """
 
     def __init__(self, model: str | os.PathLike | DeepSeekV3, dtype: torch.dtype | str | None = None,
@@ -107,7 +110,8 @@ class LLM:
                  seed: int | None = None, speculative_topk: int | None = None, num_speculative_tokens: int = 1,
                  speculative_policy: str | DraftPolicy = "adaptive",
                  cuda_graphs: bool | None = None, enable_prefix_caching: bool = True,
-                 cpu_kernels: bool | None = None, live_weights: bool = False):
+                 cpu_kernels: bool | None = None, live_weights: bool = False,
+                 attention_workspace: int | None = None):
         path = None
         if speculative not in (None, "mtp"):
             raise ValueError(f"speculative={speculative!r} is not supported; expected None or 'mtp'")
@@ -150,7 +154,8 @@ class LLM:
                 raise ValueError(f"max_model_len={max_model_len} is longer than the latent cache holds "
                                  f"({self.cache.capacity} positions): raise kv_cache_tokens or lower max_model_len")
             self.max_model_len = self.cache.capacity
-        self.runner = ModelRunner(self.model, self.cache)
+        self.runner = ModelRunner(self.model, self.cache, attention_workspace=attention_workspace
+                                  or DEFAULT_ATTENTION_WORKSPACE)
         self.sampler = Sampler(dev, seed)
         self.speculator = None
         if speculative_policy not in ("adaptive", "always") and not isinstance(speculative_policy, DraftPolicy):

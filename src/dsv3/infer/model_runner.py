@@ -37,12 +37,15 @@ class StepBatch:
     q_index: torch.Tensor  # (B, T) index into the N fed tokens, padded with 0
     q_valid: torch.Tensor  # (B, T) bool
     slot_table: torch.Tensor  # (B, S) the slots of positions 0..S-1 of each sequence (any slot past its end)
-    mask: torch.Tensor  # (B, 1, T, S) bool: query may attend key (key position <= query position)
+    mask: torch.Tensor | None  # (B, 1, T, S) bool: query may attend key (key position <= query position);
+    # None until first asked for (`key_mask`): at a long context only pieces of it are ever built
     feed_lens: list[int]  # tokens fed per sequence
     uniform: bool = False  # every sequence feeds T tokens: the (B, T) layout is a plain view of the N
     causal: bool = False  # every sequence feeds positions 0..T-1 (T == S): the mask is plain causal, and the
     # attention kernel can skip the masked half instead of being handed the mask
     starts: list[int] | None = None  # each sequence's first fed position (ragged steps group by it)
+    q_pos: torch.Tensor | None = None  # (B, T) each fed token's position, -1 for padding: what builds the mask
+    siblings: list = field(default_factory=list)  # (b, t, lo, hi): query t of sequence b skips keys lo..hi-1
     _bias: torch.Tensor | None = field(default=None, repr=False)
     _freqs: torch.Tensor | None = field(default=None, repr=False)
     _groups: list | None = field(default=None, repr=False)
@@ -67,11 +70,21 @@ class StepBatch:
             self._freqs = rotary(self.positions)
         return self._freqs
 
+    def key_mask(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """The mask's keys lo..hi-1 (B, 1, T, hi - lo); the whole mask (built once a step) by default."""
+        if self.mask is None:
+            S = self.slot_table.shape[1]
+            hi = S if hi is None else hi
+            if lo != 0 or hi != S:  # a piece: built for the asking (long contexts)
+                return positional_mask(self.q_pos, self.q_valid, self.siblings, lo, hi, not self.uniform)
+            self.mask = positional_mask(self.q_pos, self.q_valid, self.siblings, 0, S, not self.uniform)
+        return self.mask[..., lo:hi]
+
     def score_bias(self, n_heads: int, dtype: torch.dtype) -> torch.Tensor:
         """The mask as an additive bias (B, T*H, S) of 0 and -inf, laid out like the absorbed attention's
         scores; built on first use and shared by every layer of the step."""
         if self._bias is None or self._bias.dtype != dtype:
-            self._bias = score_bias(self.mask, n_heads, dtype)
+            self._bias = score_bias(self.key_mask(), n_heads, dtype)
         return self._bias
 
     def leading(self, m: int, input_ids: torch.Tensor) -> "StepBatch":
@@ -87,7 +100,7 @@ class StepBatch:
             q_index = q_index.to(input_ids.device)
         return StepBatch(input_ids=input_ids, positions=lead(self.positions), slots=lead(self.slots),
                          q_index=q_index, q_valid=self.q_valid[:, :m], slot_table=self.slot_table,
-                         mask=self.mask[:, :, :m], feed_lens=[m] * B, uniform=True, _bias=bias,
+                         mask=self.key_mask()[:, :, :m], feed_lens=[m] * B, uniform=True, _bias=bias,
                          _freqs=None if self._freqs is None else lead(self._freqs))
 
     @property
@@ -109,7 +122,10 @@ class AttentionGroup:
     q_index: torch.Tensor  # (B, T) index into the N, padded with 0
     q_valid: torch.Tensor  # (B, T)
     slot_table: torch.Tensor  # (B, S)
-    mask: torch.Tensor | None  # (B, 1, T, S); None when a lone sequence feeds positions 0..T-1 (plain causal)
+    causal: bool  # a lone sequence feeding positions 0..T-1: the mask is plain causal (`mask` is None)
+    batch: StepBatch = field(repr=False)
+    idx: torch.Tensor = field(repr=False)  # (B,) the members' rows in the step
+    _mask: torch.Tensor | None = field(default=None, repr=False)
     _bias: torch.Tensor | None = field(default=None, repr=False)
 
     @staticmethod
@@ -119,8 +135,19 @@ class AttentionGroup:
         idx = torch.tensor(members, device=batch.q_index.device)
         q_index, q_valid = batch.q_index[idx, :T], batch.q_valid[idx, :T]
         return AttentionGroup(rows=q_index[q_valid], q_index=q_index, q_valid=q_valid,
-                              slot_table=batch.slot_table[idx, :S],
-                              mask=None if causal else batch.mask[idx, :, :T, :S])
+                              slot_table=batch.slot_table[idx, :S], causal=causal, batch=batch, idx=idx)
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """(B, 1, T, S), or None when plain causal."""
+        if self._mask is None and not self.causal:
+            T, S = self.q_index.shape[1], self.slot_table.shape[1]
+            self._mask = self.batch.key_mask()[self.idx, :, :T, :S]
+        return self._mask
+
+    def key_mask(self, lo: int, hi: int) -> torch.Tensor:
+        """The mask's keys lo..hi-1 (B, 1, T, hi - lo), causal or not."""
+        return self.batch.key_mask(lo, hi)[self.idx, :, : self.q_index.shape[1]]
 
     def score_bias(self, n_heads: int, dtype: torch.dtype) -> torch.Tensor:
         if self._bias is None or self._bias.dtype != dtype:
@@ -134,6 +161,25 @@ def score_bias(mask: torch.Tensor, n_heads: int, dtype: torch.dtype) -> torch.Te
     bias = torch.zeros(B, T, 1, S, dtype=dtype, device=mask.device)
     bias.masked_fill_(~mask.view(B, T, 1, S), float("-inf"))
     return bias.expand(B, T, n_heads, S).reshape(B, T * n_heads, S)
+
+
+def positional_mask(q_pos: torch.Tensor, q_valid: torch.Tensor, siblings: list, lo: int, hi: int,
+                    pad_rows: bool) -> torch.Tensor:
+    """Keys lo..hi-1 of the mask from the queries' positions q_pos (B, T) -> (B, 1, T, hi - lo) bool: a key is
+    seen by the queries at or after its position (past-the-end keys of a shorter sequence by none); the
+    siblings' exclusions (`build_batch`) applied; with pad_rows, padded query rows see key 0, so that their
+    softmax stays finite (their output is discarded)."""
+    keys = _arange(hi)[lo:]
+    if keys.device != q_pos.device:
+        keys = keys.to(q_pos.device)
+    mask = keys <= q_pos[:, None, :, None]
+    for b, t, a, z in siblings:
+        a, z = max(a, lo) - lo, min(z, hi) - lo
+        if a < z:
+            mask[b, 0, t, a:z] = False
+    if pad_rows and lo == 0:
+        mask[:, 0, :, 0] |= ~q_valid
+    return mask
 
 
 _ARANGE = torch.arange(4096)
@@ -190,17 +236,14 @@ def build_batch(feeds: list[list[int]], starts: list[int], block_tables: list[li
     uniform = all(len(f) == T for f in feeds)
     input_ids_N, positions_N, slots_N = torch.tensor([input_ids, positions, slots]).unbind()  # (not the slow
     q_index_BT, q_pos_BT = torch.tensor([q_index, q_pos]).unbind()  # Python iteration over a tensor's rows)
-    q_valid = q_pos_BT >= 0
-    mask = _arange(S) <= q_pos_BT[:, None, :, None]  # (B, 1, T, S): causal by position; past-the-end keys excluded
-    for b, t, lo, hi in siblings:
-        mask[b, 0, t, lo:hi] = False
-    if not uniform:
-        mask[:, 0, :, 0] |= ~q_valid  # padded query rows attend something, so softmax stays finite (discarded)
+    # the mask (B, 1, T, S) is built from q_pos when first asked for (`StepBatch.key_mask`): causal by position,
+    # past-the-end keys excluded, the siblings' exclusions applied, padded rows given key 0
     batch = StepBatch(input_ids=input_ids_N, positions=positions_N, slots=slots_N, q_index=q_index_BT,
-                      q_valid=q_valid, slot_table=slot_table, mask=mask, feed_lens=lens, uniform=uniform,
-                      causal=uniform and T == S and not siblings, starts=list(starts))
+                      q_valid=q_pos_BT >= 0, slot_table=slot_table, mask=None, feed_lens=lens, uniform=uniform,
+                      causal=uniform and T == S and not siblings, starts=list(starts), q_pos=q_pos_BT,
+                      siblings=siblings)
     if torch.device(device).type != "cpu":
-        for name in ("input_ids", "positions", "slots", "q_index", "q_valid", "slot_table", "mask"):
+        for name in ("input_ids", "positions", "slots", "q_index", "q_valid", "slot_table", "q_pos"):
             setattr(batch, name, getattr(batch, name).to(device, non_blocking=True))
     return batch
 
@@ -229,12 +272,49 @@ def mla_absorbed(q_nope, q_rope, ctx, bias, w_uk, w_uv_t, scale: float) -> torch
     return out.transpose(0, 1).reshape(B, T, H, -1)
 
 
+def attention_in_pieces(q: torch.Tensor, keys_values, key_mask, S: int, piece: int, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v over S keys taken `piece` at a time, the pieces merged by log-sum-exp (online
+    softmax, as flash attention and flash decoding do): the working set grows with the piece, not with S.
+
+    q (B, G, T, D) for G heads (or head groups) sharing the keys; keys_values(lo, hi) -> k (B, G|1, hi - lo, D),
+    v (B, G|1, hi - lo, V); key_mask(lo, hi) -> (B, 1|G, T, hi - lo) bool. Every query must see key 0 (causal
+    attention does; padded rows are given it), so the running maximum is finite after the first piece.
+    Scores and sums in float32 -> (B, G, T, V) in q's dtype."""
+    qf = q.float()
+    m = l = acc = None
+    for lo in range(0, S, piece):
+        hi = min(S, lo + piece)
+        k, v = keys_values(lo, hi)
+        scores = torch.matmul(qf, k.float().transpose(-1, -2)).mul_(scale)  # (B, G, T, hi - lo)
+        scores.masked_fill_(~key_mask(lo, hi), float("-inf"))
+        m_new = scores.amax(dim=-1, keepdim=True)
+        if m is not None:
+            m_new = torch.maximum(m, m_new)
+        p = scores.sub_(m_new).exp_()  # (in place: the scores are not needed again)
+        pv = torch.matmul(p, v.float())
+        if m is None:
+            l, acc = p.sum(dim=-1, keepdim=True), pv
+        else:
+            rescale = (m - m_new).exp_()
+            l = l.mul_(rescale).add_(p.sum(dim=-1, keepdim=True))
+            acc = acc.mul_(rescale).add_(pv)
+        m = m_new
+    return acc.div_(l).to(q.dtype)
+
+
+DEFAULT_ATTENTION_WORKSPACE = 256 * 2**20  # bytes a layer's attention may take at once beyond the cache
+
+
 class ModelRunner:
-    def __init__(self, model: DeepSeekV3, cache: LatentCache, absorb_max_queries: int = 4):
+    def __init__(self, model: DeepSeekV3, cache: LatentCache, absorb_max_queries: int = 4,
+                 attention_workspace: int = DEFAULT_ATTENTION_WORKSPACE):
         self.model, self.cache = model, cache  # the model arrives packed (LLM.__init__)
         self.config = model.config
         self.device = model.device
         self.absorb_max_queries = absorb_max_queries  # steps feeding at most this many tokens per sequence
+        # Attention reads a sequence's context whole while its keys, values and scores fit in this many bytes;
+        # past that (a long context), in pieces that do, merged by log-sum-exp (`attention_in_pieces`)
+        self.attention_workspace = attention_workspace
         # W_UK (H, P, C) and W_UV^T (H, C, V) per attention module (dequantised once if FP8)
         self.absorbed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.absorb_weights()
@@ -250,11 +330,61 @@ class ModelRunner:
             self.absorbed[i] = (w[:, : cfg.qk_nope_head_dim].contiguous(),
                                 w[:, cfg.qk_nope_head_dim:].transpose(1, 2).contiguous())
 
+    def piece(self, attn: MLA, B: int, T: int, absorbed: bool) -> int:
+        """The keys per piece that keep one attention's working set within attention_workspace: per key, the
+        gathered latent row, the float32 scores and probabilities of every query and head, and (naive) the
+        expanded per-head key and value."""
+        H, C, R = attn.n_heads, attn.kv_lora_rank, attn.rope_dim
+        elem = self.cache.data.element_size()
+        per_key = B * ((C + R) * elem + 2 * T * H * 4)
+        if not absorbed:
+            per_key += B * H * (attn.nope_dim + R + attn.v_dim) * (elem + 4)  # expanded, and its float32 copy
+        return max(16, self.attention_workspace // per_key)
+
+    def attend_long(self, attn: MLA, layer: int, q_nope, q_rope, slot_table, key_mask, absorbed: bool) -> torch.Tensor:
+        """Attention of q_nope (B, T, H, P), q_rope (B, T, H, R) over the cached rows of slot_table (B, S), key
+        piece by key piece (`attention_in_pieces`): each piece's latents are gathered from the cache, and for
+        the naive form expanded to per-head keys and values, only when its turn comes. -> (B, T, H, V)."""
+        B, T, H, _ = q_nope.shape
+        S, C = slot_table.shape[1], attn.kv_lora_rank
+        read = lambda lo, hi: self.cache.read(layer, slot_table[:, lo:hi])  # noqa: E731  (B, hi - lo, C+R)
+        if absorbed:  # queries folded into the latent space: every head scores the same latent rows
+            w_uk, w_uv_t = self.absorbed[layer]
+            q_lat = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1), w_uk).transpose(0, 1)  # (B*T, H, C)
+            q = torch.cat([q_lat, q_rope.reshape(B * T, H, -1)], dim=-1).view(B, 1, T * H, C + q_rope.shape[-1])
+
+            def keys_values(lo, hi):
+                ctx = read(lo, hi).unsqueeze(1)  # (B, 1, piece, C+R)
+                return ctx, ctx[..., :C]
+
+            mask = lambda lo, hi: key_mask(lo, hi).repeat_interleave(H, dim=2)  # noqa: E731  (B, 1, T*H, piece)
+            out_lat = attention_in_pieces(q, keys_values, mask, S, self.piece(attn, B, T, True),
+                                          attn.softmax_scale)  # (B, 1, T*H, C)
+            out = torch.bmm(out_lat.view(B * T, H, C).transpose(0, 1), w_uv_t)  # (H, B*T, V)
+            return out.transpose(0, 1).reshape(B, T, H, -1)
+
+        def keys_values(lo, hi):
+            ctx = read(lo, hi)
+            k, v = attn.expand_kv(ctx[..., :C], ctx[..., C:])  # (B, piece, H, P+R), (B, piece, H, V)
+            return k.transpose(1, 2), v.transpose(1, 2)
+
+        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # (B, H, T, P+R)
+        out = attention_in_pieces(q, keys_values, key_mask, S, self.piece(attn, B, T, False), attn.softmax_scale)
+        return out.transpose(1, 2)  # (B, T, H, V)
+
+    def is_long(self, attn: MLA, B: int, T: int, S: int) -> bool:
+        """Whether S keys take more than one piece."""
+        return S > self.piece(attn, B, T, T <= self.absorb_max_queries)
+
     def attention(self, attn: MLA, x: torch.Tensor, layer: int, batch: StepBatch, freqs) -> torch.Tensor:
         """x (N, D) -> (N, D): write the fed tokens' latents to the cache, attend over each sequence's."""
         q_nope, q_rope, kv_new, k_rope_new = attn.project(x, freqs)  # (N, H, P), (N, H, R), (N, C), (N, R)
         self.cache.write(layer, batch.slots, kv_new, k_rope_new)
         B, T = batch.q_index.shape
+        if batch.uniform and self.is_long(attn, B, T, batch.slot_table.shape[1]):
+            out = self.attend_long(attn, layer, q_nope.unflatten(0, (B, T)), q_rope.unflatten(0, (B, T)),
+                                   batch.slot_table, batch.key_mask, T <= self.absorb_max_queries)
+            return attn.wo(out.flatten(0, 1).flatten(1))
         if batch.uniform:  # decode (one token, or 1 + drafts, per sequence) or equal prompts: a plain (B, T) view
             ctx = self.cache.read(layer, batch.slot_table)  # (B, S, C+R)
             q_nope, q_rope = q_nope.unflatten(0, (B, T)), q_rope.unflatten(0, (B, T))
@@ -262,12 +392,17 @@ class ModelRunner:
                 out = mla_absorbed(q_nope, q_rope, ctx, batch.score_bias(attn.n_heads, ctx.dtype),
                                    *self.absorbed[layer], attn.softmax_scale)
             else:
-                out = mla_naive(attn, q_nope, q_rope, ctx, None if batch.causal else batch.mask)
+                out = mla_naive(attn, q_nope, q_rope, ctx, None if batch.causal else batch.key_mask())
             return attn.wo(out.flatten(0, 1).flatten(1))
         out = q_nope.new_empty(q_nope.shape[0], attn.n_heads, attn.v_dim)  # (N, H, V), in fed order
         for g in batch.groups(self.absorb_max_queries):  # ragged: no sequence padded to another's length
-            ctx = self.cache.read(layer, g.slot_table)
             qn, qr = q_nope[g.q_index], q_rope[g.q_index]  # (Bg, Tg, H, .)
+            (Bg, Tg), Sg = g.q_index.shape, g.slot_table.shape[1]
+            if self.is_long(attn, Bg, Tg, Sg):
+                o = self.attend_long(attn, layer, qn, qr, g.slot_table, g.key_mask, Tg <= self.absorb_max_queries)
+                out[g.rows] = o[g.q_valid]
+                continue
+            ctx = self.cache.read(layer, g.slot_table)
             if qn.shape[1] <= self.absorb_max_queries:
                 o = mla_absorbed(qn, qr, ctx, g.score_bias(attn.n_heads, ctx.dtype), *self.absorbed[layer],
                                  attn.softmax_scale)
@@ -306,6 +441,20 @@ class ModelRunner:
         attn = block.attn
         q_nope, q_rope, kv_new, k_rope_new = attn.project(block.attn_norm(x), batch.rope(self.model.rope))
         self.cache.write(layer, batch.slots, kv_new, k_rope_new)
+        B, S = batch.slot_table.shape
+        if self.is_long(attn, B, 1, S):  # each sequence's last row over its context, in pieces
+            if batch.uniform:
+                T = batch.q_index.shape[1]
+                rows = batch.q_index[:, -1]
+                key_mask = lambda lo, hi: batch.key_mask(lo, hi)[:, :, T - 1:]  # noqa: E731
+            else:
+                rows, last_pos = batch.last_index, batch.positions.index_select(0, batch.last_index)
+                key_mask = lambda lo, hi: (_arange(hi)[lo:].to(last_pos.device)  # noqa: E731
+                                           <= last_pos[:, None, None, None])
+            out = self.attend_long(attn, layer, q_nope.index_select(0, rows).unsqueeze(1),
+                                   q_rope.index_select(0, rows).unsqueeze(1), batch.slot_table, key_mask, True)
+            h = x.index_select(0, rows) + attn.wo(out.flatten(1))
+            return h + block.ffn(block.ffn_norm(h))
         ctx = self.cache.read(layer, batch.slot_table)  # (B, S, C+R)
         H = attn.n_heads
         if batch.uniform:  # (B, T) rows: the last ones are views, their bias a slice of the step's

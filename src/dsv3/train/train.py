@@ -68,6 +68,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="sequences per forward; gradients accumulate over batch/micro (default: the batch)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default per preset)")
     g.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps, at most 2000")
+    g.add_argument("--lr-schedule", choices=("v3", "cosine", "constant"), default="v3",
+                   help="v3 (default): warmup, constant, cosine decay to 1/30, constant (the report's); cosine: "
+                        "warmup then cosine to --lr-floor x lr; constant: warmup then --lr (context extension "
+                        "trains at the final learning rate of pretraining, constant)")
+    g.add_argument("--lr-floor", type=float, default=0.1, help="with --lr-schedule cosine: the end, as a fraction "
+                                                              "of --lr (default 0.1)")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--bf16-moments", action="store_true", help="keep AdamW's moments in BF16 (as V3)")
@@ -92,11 +98,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="MTP loss weight for the first 2/3 of training, then (V3: 0.3 0.1)")
     g.add_argument("--eval-every", type=int, default=50, help="validation every K steps (and at the end)")
     g.add_argument("--eval-batches", type=int, default=8, help="validation batches (default 8)")
-    g.add_argument("--rope-scaling", default=None, metavar="JSON",
-                   help="config.json's rope_scaling for the model, e.g. '{\"type\": \"yarn\", \"factor\": 4, "
-                        "\"original_max_position_embeddings\": 4096}' (beta_fast, beta_slow, mscale, mscale_all_dim "
-                        "as DeepSeek-V3's config; default: the model's own)")
-
+    g = p.add_argument_group("context extension (YaRN)", "extend a model's context: `--init-from DIR --seq-len L "
+                             "--rope-scaling yarn --rope-factor S` (see README, 'Long context')")
+    g.add_argument("--rope-scaling", default=None, metavar="yarn|JSON",
+                   help="'yarn': DeepSeek-V3's YaRN (beta_fast 32, beta_slow 1, mscale 1, mscale_all_dim 1) with "
+                        "--rope-factor and --original-max-position-embeddings; or config.json's rope_scaling as "
+                        "JSON, e.g. '{\"type\": \"yarn\", \"factor\": 4, \"original_max_position_embeddings\": "
+                        "4096}' (default: the model's own)")
+    g.add_argument("--rope-factor", type=float, default=None, metavar="S",
+                   help="with --rope-scaling yarn: the extension factor s (V3: 40); the model's context becomes "
+                        "S x the original length")
+    g.add_argument("--original-max-position-embeddings", type=int, default=None, metavar="L0",
+                   help="with --rope-scaling yarn: the length the model was trained at (default: the --init-from "
+                        "run's --seq-len when it is a dsv3 run directory, else its config's context)")
 
     g = p.add_argument_group("many processes", "under torchrun (torchrun --nproc-per-node N -m dsv3 train ...): "
                              "N = dp-shard x pp x tp; expert parallelism borrows its ranks from data parallelism. "

@@ -152,11 +152,9 @@ class TrainConfig:
             kw["precision"] = mapped
         if kw.get("precision") is None:
             kw["precision"] = "auto"
-        if isinstance(kw.get("rope_scaling"), str):
-            try:
-                kw["rope_scaling"] = json.loads(kw["rope_scaling"])
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--rope-scaling {kw['rope_scaling']!r} is not valid JSON: {e}") from None
+        kw["rope_scaling"] = rope_scaling_of(kw.get("rope_scaling"), getattr(args, "rope_factor", None),
+                                             getattr(args, "original_max_position_embeddings", None),
+                                             kw.get("init_from"))
         return cls(**kw)
 
     def with_defaults(self, max_positions: int | None = None) -> "TrainConfig":
@@ -181,6 +179,54 @@ class TrainConfig:
     def accumulation(self) -> int:
         """Micro-batches per optimizer step."""
         return self.batch_size // self.micro_batch_size
+
+
+YARN_V3 = dict(beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)  # DeepSeek-V3's config.json
+
+
+def rope_scaling_of(value, factor: float | None, original: int | None, init_from: str | None) -> dict | None:
+    """--rope-scaling as config.json's rope_scaling object. "yarn" -> V3's YaRN (YARN_V3) with factor s =
+    --rope-factor over the original length L0 = --original-max-position-embeddings, by default the length the
+    --init-from run trained at (its run.json), else its config's context; JSON -> that object as given."""
+    if value is None or isinstance(value, dict):
+        if factor is not None or original is not None:
+            raise ValueError("--rope-factor and --original-max-position-embeddings go with --rope-scaling yarn")
+        return value
+    if value.strip().lower() != "yarn":
+        if factor is not None or original is not None:
+            raise ValueError("--rope-factor and --original-max-position-embeddings go with --rope-scaling yarn, "
+                             "not with a JSON rope_scaling (put them in the JSON)")
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--rope-scaling {value!r}: expected 'yarn' or a JSON object ({e})") from None
+    if factor is None or not factor >= 1:
+        raise ValueError(f"--rope-scaling yarn needs --rope-factor S >= 1 (the context extension factor), "
+                         f"not {factor}")
+    if original is None:
+        if init_from is None:
+            raise ValueError("--rope-scaling yarn without --init-from needs --original-max-position-embeddings")
+        original = trained_length(init_from)
+    if original < 1:
+        raise ValueError(f"--original-max-position-embeddings {original} must be >= 1")
+    return dict(type="yarn", factor=factor, original_max_position_embeddings=int(original), **YARN_V3)
+
+
+def trained_length(model_dir: str) -> int:
+    """The sequence length a model directory was trained at: its run.json's --seq-len when a dsv3 run wrote it
+    (a config's max_position_embeddings is only an upper bound: the tiny preset names 2048 and trains at 256);
+    the original length of a model already extended with YaRN; else its config's context."""
+    try:
+        with open(os.path.join(model_dir, "run.json")) as f:
+            seq_len = json.load(f)["args"]["seq_len"]
+        config = ModelConfig.from_hf(model_dir)
+        if config.rope_type == "yarn":
+            return config.original_max_position_embeddings
+        return int(seq_len)
+    except (OSError, KeyError, TypeError, ValueError):
+        pass
+    config = ModelConfig.from_hf(model_dir)
+    return config.original_max_position_embeddings if config.rope_type == "yarn" else config.max_position_embeddings
 
 
 # ---- precision -----------------------------------------------------------------------------------------
@@ -369,8 +415,12 @@ def model_config(c: TrainConfig, tok: Tokenizer, source: ModelConfig | None) -> 
     if c.balance == "aux-loss":
         changes["seq_aux"] = False
     config = config.replace(**changes)
-    if c.rope_scaling is not None:  # read as config.json's field is, with its checks
+    if c.rope_scaling is not None:  # read as config.json's field is, with its checks; the context grows to the
+        # extended length (V3: 40 x 4096 = 163840)
         config = ModelConfig.from_hf(dict(config.to_hf(), rope_scaling=c.rope_scaling))
+        if config.rope_type == "yarn":
+            extended = int(config.rope_factor * config.original_max_position_embeddings)
+            config = config.replace(max_position_embeddings=max(config.max_position_embeddings, extended))
     return config
 
 
