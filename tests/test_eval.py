@@ -1,4 +1,5 @@
-"""`dsv3 eval bpb` and the evaluation the trainer shares with it (eval/bpb.py)."""
+"""`dsv3 eval bpb` and the evaluation the trainer shares with it (eval/bpb.py). lm-eval's own figures against
+`dsv3 serve`: tests/test_lm_eval.py."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+import dsv3
 from dsv3.cli import main as cli
 from dsv3.data.corpus import builtin_corpus, split
 from dsv3.data.dataset import PackedSequences
 from dsv3.eval import bits_per_byte, next_token_loss
+from dsv3.eval.bpb import lm_eval_prefix_token, rolling_windows
+from dsv3.tokenizer import train_bpe
 from dsv3.train.metrics import read_metrics
 from dsv3.train.train import add_args, main as train
 
@@ -77,3 +81,60 @@ def test_next_token_loss_is_the_mean_cross_entropy():
     assert (r.sequences, r.tokens) == (5, 80) and r.loss == pytest.approx(want, rel=1e-5)
     assert r.loads[:2].sum(-1).tolist() == [80 * 3] * 2 and r.loads[2].sum() == 0  # the MTP block did not run
     assert bits_per_byte(math.log(2), 0.25) == pytest.approx(0.25)
+
+
+def test_eval_bpb_rolling_is_the_models_forward_over_lm_evals_windows(tmp_path, capsys):
+    """The default mode: every document's tokens over lm-eval's rolling windows (tests/test_lm_eval.py holds them
+    to lm-eval's), scored through the engine in batches, equal the model's own forward; --max-length past the
+    context config.json names is admitted; the JSON goes to standard output, lm-eval's metric names."""
+    text = "the cat sat on the mat. the dog ate the bone! hello world. " * 10
+    tok = train_bpe([text], vocab_size=280)
+    model = random_model(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=32))
+    d = tmp_path / "m"
+    dsv3.save_pretrained(model, d, dtype=torch.float32, tokenizer=tok)
+    docs = ["x", text[:70], text, "naïve café 🙂\n\tdone"]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    L = 48  # past the config's 32
+    assert cli(["eval", "bpb", "--model", str(d), "--data", str(data), "--max-length", str(L),
+                "--batch-size", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+
+    prefix = lm_eval_prefix_token(tok.bos_token_id, tok.eos_token_id)
+    assert prefix == tok.eos_token_id == result["prefix_token_id"]  # lm-eval's: BOS is id 0
+    ll, windows = 0.0, 0
+    model.config = model.config.replace(max_position_embeddings=L)  # RoPE is computed for any position
+    with torch.no_grad():
+        for t in docs:
+            for seq, n_context in rolling_windows(tok.encode(t, add_special_tokens=False), prefix, L):
+                lp = torch.log_softmax(model(torch.tensor([seq[:-1]]))[0].double(), -1)
+                ll += lp[torch.arange(len(seq) - 1), torch.tensor(seq[1:])][n_context - 1:].sum().item()
+                windows += 1
+    n_bytes = sum(len(t.encode()) for t in docs)
+    assert result["bits_per_byte"] == pytest.approx(-ll / n_bytes / math.log(2), rel=1e-5)
+    assert result["byte_perplexity"] == pytest.approx(math.exp(-ll / n_bytes), rel=1e-5)
+    words = sum(len(t.split()) + t[:1].isspace() + t[-1:].isspace() for t in docs)  # re.split(r"\s+")'s pieces
+    assert result["word_perplexity"] == pytest.approx(math.exp(-ll / words), rel=1e-5)
+    assert (result["windows"], result["documents"], result["bytes"], result["max_length"]) == (windows, 4, n_bytes, L)
+    assert windows > len(docs) and result["tokens"] == sum(len(tok.encode(t, add_special_tokens=False)) for t in docs)
+
+    assert cli(["eval", "bpb", "--model", str(d), "--data", str(data), "--max-length", str(L),
+                "--prefix-token", "bos", "--output", str(tmp_path / "bos.json")]) == 0
+    assert json.loads((tmp_path / "bos.json").read_text())["prefix_token_id"] == tok.bos_token_id == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seq-len", "16", "--max-length", "16"], "give one"),
+    (["--batches", "2"], "--batches applies to --seq-len"),
+    (["--max-length", "2"], "max_length=2 must be >= 3"),
+    (["--prefix-token", "beginning"], "--prefix-token 'beginning'"),
+    (["--server", "http://127.0.0.1:9"], "not both"),
+])
+def test_eval_bpb_refuses_bad_options(tmp_path, capsys, args, message):
+    tok = train_bpe(["the cat sat on the mat " * 10], vocab_size=270)
+    d = tmp_path / "m"
+    dsv3.save_pretrained(random_model(tiny_config(vocab_size=tok.vocab_size)), d, tokenizer=tok)
+    data = tmp_path / "d.txt"
+    data.write_text("the cat sat")
+    assert cli(["eval", "bpb", "--model", str(d), "--data", str(data), *args]) == 2
+    assert message in capsys.readouterr().err

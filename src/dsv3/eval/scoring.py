@@ -125,13 +125,31 @@ class ServerScorer:
             self.url = self.url[:-3]
         self.name = self.url
         info = self._request("GET", "/tokenizer_info")
-        self.model = model or self._request("GET", "/v1/models")["data"][0]["id"]
-        context = int(info.get("model_max_length") or 0)
+        card = next(iter(self._request("GET", "/v1/models")["data"]), None)
+        if card is None:
+            raise RuntimeError(f"{self.url}/v1/models lists no model")
+        self.model = model or card["id"]
+        # the served context: the model card's max_model_len (vLLM, dsv3); a tokenizer's model_max_length is only
+        # its config's, often a placeholder
+        context = int(card.get("max_model_len") or info.get("model_max_length") or 0)
         if context < 2:
-            raise ValueError(f"{self.url}/tokenizer_info names no model_max_length")
+            raise ValueError(f"{self.url} names no context (max_model_len in /v1/models, or model_max_length in "
+                             "/tokenizer_info)")
         self.max_length = context - 1
         self.trained_context = context
-        self.bos_token_id, self.eos_token_id = info.get("bos_token_id"), info.get("eos_token_id")
+        self.bos_token_id = self._special_id(info, "bos")
+        self.eos_token_id = self._special_id(info, "eos")
+
+    def _special_id(self, info: dict, which: str) -> int | None:
+        """The id of the bos or eos token: /tokenizer_info's `bos_token_id` (dsv3 serve), else its `bos_token`
+        string through /tokenize (vLLM names the tokens only; lm-eval's remote tokenizer reads them so)."""
+        if info.get(f"{which}_token_id") is not None:
+            return int(info[f"{which}_token_id"])
+        text = info.get(f"{which}_token")
+        if isinstance(text, dict):  # an AddedToken as a tokenizer_config.json spells it
+            text = text.get("content")
+        ids = self.encode(text) if isinstance(text, str) and text else []
+        return ids[0] if ids else None
 
     def _request(self, method: str, path: str, body: dict | None = None) -> dict:
         headers = {"Content-Type": "application/json"}
@@ -155,6 +173,10 @@ class ServerScorer:
         return self._request("POST", "/detokenize", {"tokens": list(ids)})["prompt"]
 
     def logprobs(self, seqs: list[list[int]], desc: str = "scoring") -> list[list[float]]:
+        for i, s in enumerate(seqs):  # the server would refuse it too, in its own words
+            if not 1 <= len(s) <= self.max_length:
+                raise ValueError(f"sequence {i} has {len(s)} tokens; {self.url} scores 1..{self.max_length} "
+                                 f"(its context less the one token a request generates)")
         out: list[list[float]] = []
         for batch in _batches(seqs, self.batch_size, desc):
             r = self._request("POST", "/v1/completions", {"model": self.model, "prompt": batch, "echo": True,

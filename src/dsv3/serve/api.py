@@ -54,8 +54,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..infer.engine import LLM, RequestOutput, StepOutput
 from ..infer.sampling import SamplingParams
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TextOffsets,
-                       TokenizeRequest, TokenText, chat_logprobs, completion_logprobs, error_body, new_id, now, sse,
-                       usage, validation_error)
+                       TokenizeRequest, TokenText, chat_logprobs, completion_logprobs, error_body, json_plain, new_id,
+                       now, sse, usage, validation_error)
 
 log = logging.getLogger("dsv3.serve")
 PROTECTED = ("/v1", "/tokenize", "/detokenize", "/tokenizer_info")  # what an API key guards (/health, /metrics: open)
@@ -717,8 +717,11 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():
+        """tokenizer_config.json as vLLM serves it (special tokens as their strings: lm-eval's remote tokenizer
+        encodes `bos_token` and `eos_token` to find their ids), and the ids and lengths this server uses."""
         config = {k: v for k, v in tok.config.items() if k != "added_tokens_decoder"}
-        return {**config, "tokenizer_class": config.get("tokenizer_class", "dsv3.Tokenizer"),
+        return {**json_plain(config), **{k: v for k, v in tok.special.items() if v is not None},
+                "tokenizer_class": config.get("tokenizer_class", "dsv3.Tokenizer"),
                 "vocab_size": tok.vocab_size, "model_vocab_size": llm.config.vocab_size,
                 "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                 "chat_template": tok.chat_template, "model_max_length": context_len}

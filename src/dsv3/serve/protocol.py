@@ -415,3 +415,15 @@ class DetokenizeRequest(_Strict):
     @classmethod
     def _encodable(cls, v: Any) -> Any:
         return check_text(v)
+
+
+def json_plain(v: Any) -> Any:
+    """A tokenizer config with every AddedToken object ({"content": ..., "lstrip": ...}) as its string, as vLLM's
+    /tokenizer_info writes them."""
+    if isinstance(v, dict):
+        if isinstance(v.get("content"), str) and ("__type" in v or "special" in v or "lstrip" in v):
+            return v["content"]
+        return {k: json_plain(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [json_plain(x) for x in v]
+    return v
