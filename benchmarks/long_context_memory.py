@@ -71,6 +71,7 @@ def one(S: int, T: int, decode: int, workspace: int | None, dtype: str) -> dict:
     n_blocks = -(-(S + decode) // block)
     cache = LatentCache(config, n_blocks, block, dt, torch.device("cpu"))
     runner = ModelRunner(model, cache, attention_workspace=workspace or DEFAULT_ATTENTION_WORKSPACE)
+    out_ws = "unbounded" if workspace is None else workspace >> 20
     if workspace is None:
         runner.attention_workspace = 1 << 62  # unbounded: one piece, the whole context at once
     table = list(range(n_blocks))
@@ -80,6 +81,7 @@ def one(S: int, T: int, decode: int, workspace: int | None, dtype: str) -> dict:
     cache_mb = cache.data.numel() * cache.data.element_size() / 2**20
     ids = torch.randint(0, config.vocab_size, (S + decode,)).tolist()
     out = {"context": S, "chunk": T, "cache_mb": round(cache_mb, 1), "whole": workspace is None,
+           "workspace_mib": out_ws,
            "piece_prefill": runner.piece(model.layers[0].attn, 1, T, False),
            "piece_decode": runner.piece(model.layers[0].attn, 1, 1, True)}
     before = rss_mb("VmRSS")
@@ -104,27 +106,32 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=256, help="the prefill chunk's tokens (default 256)")
     ap.add_argument("--decode", type=int, default=4, help="tokens decoded after the prefill (default 4)")
     ap.add_argument("--whole", action="store_true", help="no pieces: the whole context at once (the old path)")
+    ap.add_argument("--workspace", type=int, default=256,
+                    help="the engine's attention workspace in MiB (default 256, LLM's default)")
     ap.add_argument("--dtype", default="float32", help="float32 (default; CPUs without bf16 units) or bfloat16")
     ap.add_argument("--output", default=None, help="also write the rows as JSON here")
     ap.add_argument("--_one", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._one is not None:
-        print(json.dumps(one(args._one, args.chunk, args.decode, None if args.whole else 0, args.dtype)))
+        print(json.dumps(one(args._one, args.chunk, args.decode, None if args.whole else args.workspace << 20,
+                             args.dtype)))
         return
     rows = []
-    print(f"{'context':>8} {'cache MB':>9} {'piece':>6} {'prefill +MB':>12} {'prefill s':>10} {'decode +MB':>11} "
+    print(f"attention workspace: {'unbounded (--whole)' if args.whole else f'{args.workspace} MiB'}; prefill chunk "
+          f"{args.chunk} tokens; {args.dtype}")
+    print(f"{'context':>8} {'cache MB':>9} {'piece (prefill/decode)':>22} {'prefill +MB':>12} {'prefill s':>10} {'decode +MB':>11} "
           f"{'decode s/tok':>12}")
     for S in [int(x) for x in args.lengths.split(",")]:
         cmd = [sys.executable, __file__, "--_one", str(S), "--chunk", str(args.chunk), "--decode", str(args.decode),
-               "--dtype", args.dtype] + (["--whole"] if args.whole else [])
+               "--dtype", args.dtype, "--workspace", str(args.workspace)] + (["--whole"] if args.whole else [])
         r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         if r.returncode:
             print(f"{S:>8} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
             continue
         row = json.loads(r.stdout.strip().splitlines()[-1])
         rows.append(row)
-        piece = "all" if row["whole"] else f"{row['piece_prefill']}"
-        print(f"{S:>8} {row['cache_mb']:>9.1f} {piece:>6} {row['prefill_peak_growth_mb']:>12.1f} "
+        piece = "all" if row["whole"] else f"{row['piece_prefill']}/{row['piece_decode']}"
+        print(f"{S:>8} {row['cache_mb']:>9.1f} {piece:>22} {row['prefill_peak_growth_mb']:>12.1f} "
               f"{row['prefill_s']:>10.2f} {row['decode_peak_growth_mb']:>11.1f} {row['decode_s_per_token']:>12.3f}",
               flush=True)
     if args.output:

@@ -332,13 +332,16 @@ class ModelRunner:
 
     def piece(self, attn: MLA, B: int, T: int, absorbed: bool) -> int:
         """The keys per piece that keep one attention's working set within attention_workspace: per key, the
-        gathered latent row, the float32 scores and probabilities of every query and head, and (naive) the
-        expanded per-head key and value."""
+        gathered latent row, the float32 scores of every query and head and their mask, and the values: the
+        latent's first C columns as a float32 matrix (absorbed), or the expanded per-head keys and values with
+        their float32 copies (naive)."""
         H, C, R = attn.n_heads, attn.kv_lora_rank, attn.rope_dim
         elem = self.cache.data.element_size()
-        per_key = B * ((C + R) * elem + 2 * T * H * 4)
-        if not absorbed:
-            per_key += B * H * (attn.nope_dim + R + attn.v_dim) * (elem + 4)  # expanded, and its float32 copy
+        per_key = B * ((C + R) * elem + T * H * (4 + 1))
+        if absorbed:
+            per_key += B * C * 4
+        else:
+            per_key += B * H * (attn.nope_dim + R + attn.v_dim) * (elem + 4)
         return max(16, self.attention_workspace // per_key)
 
     def attend_long(self, attn: MLA, layer: int, q_nope, q_rope, slot_table, key_mask, absorbed: bool) -> torch.Tensor:
