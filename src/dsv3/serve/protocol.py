@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..infer.sampling import SamplingParams, TokenLogprob
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 
-MAX_STOP = 4  # OpenAI's limit on stop strings
+MAX_STOP = 16  # OpenAI allows 4; lm-eval's generate tasks send their `until` strings and the EOS text, often more
+# (vLLM sets no limit): 16 keeps a request's per-token stop check bounded
 MAX_N = 128  # OpenAI's limit on choices per request
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI: 20 for chat, 5 for completions; vLLM allows 20 for both)
 TOP_K_ALL = 1 << 31  # a top_k this large keeps every token of any vocabulary (and would overflow the engine's int64)
