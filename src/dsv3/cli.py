@@ -369,15 +369,30 @@ def _experiment(args) -> None:
 
 def _add_eval(sub) -> None:
     from .eval.bpb import __doc__ as bpb_doc, add_args as add_bpb_args
-    p = sub.add_parser("eval", help="evaluate a model directory (bpb: bits per byte)",
-                       description="Evaluations of a model directory, each writing its metrics (lm-eval's names) to "
-                                   "--output as JSON.")
+    from .eval import mc, niah, positions
+    p = sub.add_parser("eval", help="evaluate a model (bpb, niah, passkey, mc, loss-by-position)",
+                       description="Evaluations of a model directory (--model) or a running server (--server), each "
+                                   "writing its metrics (lm-eval's names) as JSON to --output or standard output.")
     tasks = p.add_subparsers(dest="task", metavar="TASK")
     tasks.required = True
-    bpb = tasks.add_parser("bpb", help="validation loss and bits per byte on a text corpus", description=bpb_doc,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    raw = argparse.RawDescriptionHelpFormatter
+    bpb = tasks.add_parser("bpb", help="bits per byte on a text corpus (lm-eval's rolling windows)",
+                           description=bpb_doc, formatter_class=raw)
     add_bpb_args(bpb)
     bpb.set_defaults(func=_eval_bpb)
+    for name, help_ in (("niah", "needle in a haystack: exact retrieval at each length and depth, heatmap"),
+                        ("passkey", "passkey retrieval (filler text), exact and ranked among candidates")):
+        t = tasks.add_parser(name, help=help_, description=niah.__doc__, formatter_class=raw)
+        niah.add_args(t, name)
+        t.set_defaults(func=lambda a, name=name: niah.main(a, name))
+    t = tasks.add_parser("mc", help="multiple choice by log-likelihood (acc, acc_norm)", description=mc.__doc__,
+                         formatter_class=raw)
+    mc.add_args(t)
+    t.set_defaults(func=mc.main)
+    t = tasks.add_parser("loss-by-position", help="next-token loss against position in the window, plot",
+                         description=positions.__doc__, formatter_class=raw)
+    positions.add_args(t)
+    t.set_defaults(func=positions.main)
 
 
 def _eval_bpb(args) -> None:
