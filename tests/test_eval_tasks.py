@@ -74,7 +74,7 @@ def test_mc_sums_the_continuations_logprobs_as_lm_eval(model_dir, tmp_path):
     assert cli(["eval", "mc", "--model", str(model_dir), "--data", str(f), "--output", str(out)]) == 0
     r = json.loads(out.read_text())
     scorer = open_scorer(model=str(model_dir))
-    acc, acc_norm = [], []
+    acc, acc_norm, all_lls = [], [], []
     for rec in records:
         context = rec.get("context", rec.get("query"))
         gold = rec.get("gold", rec.get("label"))
@@ -84,11 +84,14 @@ def test_mc_sums_the_continuations_logprobs_as_lm_eval(model_dir, tmp_path):
             assert scorer.encode(context.rstrip(" ")) == ctx[1:]  # BOS, then the context (trailing space moved)
             lp = forward_logprobs(model_dir, [ctx + cont])[0]
             lls.append(lp[len(ctx) - 1:].sum().item())
+        all_lls.append(lls)
         norm = [x / len(c.encode()) for x, c in zip(lls, rec["choices"])]
         acc.append(float(max(range(len(lls)), key=lls.__getitem__) == gold))
         acc_norm.append(float(max(range(len(norm)), key=norm.__getitem__) == gold))
     assert r["acc"] == sum(acc) / 2 and r["acc_norm"] == sum(acc_norm) / 2 and r["records"] == 2
     assert r["chance"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+    for got, want in zip(r["loglikelihoods"], all_lls):
+        assert got == pytest.approx(want, rel=1e-5)
 
 
 class Oracle:

@@ -189,3 +189,29 @@ def test_lm_eval_against_dsv3_serve_equals_dsv3_eval_bpb(server, model_dir, data
     assert r["documents"] == len(DOCS) and r["bytes"] == sum(len(t.encode()) for t in DOCS)
     assert r["max_length"] == MAX_LENGTH and r["windows"] > len(DOCS) and r["prefix_token_id"] == 1  # EOS: BOS is 0
     assert r["bits_per_byte"] == pytest.approx(r["loss"] * r["tokens"] / r["bytes"] / math.log(2), rel=1e-12)
+
+
+def test_every_eval_gives_the_same_figures_over_the_server_and_the_model_directory(server, model_dir, data, tmp_path):
+    """loss-by-position (the server's echo log-probabilities), niah (its greedy completions) and mc: the
+    server and the engine in this process answer alike."""
+    mc_file = tmp_path / "mc.jsonl"
+    mc_file.write_text(json.dumps({"context": "the cat", "choices": [" sat", " ate the bone"], "gold": 0}) + "\n")
+    runs = {"loss-by-position": ["--data", str(data), "--max-length", "20"],
+            "niah": ["--lengths", "56", "--depths", "0,1", "--samples", "1", "--format", "code", "--haystack", str(data),
+                     "--max-new-tokens", "4"],
+            "mc": ["--data", str(mc_file)]}
+    for task, argv in runs.items():
+        got = {}
+        for where in (["--server", server], ["--model", str(model_dir)]):
+            out = tmp_path / f"{task}-{where[0][2:]}.json"
+            assert cli(["eval", task, *where, *argv, "--output", str(out)]) == 0
+            got[where[0]] = json.loads(out.read_text())
+        a, b = got["--server"], got["--model"]
+        if task == "loss-by-position":
+            assert a["windows"] == b["windows"] >= 1
+            assert a["models"][0]["loss_by_position"] == pytest.approx(b["models"][0]["loss_by_position"], rel=1e-5)
+        elif task == "niah":
+            assert [c["answer"] for c in a["cases"]] == [c["answer"] for c in b["cases"]]
+        else:
+            assert (a["acc"], a["acc_norm"], a["records"]) == (b["acc"], b["acc_norm"], b["records"])
+            assert a["loglikelihoods"][0] == pytest.approx(b["loglikelihoods"][0], rel=1e-5)

@@ -78,7 +78,8 @@ def score(scorer, records: list[dict]) -> dict:
 
     return {"acc": sum(acc) / n, "acc_stderr": stderr(acc), "acc_norm": sum(acc_norm) / n,
             "acc_norm_stderr": stderr(acc_norm), "records": n,
-            "chance": sum(1 / len(r["choices"]) for r in records) / n}
+            "chance": sum(1 / len(r["choices"]) for r in records) / n,
+            "loglikelihoods": [r["loglikelihoods"] for r in records]}  # per record, per choice
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
