@@ -121,7 +121,7 @@ def test_config_from_the_command_line():
     c = TrainConfig.from_args(_parse(["--out", "x", "--init-from", "m", "--rope-scaling", '{"type": "yarn", "factor": 2}']))
     assert c.preset is None and c.rope_scaling == {"type": "yarn", "factor": 2}
     assert c.with_defaults(max_positions=512).seq_len == 512  # at most the model's context, unless told
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(ValueError, match="expected 'yarn' or a JSON object"):
         TrainConfig.from_args(_parse(["--out", "x", "--rope-scaling", "{yarn"]))
     with pytest.raises(ValueError, match="multiple of --micro-batch-size"):
         TrainConfig(out="x", batch_size=8, micro_batch_size=3).with_defaults()
@@ -206,7 +206,7 @@ def test_init_from_overrides_and_refusals(source_run, corpus_file, tmp_path):
                  "--seq-len", "600", "--batch-size", "2", "--mtp-depth", "2", "--rope-scaling", json.dumps(yarn),
                  "--eval-batches", "1", "--no-plots", "--precision", "fp32"]))
     config = json.loads((out / "config.json").read_text())
-    assert config["max_position_embeddings"] == 600 and config["num_nextn_predict_layers"] == 2
+    assert config["max_position_embeddings"] == 1024 and config["num_nextn_predict_layers"] == 2  # factor x original
     assert config["rope_scaling"] == yarn
     model = dsv3.load_pretrained(out)
     src = dsv3.load_pretrained(source_run)
