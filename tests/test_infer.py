@@ -90,6 +90,37 @@ def test_engine_greedy_equals_full_recompute_and_batched_equals_alone():
     assert llm.stats["decode_tokens"] > 0
 
 
+def test_engine_runs_the_models_own_blocks():
+    """The engine calls the model's forward (its attention through a backend over the cache), not a copy of it:
+    a change to one block (a forward hook here; tensor parallelism or FP8 in practice) reaches the engine's
+    tokens and its MTP module's hidden states exactly as it reaches the model's own forward."""
+    from dsv3.infer.model_runner import build_batch
+
+    c = tiny_config()
+    model = random_model(c, std=0.2)
+    ps = prompts(c.vocab_size, [7, 3])
+    plain = LLM(model, block_size=4, kv_cache_tokens=256).generate(ps, GREEDY)
+    shift = torch.randn(c.hidden_size, generator=torch.Generator().manual_seed(1))
+    hooks = [model.layers[1].register_forward_hook(lambda mod, args, out: out + shift),
+             model.mtp[0].block.register_forward_hook(lambda mod, args, out: out - shift)]
+    try:
+        llm = LLM(model, block_size=4, kv_cache_tokens=256, **ALWAYS)
+        shifted = llm.generate(ps, GREEDY)
+        assert [o.token_ids for o in shifted] != [o.token_ids for o in plain]  # the hook matters
+        for p, out in zip(ps, shifted):
+            assert out.token_ids == reference_greedy(model, p, 10)
+        ids = torch.tensor([ps[0]])
+        with torch.no_grad():
+            h = model.hidden_states(ids)
+            want = model.mtp_hidden_states(h, ids)[0][0]  # (T-1, D): module 1 at positions 0..T-2
+        batch = build_batch([ps[0][1:]], [0], [list(range(8))], 4, "cpu")
+        got = llm.runner.forward_mtp(batch, h[0, :-1])
+        assert rel_err(got, want) <= 1e-5
+    finally:
+        for hk in hooks:
+            hk.remove()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, speculative", [(torch.float32, None), (torch.bfloat16, None),
                                                 (torch.float32, "mtp")])

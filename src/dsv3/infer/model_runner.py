@@ -1,6 +1,8 @@
 """The model runner: the only place that touches the device. It lays a step's tokens out as tensors
-(`StepBatch`, the attention metadata, passed explicitly), runs the model's modules over the latent cache,
-and returns hidden states.
+(`StepBatch`, the attention metadata, passed explicitly) and runs the model's own forward over them
+(`DeepSeekV3.hidden_states`, `MTPModule.forward`) with an attention backend (`StepAttention`) that writes
+and reads the latent cache; it returns hidden states. Whatever changes the model's blocks (tensor or expert
+parallelism, FP8) changes the engine with them.
 
 Every step, prefill or decode, is the same operation: each sequence feeds the tokens it has not computed
 yet (its prompt; or its last token, plus drafts when speculating) at the positions that follow its cached
@@ -302,6 +304,33 @@ def attention_in_pieces(q: torch.Tensor, keys_values, key_mask, S: int, piece: i
     return acc.div_(l).to(q.dtype)
 
 
+class StepAttention:
+    """The attention backend of one engine step, handed to the model's forward (`MLA.forward`): each MLA module
+    stores the fed tokens' latents at their slots in its cache layer and attends over its sequences' cached
+    ones, absorbed or naive, whole or in pieces (`ModelRunner.attend`). last_only: only each sequence's last
+    fed token is attended and carried on (`rows`): an MTP module drafting."""
+
+    def __init__(self, runner: "ModelRunner", batch: StepBatch, last_only: bool = False):
+        self.runner, self.batch, self.last_only = runner, batch, last_only
+
+    def freqs(self, rotary) -> torch.Tensor:
+        return self.batch.rope(rotary)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, ...) -> the rows attention computed: all, or each sequence's last (B, ...)."""
+        if not self.last_only:
+            return x
+        if self.batch.uniform:
+            B, T = self.batch.q_index.shape
+            return x.view(B, T, *x.shape[1:])[:, -1]
+        return x.index_select(0, self.batch.last_index)
+
+    def __call__(self, attn: MLA, q_nope, q_rope, kv, k_rope) -> torch.Tensor:
+        self.runner.cache.write(attn.layer_id, self.batch.slots, kv, k_rope)
+        attend = self.runner.attend_last if self.last_only else self.runner.attend
+        return attend(attn, q_nope, q_rope, self.batch)
+
+
 DEFAULT_ATTENTION_WORKSPACE = 256 * 2**20  # bytes a layer's attention may take at once beyond the cache
 
 
@@ -379,15 +408,15 @@ class ModelRunner:
         """Whether S keys take more than one piece."""
         return S > self.piece(attn, B, T, T <= self.absorb_max_queries)
 
-    def attention(self, attn: MLA, x: torch.Tensor, layer: int, batch: StepBatch, freqs) -> torch.Tensor:
-        """x (N, D) -> (N, D): write the fed tokens' latents to the cache, attend over each sequence's."""
-        q_nope, q_rope, kv_new, k_rope_new = attn.project(x, freqs)  # (N, H, P), (N, H, R), (N, C), (N, R)
-        self.cache.write(layer, batch.slots, kv_new, k_rope_new)
+    def attend(self, attn: MLA, q_nope: torch.Tensor, q_rope: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """The fed tokens' queries q_nope (N, H, P), q_rope (N, H, R) over each sequence's cached latents (the
+        fed ones included) -> (N, H, V)."""
+        layer = attn.layer_id
         B, T = batch.q_index.shape
         if batch.uniform and self.is_long(attn, B, T, batch.slot_table.shape[1]):
             out = self.attend_long(attn, layer, q_nope.unflatten(0, (B, T)), q_rope.unflatten(0, (B, T)),
                                    batch.slot_table, batch.key_mask, T <= self.absorb_max_queries)
-            return attn.wo(out.flatten(0, 1).flatten(1))
+            return out.flatten(0, 1)
         if batch.uniform:  # decode (one token, or 1 + drafts, per sequence) or equal prompts: a plain (B, T) view
             ctx = self.cache.read(layer, batch.slot_table)  # (B, S, C+R)
             q_nope, q_rope = q_nope.unflatten(0, (B, T)), q_rope.unflatten(0, (B, T))
@@ -396,7 +425,7 @@ class ModelRunner:
                                    *self.absorbed[layer], attn.softmax_scale)
             else:
                 out = mla_naive(attn, q_nope, q_rope, ctx, None if batch.causal else batch.key_mask())
-            return attn.wo(out.flatten(0, 1).flatten(1))
+            return out.flatten(0, 1)
         out = q_nope.new_empty(q_nope.shape[0], attn.n_heads, attn.v_dim)  # (N, H, V), in fed order
         for g in batch.groups(self.absorb_max_queries):  # ragged: no sequence padded to another's length
             qn, qr = q_nope[g.q_index], q_rope[g.q_index]  # (Bg, Tg, H, .)
@@ -412,38 +441,11 @@ class ModelRunner:
             else:
                 o = mla_naive(attn, qn, qr, ctx, g.mask)
             out[g.rows] = o[g.q_valid]
-        return attn.wo(out.flatten(1))
+        return out
 
-    def block(self, block, layer: int, x: torch.Tensor, batch: StepBatch, freqs) -> torch.Tensor:
-        x = x + self.attention(block.attn, block.attn_norm(x), layer, batch, freqs)
-        return x + block.ffn(block.ffn_norm(x))
-
-    @torch.inference_mode()
-    def forward(self, batch: StepBatch) -> torch.Tensor:
-        """The main model on the fed tokens -> final-normed hidden states (N, D)."""
-        freqs = batch.rope(self.model.rope)
-        x = self.model.embed(batch.input_ids)
-        for i, block in enumerate(self.model.layers):
-            x = self.block(block, i, x, batch, freqs)
-        return self.model.norm(x)
-
-    @torch.inference_mode()
-    def forward_mtp(self, batch: StepBatch, h_prev: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """MTP module 1 at the fed positions: batch.input_ids are the *next* tokens t_{p+1}, h_prev the main
-        model's hidden states at p -> the module's hidden states (N, D), before its shared_head.norm.
-
-        last_only: -> only each sequence's last row (B, D), the one that drafts. Every fed row's latent still
-        goes to the module's cache (later drafts attend to them), but attention and the MoE run for the last
-        rows only: a step that confirmed several positions, or catches up on many, pays for one row's."""
-        module = self.model.mtp[0]
-        layer, block = self.config.num_hidden_layers, module.block
-        x = module.combine(h_prev, self.model.embed(batch.input_ids))
-        if not last_only or (batch.uniform and batch.q_index.shape[1] == 1):
-            h = self.block(block, layer, x, batch, batch.rope(self.model.rope))
-            return batch.last_rows(h) if last_only else h
-        attn = block.attn
-        q_nope, q_rope, kv_new, k_rope_new = attn.project(block.attn_norm(x), batch.rope(self.model.rope))
-        self.cache.write(layer, batch.slots, kv_new, k_rope_new)
+    def attend_last(self, attn: MLA, q_nope: torch.Tensor, q_rope: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """As `attend`, for each sequence's last fed token only -> (B, H, V)."""
+        layer, H = attn.layer_id, attn.n_heads
         B, S = batch.slot_table.shape
         if self.is_long(attn, B, 1, S):  # each sequence's last row over its context, in pieces
             if batch.uniform:
@@ -456,22 +458,37 @@ class ModelRunner:
                                            <= last_pos[:, None, None, None])
             out = self.attend_long(attn, layer, q_nope.index_select(0, rows).unsqueeze(1),
                                    q_rope.index_select(0, rows).unsqueeze(1), batch.slot_table, key_mask, True)
-            h = x.index_select(0, rows) + attn.wo(out.flatten(1))
-            return h + block.ffn(block.ffn_norm(h))
+            return out.squeeze(1)
         ctx = self.cache.read(layer, batch.slot_table)  # (B, S, C+R)
-        H = attn.n_heads
         if batch.uniform:  # (B, T) rows: the last ones are views, their bias a slice of the step's
-            B, T = batch.q_index.shape
+            T = batch.q_index.shape[1]
             q_nope, q_rope = q_nope.view(B, T, H, -1)[:, -1:], q_rope.view(B, T, H, -1)[:, -1:]
-            bias, x_last = batch.score_bias(H, ctx.dtype)[:, (T - 1) * H:], x.view(B, T, -1)[:, -1]
+            bias = batch.score_bias(H, ctx.dtype)[:, (T - 1) * H:]
         else:
             last = batch.last_index
             mask = _arange(ctx.shape[1]).to(ctx.device) <= batch.positions.index_select(0, last)[:, None]  # (B, S)
             q_nope, q_rope = q_nope.index_select(0, last).unsqueeze(1), q_rope.index_select(0, last).unsqueeze(1)
-            bias, x_last = score_bias(mask[:, None, None, :], H, ctx.dtype), x.index_select(0, last)
-        out = mla_absorbed(q_nope, q_rope, ctx, bias, *self.absorbed[layer], attn.softmax_scale)  # (B, 1, H, V)
-        h = x_last + attn.wo(out.flatten(1))
-        return h + block.ffn(block.ffn_norm(h))
+            bias = score_bias(mask[:, None, None, :], H, ctx.dtype)
+        return mla_absorbed(q_nope, q_rope, ctx, bias, *self.absorbed[layer], attn.softmax_scale).squeeze(1)
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        """The main model on the fed tokens -> final-normed hidden states (N, D): the model's own forward, its
+        attention through this runner (`StepAttention`)."""
+        return self.model.hidden_states(batch.input_ids, backend=StepAttention(self, batch))
+
+    @torch.inference_mode()
+    def forward_mtp(self, batch: StepBatch, h_prev: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """MTP module 1 at the fed positions: batch.input_ids are the *next* tokens t_{p+1}, h_prev the main
+        model's hidden states at p -> the module's hidden states (N, D), before its shared_head.norm.
+
+        last_only: -> only each sequence's last row (B, D), the one that drafts. Every fed row's latent still
+        goes to the module's cache (later drafts attend to them), but attention and the MoE run for the last
+        rows only: a step that confirmed several positions, or catches up on many, pays for one row's."""
+        module = self.model.mtp[0]
+        every_row_last = batch.uniform and batch.q_index.shape[1] == 1  # (a plain decode: nothing to save)
+        backend = StepAttention(self, batch, last_only=last_only and not every_row_last)
+        return module(h_prev, self.model.embed(batch.input_ids), backend.freqs(self.model.rope), None, None, backend)
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:

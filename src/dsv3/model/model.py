@@ -3,8 +3,9 @@ Latent Attention, the dense MLP, the transformer block and the model. MoE and MT
 mtp.py); the shared building blocks (an FP8-capable Linear, RMSNorm, the SwiGLU MLP) are in layers.py.
 
 The model knows nothing of caches, ranks or devices: `forward(input_ids)` computes the whole sequence.
-The inference engine drives the same modules through `MLA.project` and its own attention over a latent
-cache, after `pack_projections()` has stacked the projections that read the same input.
+The inference engine runs the same forward (`hidden_states`, `Block.forward`, `MTPModule.forward`) and hands
+it an attention backend: MLA then projects as always and the backend attends over the engine's latent cache
+(infer/model_runner.py) instead of over the sequence's own keys.
 
 Shapes: B batch, T query positions, S key positions, H heads, D hidden size, C kv latent (kv_lora_rank),
 R rope dims per head, P nope dims per head, V value dims per head.
@@ -84,9 +85,10 @@ class MLA(nn.Module):
     their own latent c_Q when q_lora_rank is set. H in the shapes below is the heads this module computes: all
     of them, or H/tp of them under tensor parallelism (dsv3.parallel), so reshapes infer it from the product."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_id: int = 0):
         super().__init__()
         d, H = config.hidden_size, config.num_attention_heads
+        self.layer_id = layer_id  # the block's index (the MTP modules' follow the main layers): its cache layer
         self.n_heads = H  # all of the model's heads, whatever tensor parallelism computes here
         self.q_lora_rank, self.kv_lora_rank = config.q_lora_rank, config.kv_lora_rank
         self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
@@ -134,14 +136,19 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_rope.unsqueeze(-2).expand(-1, -1, kv.shape[-2], -1)], dim=-1)
         return k, v
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Full-sequence attention (training, scoring). mask: None for causal, else a boolean (T, S) or
-        (B, 1, T, S) mask, True where attention is allowed."""
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, mask: torch.Tensor | None = None,
+                backend=None) -> torch.Tensor:
+        """Full-sequence attention (training, scoring): mask None for causal, else a boolean (T, S) or
+        (B, 1, T, S) mask, True where attention is allowed. With a backend (an inference engine's attention over
+        its latent cache), backend(self, q_nope, q_rope, kv, k_rope) -> (..., H, V) stores the new latents and
+        attends over the cached ones; the mask is then the backend's business."""
         q_nope, q_rope, kv, k_rope = self.project(x, freqs)
-        k, v = self.expand_kv(kv, k_rope)
-        q = torch.cat([q_nope, q_rope], dim=-1)
-        out = attention(q, k, v, mask, self.softmax_scale)  # (B, T, H, V)
-        return self.wo(out.flatten(2))
+        if backend is not None:
+            out = backend(self, q_nope, q_rope, kv, k_rope)
+        else:
+            k, v = self.expand_kv(kv, k_rope)
+            out = attention(torch.cat([q_nope, q_rope], dim=-1), k, v, mask, self.softmax_scale)  # (B, T, H, V)
+        return self.wo(out.flatten(-2))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -166,7 +173,7 @@ class Block(nn.Module):
         d = config.hidden_size
         self.layer_id = layer_id
         self.attn_norm = RMSNorm(d, config.rms_norm_eps)
-        self.attn = MLA(config)
+        self.attn = MLA(config, layer_id)
         self.ffn_norm = RMSNorm(d, config.rms_norm_eps)
         if config.is_moe_layer(layer_id):
             shared = None
@@ -178,10 +185,13 @@ class Block(nn.Module):
         self.is_moe = isinstance(self.ffn, MoE)
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, mask: torch.Tensor | None = None,
-                stats: RoutingStats | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), freqs, mask)
-        x = x + (self.ffn(self.ffn_norm(x), stats) if self.is_moe else self.ffn(self.ffn_norm(x)))
-        return x
+                stats: RoutingStats | None = None, backend=None) -> torch.Tensor:
+        """x (..., D) -> (..., D). backend: an engine's attention over its cache (`MLA.forward`); it may compute
+        some rows only (an MTP module drafting from each sequence's last row), and then names them
+        (`backend.rows(x)`): the residual stream continues on those."""
+        h = self.attn(self.attn_norm(x), freqs, mask, backend)
+        x = h + (x if backend is None else backend.rows(x))
+        return x + (self.ffn(self.ffn_norm(x), stats) if self.is_moe else self.ffn(self.ffn_norm(x)))
 
 
 class DeepSeekV3(nn.Module):
@@ -215,18 +225,24 @@ class DeepSeekV3(nn.Module):
                              f"{self.config.max_position_embeddings}")
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                      mask: torch.Tensor | None = None, stats: RoutingStats | None = None) -> torch.Tensor:
+                      mask: torch.Tensor | None = None, stats: RoutingStats | None = None,
+                      backend=None) -> torch.Tensor:
         """input_ids (B, T) -> the final-normed hidden states (B, T, D) that the head maps to logits.
         positions: (T,) or (B, T) (default 0..T-1); mask: None for causal, else boolean (B, 1, T, T), True where
         attention is allowed. Packed training rows pass both: positions restarting at each packed sample and a
-        block-diagonal causal mask, so no sample sees another."""
-        self._check_input(input_ids)
-        if positions is None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        freqs = self.rope(positions)
+        block-diagonal causal mask, so no sample sees another.
+        backend: an inference engine's step (infer/model_runner.py): input_ids and positions are then the
+        tokens its sequences feed, flattened (N,), and every MLA attends through it (`MLA.forward`)."""
+        if backend is None:
+            self._check_input(input_ids)
+            if positions is None:
+                positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            freqs = self.rope(positions)
+        else:  # (the engine computes a step's rotary factors once, for the MTP module too)
+            freqs = backend.freqs(self.rope)
         h = self.embed(input_ids)
         for layer in self.layers:
-            h = self._run(layer, h, freqs, mask, stats)
+            h = self._run(layer, h, freqs, mask, stats, backend)
         return self.norm(h)
 
     def _run(self, block: nn.Module, *args) -> torch.Tensor:
