@@ -140,6 +140,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "on this machine")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="under torchrun with N processes: split attention heads, dense MLPs, shared experts and the "
+                        "vocabulary over them (tensor parallel; each loads only its slices)")
+    p.add_argument("--ep", type=int, default=1, metavar="N",
+                   help="under torchrun with N processes: give each 1/N of the routed experts (expert parallel); "
+                        "with --tp N as well, the official demo's layout. Rank 0 schedules, samples, prints and "
+                        "serves; the others follow its steps")
 
 
 def _device(args) -> str:
@@ -149,23 +156,44 @@ def _device(args) -> str:
 
 
 def _engine(args, **kwargs):
-    """The LLM those options describe (kwargs: the command's own, such as kv_cache_tokens)."""
+    """The LLM those options describe (kwargs: the command's own, such as kv_cache_tokens). Under torchrun with
+    --tp/--ep: rank 0's engine, whose steps the other ranks follow; None on those ranks, once rank 0 is done."""
     from .infer import LLM
 
-    return LLM(args.model, dtype=args.dtype, device=_device(args), speculative=args.speculative,
-               speculative_topk=args.speculative_topk, num_speculative_tokens=args.num_speculative_tokens,
-               speculative_policy=args.speculative_policy, max_model_len=args.max_model_len,
-               cuda_graphs=False if args.enforce_eager else None, cpu_kernels=False if args.enforce_eager else None,
-               enable_prefix_caching=args.enable_prefix_caching, max_num_batched_tokens=args.max_num_batched_tokens,
-               max_num_seqs=args.max_batch_size, seed=args.seed, **kwargs)
+    common = dict(speculative=args.speculative, speculative_topk=args.speculative_topk,
+                  num_speculative_tokens=args.num_speculative_tokens, speculative_policy=args.speculative_policy,
+                  max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching,
+                  max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_batch_size,
+                  seed=args.seed, **kwargs)
+    if args.tp > 1 or args.ep > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .parallel.inference import model_parallel_llm
+
+        return model_parallel_llm(args.model, args.tp, args.ep, dtype=args.dtype, device=args.device, **common)
+    return LLM(args.model, dtype=args.dtype, device=_device(args), cuda_graphs=False if args.enforce_eager else None,
+               cpu_kernels=False if args.enforce_eager else None, **common)
+
+
+def _stop_workers(llm) -> None:
+    from .parallel.inference import stop_workers
+
+    stop_workers(llm)
 
 
 def _generate(args) -> None:
+    llm = _engine(args)
+    if llm is None:  # a model-parallel rank other than 0: it followed rank 0's steps until rank 0 was done
+        return
+    try:
+        _generate_with(args, llm)
+    finally:
+        _stop_workers(llm)
+
+
+def _generate_with(args, llm) -> None:
     import json
 
     from .infer import SamplingParams
 
-    llm = _engine(args)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens, seed=args.seed)
     tok = llm.tokenizer
@@ -283,13 +311,23 @@ def _add_serve(sub) -> None:
 
 def _serve(args) -> None:
     import torch
-    import uvicorn
-
-    from .serve import create_app
 
     if args.threads or _device(args) == "cpu":
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     llm = _engine(args, kv_cache_tokens=args.kv_cache_tokens)
+    if llm is None:  # a model-parallel rank other than 0: it followed rank 0's steps until the server stopped
+        return
+    try:
+        _serve_with(args, llm)
+    finally:
+        _stop_workers(llm)
+
+
+def _serve_with(args, llm) -> None:
+    import uvicorn
+
+    from .serve import create_app
+
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     app = create_app(llm, name, api_key=args.api_key, max_queue=args.max_queue,
                      max_seqs_per_request=args.max_seqs_per_request)

@@ -164,10 +164,19 @@ class SafetensorsFile:
         except KeyError:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
 
-    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read(self, name: str, out: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Read tensor `name`. With `out` (any device/dtype, same number of elements), copy into it; when
-        `out` is a contiguous CPU tensor of the file's dtype the bytes land there directly."""
+        `out` is a contiguous CPU tensor of the file's dtype the bytes land there directly. rows=(lo, hi):
+        only rows lo..hi-1 of the first dimension (contiguous bytes in the file: nothing else is read)."""
         info = self.info(name)
+        if rows is not None:
+            lo, hi = rows
+            n = info.shape[0] if info.shape else 0
+            if not 0 <= lo <= hi <= n:
+                raise CheckpointError(f"{self.path}: tensor {name!r}: rows {lo}..{hi} of {n}")
+            row_bytes = info.nbytes // n if n else 0
+            info = TensorInfo(info.dtype, (hi - lo, *info.shape[1:]), info.begin + lo * row_bytes,
+                              (hi - lo) * row_bytes)
         direct = (out is not None and out.device.type == "cpu" and out.dtype == info.dtype
                   and out.is_contiguous() and out.numel() == math.prod(info.shape))
         buf = out if direct else torch.empty(info.shape, dtype=info.dtype)

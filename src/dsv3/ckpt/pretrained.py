@@ -120,8 +120,8 @@ class CheckpointDir:
     def info(self, name: str):
         return self.where[name].info(name)
 
-    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self.where[name].read(name, out)
+    def read(self, name: str, out: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.where[name].read(name, out, rows)
 
     def total_bytes(self) -> int:
         return sum(sf.info(n).nbytes for sf in self.files.values() for n in sf.keys())
@@ -143,13 +143,15 @@ def _check_inside(path: str, fn: str, what: str) -> None:
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None, *, fp8: bool | None = None,
-                    progress: bool | None = None) -> DeepSeekV3:
+                    progress: bool | None = None, shard=None) -> DeepSeekV3:
     """Load a DeepSeek-V3/V2 model directory.
 
     dtype: of every non-FP8 tensor (default: config.json's `torch_dtype`); the gate's balancing bias stays
         float32. device: where the weights go (default CPU).
     fp8: None keeps FP8 weights as they are stored (dequantised per layer at run time); False dequantises
         them to `dtype` at load; True also quantises a BF16/FP32 checkpoint's projections to FP8.
+    shard: this process's part of a model-parallel model (parallel/inference.py's `Sharding`): the split
+        tensors get their local shapes and only this process's slices are read (its experts, its rows).
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -159,7 +161,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     device = torch.device(device or "cpu")
     ckpt = CheckpointDir(path)
     try:
-        model = _load(ckpt, config, dtype, device, fp8, progress)
+        model = _load(ckpt, config, dtype, device, fp8, progress, shard)
     finally:
         ckpt.close()
     gen = os.path.join(path, "generation_config.json")
@@ -173,7 +175,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
 
 
 def _load(ckpt: CheckpointDir, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-          fp8: bool | None, progress: bool | None) -> DeepSeekV3:
+          fp8: bool | None, progress: bool | None, shard=None) -> DeepSeekV3:
     L, D = config.num_hidden_layers, config.num_nextn_predict_layers
     names = ckpt.names()
     layer_ids = {int(m.group(1)) for n in names if (m := _LAYER_HF.match(n))}
@@ -198,6 +200,8 @@ def _load(ckpt: CheckpointDir, config: ModelConfig, dtype: torch.dtype, device: 
         stored_fp8 = hf in ckpt.where and ckpt.info(hf).dtype == fp8q.FP8
         if (fp8 is None and stored_fp8) or (fp8 is True and is_quantizable(hf)):
             mod.to_fp8()
+    if shard is not None:
+        shard.shrink(model)  # the split tensors take their local shapes
     model.to_empty(device=device)
     with torch.no_grad():
         model.rope.inv_freq.copy_(rope_inv_freq(config))  # not in checkpoints: computed
@@ -207,7 +211,7 @@ def _load(ckpt: CheckpointDir, config: ModelConfig, dtype: torch.dtype, device: 
     for ours, t in state.items():
         if ours == "head.weight" and config.tie_word_embeddings:
             continue
-        experts = range(t.shape[0]) if ".experts.w" in ours else [None]
+        experts = (shard.experts if shard is not None else range(t.shape[0])) if ".experts.w" in ours else [None]
         expected.update((ours, e) for e in experts)
     shared_copies = dict(mtp_shared_names(L, D))
     loaded, consumed, unexpected = set(), set(), []
@@ -217,8 +221,34 @@ def _load(ckpt: CheckpointDir, config: ModelConfig, dtype: torch.dtype, device: 
     def where(hf: str) -> str:
         return f"{ckpt.where[hf].path}: tensor {hf!r}"
 
-    def check_shape(hf: str, want: torch.Size | tuple) -> None:
+    def dest_index(e: int) -> int:
+        return e if shard is None else shard.local_expert(e)
+
+    def cut(ours: str):  # (dim, lo, hi) of this process's slice of a split tensor, else None
+        return None if shard is None else shard.cut(ours)
+
+    def read(hf: str, ours: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor, or this process's slice of it: rows by a ranged read, columns cut from the whole."""
+        c = cut(ours)
+        if c is None:
+            return ckpt.read(hf, out)
+        dim, lo, hi = c
+        if dim == 0:
+            return ckpt.read(hf, out, rows=(lo, hi))
+        part = ckpt.read(hf).narrow(dim, lo, hi - lo)
+        return part if out is None else out.copy_(part)
+
+    def full_shape(ours: str, shape) -> list[int]:
+        """A local shape as the whole tensor's (the split dimension's size times the processes)."""
+        shape, c = list(shape), cut(ours)
+        if c is not None:
+            shape[c[0]] = shard.full_size(ours, shape[c[0]])
+        return shape
+
+    def check_shape(hf: str, want: torch.Size | tuple, ours: str | None = None) -> None:
         got = ckpt.info(hf).shape
+        if ours is not None:
+            want = full_shape(ours, want)
         if tuple(got) != tuple(want):
             raise CheckpointError(f"{where(hf)} has shape {list(got)}, but config.json implies {list(want)} "
                                   "(does the checkpoint belong to this config?)")
@@ -232,7 +262,7 @@ def _load(ckpt: CheckpointDir, config: ModelConfig, dtype: torch.dtype, device: 
             if not info.dtype.is_floating_point:
                 raise CheckpointError(f"{where(hf)} has dtype {info.dtype}; model weights are floating point")
             if hf in shared_copies:  # the MTP module's copy of the embedding or head: shared, not stored twice
-                check_shape(hf, state[shared_copies[hf]].shape)
+                check_shape(hf, state[shared_copies[hf]].shape, shared_copies[hf])
                 continue
             try:
                 mapped = hf_to_ours(hf, L)
@@ -245,25 +275,29 @@ def _load(ckpt: CheckpointDir, config: ModelConfig, dtype: torch.dtype, device: 
                 unexpected.append(hf)
                 continue
             ours, e = mapped
-            dest = state[ours] if e is None else state[ours][e]
+            if e is not None and shard is not None and e not in shard.experts:
+                continue  # another process's expert: not read
+            dest = state[ours] if e is None else state[ours][dest_index(e)]
             if info.dtype == fp8q.FP8 and dest.dtype != fp8q.FP8:  # dequantise at load
                 scale_name = hf + "_scale_inv"
                 if scale_name not in ckpt.where:
                     raise CheckpointError(f"{where(hf)} is FP8 but {scale_name!r} is missing")
-                check_shape(hf, dest.shape)
-                check_shape(scale_name, fp8q.scale_shape(dest.shape))
-                dest.copy_(fp8q.weight_dequant(ckpt.read(hf), ckpt.read(scale_name), torch.float32))
+                check_shape(hf, dest.shape, ours)
+                check_shape(scale_name, fp8q.scale_shape(full_shape(ours, dest.shape)))
+                w = fp8q.weight_dequant(ckpt.read(hf), ckpt.read(scale_name), torch.float32)
+                c = cut(ours)
+                dest.copy_(w if c is None else w.narrow(c[0], c[1], c[2] - c[1]))
                 consumed.add(scale_name)
             elif dest.dtype == fp8q.FP8 and info.dtype != fp8q.FP8 and not hf.endswith("_scale_inv"):
-                check_shape(hf, dest.shape)  # quantise at load
-                q, s = fp8q.weight_quant(ckpt.read(hf))
+                check_shape(hf, dest.shape, ours)  # quantise at load (this process's slice: see Sharding.cut)
+                q, s = fp8q.weight_quant(read(hf, ours))
                 dest.copy_(q)
                 scale_ours = ours + "_scale_inv" if e is not None else ours.removesuffix("weight") + "weight_scale_inv"
-                (state[scale_ours] if e is None else state[scale_ours][e]).copy_(s)
+                (state[scale_ours] if e is None else state[scale_ours][dest_index(e)]).copy_(s)
                 loaded.add((scale_ours, e))
             else:
-                check_shape(hf, dest.shape)
-                ckpt.read(hf, out=dest)
+                check_shape(hf, dest.shape, ours)
+                read(hf, ours, out=dest)
             loaded.add((ours, e))
     bar.close()
 

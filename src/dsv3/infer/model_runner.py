@@ -350,21 +350,26 @@ class ModelRunner:
 
     @torch.no_grad()
     def absorb_weights(self) -> None:
-        """W_UK and W_UV^T of every attention module, taken from wkv_b as it is now (again after the weights
-        changed: a training step on the live model, see LLM.refresh_weights)."""
+        """W_UK and W_UV^T of every attention module (of its local heads, under tensor parallelism), taken from
+        wkv_b as it is now (again after the weights changed: a training step on the live model, see
+        LLM.refresh_weights)."""
         cfg, dtype = self.config, self.model.dtype
         blocks = list(self.model.layers) + [m.block for m in self.model.mtp]
         for i, block in enumerate(blocks):
-            w = block.attn.wkv_b.dense_weight(dtype).view(cfg.num_attention_heads, -1, cfg.kv_lora_rank)
+            w = block.attn.wkv_b.dense_weight(dtype).view(-1, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
             self.absorbed[i] = (w[:, : cfg.qk_nope_head_dim].contiguous(),
                                 w[:, cfg.qk_nope_head_dim:].transpose(1, 2).contiguous())
+
+    def heads(self, attn: MLA) -> int:
+        """The heads this process computes: all of them, or its share under tensor parallelism."""
+        return self.absorbed[attn.layer_id][0].shape[0]
 
     def piece(self, attn: MLA, B: int, T: int, absorbed: bool) -> int:
         """The keys per piece that keep one attention's working set within attention_workspace: per key, the
         gathered latent row, the float32 scores of every query and head and their mask, and the values: the
         latent's first C columns as a float32 matrix (absorbed), or the expanded per-head keys and values with
         their float32 copies (naive)."""
-        H, C, R = attn.n_heads, attn.kv_lora_rank, attn.rope_dim
+        H, C, R = self.heads(attn), attn.kv_lora_rank, attn.rope_dim
         elem = self.cache.data.element_size()
         per_key = B * ((C + R) * elem + T * H * (4 + 1))
         if absorbed:
@@ -421,12 +426,12 @@ class ModelRunner:
             ctx = self.cache.read(layer, batch.slot_table)  # (B, S, C+R)
             q_nope, q_rope = q_nope.unflatten(0, (B, T)), q_rope.unflatten(0, (B, T))
             if T <= self.absorb_max_queries:
-                out = mla_absorbed(q_nope, q_rope, ctx, batch.score_bias(attn.n_heads, ctx.dtype),
+                out = mla_absorbed(q_nope, q_rope, ctx, batch.score_bias(self.heads(attn), ctx.dtype),
                                    *self.absorbed[layer], attn.softmax_scale)
             else:
                 out = mla_naive(attn, q_nope, q_rope, ctx, None if batch.causal else batch.key_mask())
             return out.flatten(0, 1)
-        out = q_nope.new_empty(q_nope.shape[0], attn.n_heads, attn.v_dim)  # (N, H, V), in fed order
+        out = q_nope.new_empty(q_nope.shape[0], self.heads(attn), attn.v_dim)  # (N, H, V), in fed order
         for g in batch.groups(self.absorb_max_queries):  # ragged: no sequence padded to another's length
             qn, qr = q_nope[g.q_index], q_rope[g.q_index]  # (Bg, Tg, H, .)
             (Bg, Tg), Sg = g.q_index.shape, g.slot_table.shape[1]
@@ -436,7 +441,7 @@ class ModelRunner:
                 continue
             ctx = self.cache.read(layer, g.slot_table)
             if qn.shape[1] <= self.absorb_max_queries:
-                o = mla_absorbed(qn, qr, ctx, g.score_bias(attn.n_heads, ctx.dtype), *self.absorbed[layer],
+                o = mla_absorbed(qn, qr, ctx, g.score_bias(self.heads(attn), ctx.dtype), *self.absorbed[layer],
                                  attn.softmax_scale)
             else:
                 o = mla_naive(attn, qn, qr, ctx, g.mask)
@@ -445,7 +450,7 @@ class ModelRunner:
 
     def attend_last(self, attn: MLA, q_nope: torch.Tensor, q_rope: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """As `attend`, for each sequence's last fed token only -> (B, H, V)."""
-        layer, H = attn.layer_id, attn.n_heads
+        layer, H = attn.layer_id, self.heads(attn)
         B, S = batch.slot_table.shape
         if self.is_long(attn, B, 1, S):  # each sequence's last row over its context, in pieces
             if batch.uniform:
