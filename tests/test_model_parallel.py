@@ -150,6 +150,91 @@ def test_torchrun_generate_fp8_blocks_kept(bench_small_fp8, tmp_path, quiet):
     assert two == one
 
 
+# ---- redundant experts (EPLB) ----------------------------------------------------------------------------------
+
+def test_set_placement_holds_each_slots_expert(micro_dirs):
+    """A rank's slots after a re-placement hold exactly the experts the placement names: kept, copied from
+    another of its slots, or read from the model directory (BF16 and FP8 experts with their scales)."""
+    from types import SimpleNamespace
+
+    from dsv3.parallel.inference import initial_placement, install, set_placement
+
+    for kind in ("bf16", "fp8"):
+        path = micro_dirs[kind]
+        config = dsv3.ModelConfig.from_hf(path)
+        whole = load_pretrained(path)
+        skew = torch.tensor([[40., 1, 1, 1, 1, 1, 1, 8], [1, 1, 30, 1, 1, 12, 1, 1]])
+        first = initial_placement(config, 2, 2)  # equal loads: experts 0 and 1 replicated
+        then = initial_placement(config, 2, 2, skew)
+        for rank in (0, 1):
+            shard = Sharding(config, rank, 2, 1, 2, first)
+            model = install(load_pretrained(path, shard=shard), shard)
+            for placement in (first, then, first):  # (the first call changes nothing)
+                set_placement(SimpleNamespace(sharding=shard, model=model, model_path=str(path)), placement)
+                for j, (moe, full) in enumerate(zip(moe_of(model), moe_of(whole))):
+                    held = placement[j, 5 * rank: 5 * rank + 5].tolist()
+                    assert moe.dispatcher.placement.tolist() == placement[j].tolist()
+                    for name in ("w1", "w2", "w3", "w1_scale_inv"):
+                        t, want = getattr(moe.experts, name), getattr(full.experts, name)
+                        if want is not None:
+                            assert all(torch.equal(t[slot], want[e]) for slot, e in enumerate(held)), (kind, name)
+        assert not torch.equal(first, then)  # (the skew moved experts)
+
+
+def moe_of(model):
+    from dsv3.model.moe import MoE
+
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def test_redundant_experts_even_out_a_skewed_load():
+    """Pairs routed by a skewed load (Zipf over 16 experts, 4 groups, top-4) through the dispatcher of 2 ranks:
+    with 4 redundant experts placed by EPLB on that load, the busiest rank carries <= 1.1x the mean; with
+    none, far more. (Counting only: the counts are what every rank sees, no process group needed.)"""
+    from dsv3.parallel.eplb import rebalance_experts
+    from dsv3.parallel.inference import PlacedExperts
+
+    E, K, N = 16, 4, 4096
+    g = torch.Generator().manual_seed(0)
+    p = 1.0 / torch.arange(1, E + 1).double() ** 1.2
+    p = p[torch.randperm(E, generator=g)]
+    experts = torch.stack([torch.multinomial(p, K, generator=g) for _ in range(N)])  # (N, K) distinct per token
+    load = torch.bincount(experts.flatten(), minlength=E).double()[None]
+    ratios = {}
+    for R in (0, 4):
+        placement = rebalance_experts(load, E + R, 4, 1, 2)[0][0] if R else torch.arange(E)
+        d = PlacedExperts(E, K, placement, rank=0, world=2)
+        for step in range(8):  # a step's batch of 512 tokens at a time
+            d.dispatch(torch.zeros(512, 1), torch.ones(512, K), experts[step * 512:(step + 1) * 512])
+        per_rank = d.slot_load.view(2, -1).sum(-1)
+        assert per_rank.sum() == N * K and torch.equal(d.load, load[0])
+        ratios[R] = (per_rank.max() / per_rank.mean()).item()
+    assert ratios[4] <= 1.1 < 1.2 < ratios[0], ratios
+
+
+def test_torchrun_redundant_experts_keep_greedy_output(micro_dirs, tmp_path, quiet):
+    """Replicas hold the same weights: with redundant experts, an initial placement from expert loads, and
+    re-placements every 2 forwards (experts read from the directory mid-generation), greedy tokens are one
+    process's."""
+    loads = tmp_path / "loads.json"
+    loads.write_text(json.dumps([[40, 1, 1, 1, 1, 1, 1, 8], [1, 1, 30, 1, 1, 12, 1, 1]]))
+    for kind in ("bf16", "fp8"):
+        args = ["--model", str(micro_dirs[kind]), "--dtype", "float32"]
+        one, _ = generate(args, tmp_path, "one")
+        two, log = generate(args + ["--ep", "2", "--num-redundant-experts", "2", "--expert-loads", str(loads),
+                                    "--eplb-interval", "2"], tmp_path, "two", nproc=2)
+        assert two == one
+        assert "10 slots for 8 experts" in log
+
+
+def test_redundant_expert_flags_need_expert_parallelism(micro_dirs, tmp_path, quiet, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hi\n")
+    assert main(["generate", "--model", str(micro_dirs["bf16"]), "--input-file", str(prompts),
+                 "--num-redundant-experts", "2"]) == 2
+    assert "--ep N" in capsys.readouterr().err
+
+
 # ---- dsv3 serve under torchrun, through test_serve.py's openai client tests ------------------------------------
 
 from test_serve import (CONTEXT, MODEL, test_chat_equals_engine_and_streaming_equals_non_streaming,  # noqa: E402,F401

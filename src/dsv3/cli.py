@@ -147,6 +147,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="under torchrun with N processes: give each 1/N of the routed experts (expert parallel); "
                         "with --tp N as well, the official demo's layout. Rank 0 schedules, samples, prints and "
                         "serves; the others follow its steps")
+    p.add_argument("--num-redundant-experts", type=int, default=0, metavar="R",
+                   help="with --ep N: R more expert slots (a multiple of N) holding replicas of the most loaded "
+                        "experts, placed by DeepSeek's EPLB; a token's pair goes to one of its expert's replicas")
+    p.add_argument("--expert-loads", default=None, metavar="FILE",
+                   help="with --ep N: the expected expert loads to place by: a dsv3 train run's metrics.jsonl (its "
+                        "last 10%% of steps), or a JSON list of per-layer loads (default: equal loads)")
+    p.add_argument("--eplb-interval", type=int, default=None, metavar="STEPS",
+                   help="with --ep N: re-place the experts by the loads served so far every STEPS engine steps "
+                        "(default: never; the placement stays the initial one)")
 
 
 def _device(args) -> str:
@@ -168,7 +177,12 @@ def _engine(args, **kwargs):
     if args.tp > 1 or args.ep > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from .parallel.inference import model_parallel_llm
 
-        return model_parallel_llm(args.model, args.tp, args.ep, dtype=args.dtype, device=args.device, **common)
+        return model_parallel_llm(args.model, args.tp, args.ep, dtype=args.dtype, device=args.device,
+                                  num_redundant_experts=args.num_redundant_experts, expert_loads=args.expert_loads,
+                                  eplb_interval=args.eplb_interval, **common)
+    if args.num_redundant_experts or args.expert_loads or args.eplb_interval:
+        raise ValueError("--num-redundant-experts, --expert-loads and --eplb-interval place experts over the "
+                         "processes of --ep N (under torchrun)")
     return LLM(args.model, dtype=args.dtype, device=_device(args), cuda_graphs=False if args.enforce_eager else None,
                cpu_kernels=False if args.enforce_eager else None, **common)
 
@@ -222,6 +236,11 @@ def _generate_with(args, llm) -> None:
     extra = (f", {stats['acceptance_rate']:.0%} of MTP drafts accepted, {stats['tokens_per_forward']:.2f} tokens "
              "per forward") if args.speculative else ""
     print(f"[{len(outs)} prompts, {n} tokens in {dt:.1f}s: {n / dt:.1f} tokens/s{extra}]", file=sys.stderr)
+    balance = getattr(llm.runner, "expert_balance", lambda: None)()
+    if balance is not None:  # expert parallel: what each rank's experts computed
+        print(f"[expert load per rank, max / mean over {len(balance['pairs_per_rank'][0])} ranks: "
+              f"{balance['max_over_mean']:.3f} (mean over {len(balance['max_over_mean_layers'])} MoE layers; "
+              f"{balance['slots']} slots for {balance['experts']} experts)]", file=sys.stderr)
     if args.output_file:
         from .ckpt.io import atomic_write_text
         atomic_write_text(args.output_file, "".join(

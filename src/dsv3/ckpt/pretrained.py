@@ -211,7 +211,7 @@ def _load(ckpt: CheckpointDir, config: ModelConfig, dtype: torch.dtype, device: 
     for ours, t in state.items():
         if ours == "head.weight" and config.tie_word_embeddings:
             continue
-        experts = (shard.experts if shard is not None else range(t.shape[0])) if ".experts.w" in ours else [None]
+        experts = (shard.experts_of(ours) if shard is not None else range(t.shape[0])) if ".experts.w" in ours else [None]
         expected.update((ours, e) for e in experts)
     shared_copies = dict(mtp_shared_names(L, D))
     loaded, consumed, unexpected = set(), set(), []
@@ -221,8 +221,8 @@ def _load(ckpt: CheckpointDir, config: ModelConfig, dtype: torch.dtype, device: 
     def where(hf: str) -> str:
         return f"{ckpt.where[hf].path}: tensor {hf!r}"
 
-    def dest_index(e: int) -> int:
-        return e if shard is None else shard.local_expert(e)
+    def dest_index(ours: str, e: int) -> int:
+        return e if shard is None else shard.local_expert(ours, e)
 
     def cut(ours: str):  # (dim, lo, hi) of this process's slice of a split tensor, else None
         return None if shard is None else shard.cut(ours)
@@ -275,9 +275,9 @@ def _load(ckpt: CheckpointDir, config: ModelConfig, dtype: torch.dtype, device: 
                 unexpected.append(hf)
                 continue
             ours, e = mapped
-            if e is not None and shard is not None and e not in shard.experts:
+            if e is not None and shard is not None and e not in shard.experts_of(ours):
                 continue  # another process's expert: not read
-            dest = state[ours] if e is None else state[ours][dest_index(e)]
+            dest = state[ours] if e is None else state[ours][dest_index(ours, e)]
             if info.dtype == fp8q.FP8 and dest.dtype != fp8q.FP8:  # dequantise at load
                 scale_name = hf + "_scale_inv"
                 if scale_name not in ckpt.where:
@@ -293,7 +293,7 @@ def _load(ckpt: CheckpointDir, config: ModelConfig, dtype: torch.dtype, device: 
                 q, s = fp8q.weight_quant(read(hf, ours))
                 dest.copy_(q)
                 scale_ours = ours + "_scale_inv" if e is not None else ours.removesuffix("weight") + "weight_scale_inv"
-                (state[scale_ours] if e is None else state[scale_ours][dest_index(e)]).copy_(s)
+                (state[scale_ours] if e is None else state[scale_ours][dest_index(ours, e)]).copy_(s)
                 loaded.add((scale_ours, e))
             else:
                 check_shape(hf, dest.shape, ours)
@@ -305,6 +305,9 @@ def _load(ckpt: CheckpointDir, config: ModelConfig, dtype: torch.dtype, device: 
         shown = ", ".join(unexpected[:8]) + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
         raise CheckpointError(f"{ckpt.path}: tensor(s) not part of the model that config.json describes: {shown}")
     missing = expected - loaded
+    if shard is not None and not missing:
+        with torch.no_grad():
+            shard.fill_replicas(model)  # an expert held twice here was read once
     if missing:
         hf_missing = sorted(_hf_name(o, e, L) for o, e in missing)
         shown = ", ".join(hf_missing[:8]) + (f" and {len(hf_missing) - 8} more" if len(hf_missing) > 8 else "")

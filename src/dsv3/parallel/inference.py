@@ -56,17 +56,55 @@ _COLS = {("attn", "wo"), ("ffn", "w2"), ("shared_experts", "w2")}
 class Sharding:
     """Which part of each tensor this process holds, for `load_pretrained(..., shard=)` and `install`."""
 
-    def __init__(self, config: ModelConfig, rank: int, world: int, tp: int = 1, ep: int = 1):
+    def __init__(self, config: ModelConfig, rank: int, world: int, tp: int = 1, ep: int = 1,
+                 placement: torch.Tensor | None = None):
+        """placement (MoE layers, P): the logical expert of each physical expert slot, P = experts + redundant
+        ones, slots [r * P/ep, (r+1) * P/ep) on EP rank r (parallel/eplb.py's phy2log). Default: no redundant
+        experts, expert e in slot e."""
         check_layout(config, world, tp, ep)
         self.config, self.rank, self.world, self.tp, self.ep = config, rank, world, tp, ep
         self.tp_rank = rank if tp > 1 else 0
-        n_local = config.n_routed_experts // ep if config.n_routed_experts else 0
-        first = (rank if ep > 1 else 0) * n_local
-        self.experts = range(first, first + n_local)  # the routed experts held here (global ids)
+        self.ep_rank = rank if ep > 1 else 0
+        E = config.n_routed_experts or 0
+        n_moe = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers + config.num_nextn_predict_layers))
+        if placement is None:
+            placement = torch.arange(E).expand(n_moe, E)
+        check_placement(placement, n_moe, E, ep)
+        self.placement = placement.clone()
         self._cuts: dict[str, tuple[int, int, int]] = {}  # our name -> (dim, lo, hi) in the whole tensor
+        self._moe: dict[str, int] = {}  # an MoE module's name -> its index among the MoE layers
 
-    def local_expert(self, e: int) -> int:
-        return e - self.experts.start
+    @property
+    def slots(self) -> range:
+        """This rank's physical expert slots."""
+        S = self.placement.shape[1] // self.ep
+        return range(self.ep_rank * S, (self.ep_rank + 1) * S)
+
+    def held(self, layer: int) -> list[int]:
+        """The logical expert in each of this rank's slots of MoE layer `layer`."""
+        return self.placement[layer, self.slots.start: self.slots.stop].tolist()
+
+    def _layer_of(self, name: str) -> int:
+        return self._moe[name.split(".experts.")[0]]
+
+    def experts_of(self, name: str) -> list[int]:
+        """The logical experts whose weights this rank reads for an experts tensor (`...ffn.experts.w1`)."""
+        return sorted(set(self.held(self._layer_of(name))))
+
+    def local_expert(self, name: str, e: int) -> int:
+        """The first of this rank's slots holding logical expert e (`fill_replicas` copies it to the others)."""
+        return self.held(self._layer_of(name)).index(e)
+
+    def fill_replicas(self, model: DeepSeekV3) -> None:
+        """After loading: a logical expert held in several of this rank's slots is copied from its first one."""
+        for name, module in model.named_modules():
+            if isinstance(module, MoE):
+                held = self.held(self._moe[name])
+                for slot, e in enumerate(held):
+                    first = held.index(e)
+                    if first != slot:
+                        for t in expert_tensors(module.experts):
+                            t[slot].copy_(t[first])
 
     def split_dim(self, name: str) -> int | None:
         """The dimension of a parameter (or its FP8 scale) split over TP, or None when whole everywhere."""
@@ -99,12 +137,13 @@ class Sharding:
                     module.weight = nn.Parameter(torch.empty(module.weight.shape, dtype=dtype, device="meta"),
                                                  requires_grad=False)
                     module.weight_scale_inv = None
+        self._moe = {name: j for j, name in enumerate(n for n, m in model.named_modules() if isinstance(m, MoE))}
         tensors = [(n, t, False) for n, t in model.named_parameters()] + \
                   [(n, t, True) for n, t in model.named_buffers() if t is not None]
         for name, t, is_buffer in tensors:
             shape = list(t.shape)
-            if ".experts.w" in name and self.ep > 1:
-                shape[0] = len(self.experts)
+            if ".experts.w" in name:
+                shape[0] = len(self.slots)
             dim = None if ".experts.w" in name else self.split_dim(name)
             if dim is not None:
                 if shape[dim] % self.tp:
@@ -123,10 +162,26 @@ class Sharding:
             else:
                 module._parameters[leaf] = nn.Parameter(new, requires_grad=t.requires_grad)
         for module in model.modules():
-            if isinstance(module, MoE) and self.ep > 1:
-                module.experts.n_experts = len(self.experts)
+            if isinstance(module, MoE):
+                module.experts.n_experts = len(self.slots)
         if model.config.tie_word_embeddings:
             model.head.weight = model.embed.weight
+
+
+def check_placement(placement: torch.Tensor, n_moe: int, E: int, ep: int) -> None:
+    if placement.dim() != 2 or placement.shape[0] != n_moe or placement.shape[1] < E or placement.shape[1] % ep:
+        raise ValueError(f"an expert placement must be (MoE layers = {n_moe}, slots >= {E} experts, a multiple of "
+                         f"--ep {ep}); got {tuple(placement.shape)}")
+    counts = torch.zeros(n_moe, E, dtype=torch.int64).scatter_add_(1, placement.long(),
+                                                                   torch.ones_like(placement, dtype=torch.int64))
+    if (counts == 0).any():
+        raise ValueError("an expert placement must hold every expert at least once in every layer")
+
+
+def expert_tensors(experts) -> list[torch.Tensor]:
+    """An Experts module's stacked per-expert tensors (weights and, for FP8, their scales)."""
+    return [t for t in (experts.w1, experts.w2, experts.w3, experts.w1_scale_inv, experts.w2_scale_inv,
+                        experts.w3_scale_inv) if t is not None]
 
 
 def check_layout(config: ModelConfig, world: int, tp: int, ep: int) -> None:
@@ -149,22 +204,58 @@ def check_layout(config: ModelConfig, world: int, tp: int, ep: int) -> None:
             raise ValueError(f"--tp {tp} needs {', '.join(bad)} divisible by {tp}")
 
 
-class LocalExperts(TokenDispatcher):
-    """Expert parallelism with every process holding every token (inference): each computes the pairs routed
-    to its own experts and the partial outputs are all-reduced before they join the shared experts' output."""
+class PlacedExperts(TokenDispatcher):
+    """Expert parallelism with every process holding every token (inference), over physical expert slots: each
+    rank holds slots [first, first + S) of P, placement[p] the logical expert in slot p (EPLB's phy2log; an
+    expert may have several replicas). A pair routed to expert e goes to one of its replicas, chosen by its
+    token's index plus a count of this dispatcher's calls, so consecutive tokens and steps spread over the
+    replicas; every rank chooses alike (the same calls in the same order). Each rank computes the pairs of its
+    own slots and the partial outputs are all-reduced before they join the shared experts' output.
 
-    def __init__(self, n_experts: int, topk: int, experts: range, group=None):
+    Counted as it runs (the same on every rank): `load` (E,), the pairs routed to each logical expert (what
+    EPLB places by), and `slot_load` (P,), the pairs each slot computed (what the ranks carried)."""
+
+    def __init__(self, n_experts: int, topk: int, placement: torch.Tensor, rank: int, world: int, group=None):
         super().__init__(n_experts, topk)
-        self.local, self.group = experts, group
+        self.group, self.rank, self.world = group, rank, world
+        self.calls = 0
+        self.load = torch.zeros(n_experts, dtype=torch.float64)
+        self.slot_load = torch.zeros(placement.numel(), dtype=torch.float64)
+        self.place(placement)
+
+    def place(self, placement: torch.Tensor) -> None:
+        P = placement.numel()
+        self.placement = placement.cpu().long()
+        S = P // self.world
+        self.first, self.S = self.rank * S, S
+        count = torch.bincount(self.placement, minlength=self.n_experts)  # replicas of each expert
+        K = int(count.max())
+        replicas = torch.full((self.n_experts, K), -1, dtype=torch.int64)
+        seen = [0] * self.n_experts
+        for p, e in enumerate(self.placement.tolist()):
+            replicas[e, seen[e]] = p
+            seen[e] += 1
+        self.count, self.replicas = count, replicas
+        if self.slot_load.numel() != P:
+            self.slot_load = torch.zeros(P, dtype=torch.float64)
 
     def dispatch(self, x_ND, weights_NK, experts_NK):
+        N, K = experts_NK.shape
+        dev = experts_NK.device
         expert_S = experts_NK.flatten()
-        keep_S = ((expert_S >= self.local.start) & (expert_S < self.local.stop)).nonzero().squeeze(1)
-        local_S = expert_S.index_select(0, keep_S) - self.local.start
+        count, replicas = self.count.to(dev), self.replicas.to(dev)
+        token_S = torch.arange(N * K, device=dev) // K
+        replica_S = (token_S + self.calls) % count.index_select(0, expert_S)
+        slot_S = replicas[expert_S, replica_S]
+        self.calls += 1
+        self.load += torch.bincount(expert_S, minlength=self.n_experts).to("cpu", torch.float64)
+        self.slot_load += torch.bincount(slot_S, minlength=self.slot_load.numel()).to("cpu", torch.float64)
+        keep_S = ((slot_S >= self.first) & (slot_S < self.first + self.S)).nonzero().squeeze(1)
+        local_S = slot_S.index_select(0, keep_S) - self.first
         order = local_S.argsort(stable=True)
         pair_S = keep_S.index_select(0, order)
         token_S = pair_S // self.topk
-        counts_E = torch.bincount(local_S, minlength=len(self.local))
+        counts_E = torch.bincount(local_S, minlength=self.S)
         return x_ND.index_select(0, token_S), weights_NK.flatten().index_select(0, pair_S), counts_E, token_S
 
     def combine(self, y_SD, token_S, out_ND):
@@ -211,11 +302,16 @@ def install(model: DeepSeekV3, shard: Sharding, group=None) -> DeepSeekV3:
         model.embed.register_forward_hook(embed_out)
         model.head.register_forward_hook(gather_logits)
     if shard.ep > 1:
-        for module in model.modules():
-            if isinstance(module, MoE):
-                module.dispatcher = LocalExperts(module.n_experts, module.topk, shard.experts, group)
-                module.experts.kernel = None
+        for j, module in enumerate(moe_modules(model)):
+            module.dispatcher = PlacedExperts(module.n_experts, module.topk, shard.placement[j], shard.ep_rank,
+                                              shard.ep, group)
+            module.experts.kernel = None
     return model
+
+
+def moe_modules(model: DeepSeekV3) -> list[MoE]:
+    """The MoE layers in the order of a placement's rows (main layers, then the MTP blocks')."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
 
 
 # ---- rank 0 drives, the others follow ------------------------------------------------------------------
@@ -252,26 +348,59 @@ class _LockstepCache:
         return getattr(self._owner.runner.cache, name)
 
 
+CALLS = ("forward", "forward_mtp", "logits", "mtp_logits", "absorb_weights", "cache.move", "set_placement")
+
+
+def _execute(runner, name: str, args, kwargs):
+    """One call of rank 0's on a rank's own runner."""
+    if name not in CALLS:
+        raise RuntimeError(f"rank 0 sent an unknown call {name!r}")
+    if name == "set_placement":
+        return set_placement(runner, *args)
+    target = runner.cache if name.startswith("cache.") else runner
+    return getattr(target, name.removeprefix("cache."))(*args, **kwargs)
+
+
 class LockstepRunner:
     """Rank 0's runner: each call is broadcast to the other ranks (`serve_worker`) before it runs here, so that
-    all ranks run the same forward, and meet in its collectives, together."""
+    all ranks run the same forward, and meet in its collectives, together. eplb_interval: re-place the experts
+    by the loads counted so far every that many forwards (`rebalance`)."""
 
-    CALLS = ("forward", "forward_mtp", "logits", "mtp_logits", "absorb_weights", "cache.move")
-
-    def __init__(self, runner, group=None):
+    def __init__(self, runner, group=None, eplb_interval: int | None = None):
         self.runner, self.group = runner, group
         self.cache = _LockstepCache(self)
         self.stopped = False
+        self.eplb_interval, self.forwards = eplb_interval, 0
 
     def _call(self, name: str, *args, **kwargs):
         if self.stopped:
             raise RuntimeError("the model-parallel workers were stopped")
         _broadcast((name, args, kwargs), self.group)
-        target = self.runner.cache if name.startswith("cache.") else self.runner
-        return getattr(target, name.removeprefix("cache."))(*args, **kwargs)
+        return _execute(self.runner, name, args, kwargs)
 
     def forward(self, batch):
+        self.forwards += 1
+        if self.eplb_interval and self.forwards % self.eplb_interval == 0:
+            self.rebalance()
         return self._call("forward", batch)
+
+    def rebalance(self) -> torch.Tensor | None:
+        """Place the redundant experts by the loads counted so far (EPLB) on every rank: each rank then holds the
+        experts of its new slots (copied from its old ones, or read from the model directory). Greedy output is
+        unchanged: replicas hold the same weights. -> the new placement, None without expert parallelism."""
+        dispatchers = [m.dispatcher for m in moe_modules(self.runner.model)]
+        if not dispatchers or not isinstance(dispatchers[0], PlacedExperts):
+            return None
+        from .eplb import rebalance_experts
+
+        shard = self.runner.sharding
+        loads = torch.stack([d.load for d in dispatchers])
+        placement = rebalance_experts(loads, shard.placement.shape[1], shard.config.n_group or 1, 1, shard.ep)[0]
+        self._call("set_placement", placement)
+        return placement
+
+    def expert_balance(self) -> dict | None:
+        return expert_balance(self.runner.model)
 
     def forward_mtp(self, batch, h_prev, last_only: bool = False):
         return self._call("forward_mtp", batch, h_prev, last_only=last_only)
@@ -301,11 +430,130 @@ def serve_worker(runner, group=None) -> None:
         name, args, kwargs = _broadcast(None, group)
         if name == "stop":
             return
-        if name not in LockstepRunner.CALLS:
-            raise RuntimeError(f"rank 0 sent an unknown call {name!r}")
-        args, kwargs = _to(args, runner.device), _to(kwargs, runner.device)
-        target = runner.cache if name.startswith("cache.") else runner
-        getattr(target, name.removeprefix("cache."))(*args, **kwargs)
+        _execute(runner, name, _to(args, runner.device), _to(kwargs, runner.device))
+
+
+# ---- redundant experts (EPLB) ----------------------------------------------------------------------------
+
+def initial_placement(config: ModelConfig, ep: int, num_redundant: int = 0,
+                      loads: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The placement to start from: EPLB on the given loads (MoE layers, E), or on equal loads, with
+    num_redundant extra slots (a multiple of ep); None for the plain one (expert e in slot e)."""
+    if not num_redundant and loads is None:
+        return None
+    from .eplb import rebalance_experts
+
+    E = config.n_routed_experts
+    if num_redundant < 0 or num_redundant % ep:
+        raise ValueError(f"--num-redundant-experts {num_redundant} must be a multiple of --ep {ep} (each rank holds "
+                         "the same number of expert slots)")
+    n_moe = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers + config.num_nextn_predict_layers))
+    if loads is None:
+        loads = torch.ones(n_moe, E)
+    return rebalance_experts(loads, E + num_redundant, config.n_group or 1, 1, ep)[0]
+
+
+def read_expert_loads(path: str, model_layers: list[str], n_experts: int) -> torch.Tensor:
+    """Expected expert loads (MoE layers, E) for the placement: a training run's metrics.jsonl (the mean
+    `expert_load` of its last 10% of steps, rows matched by `moe_layers` names; a layer it did not record, as
+    the MTP block's when the run trained without MTP, gets the mean of the others), or a JSON list of rows."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        rows, names = json.loads(text), model_layers
+    except json.JSONDecodeError:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = [r for r in records if r.get("expert_load")]
+        if not records:
+            raise ValueError(f"{path}: no record with expert_load (a dsv3 train run's metrics.jsonl?)") from None
+        recent = records[-max(1, len(records) // 10):]
+        rows = torch.tensor([r["expert_load"] for r in recent], dtype=torch.float64).mean(0).tolist()
+        names = recent[-1].get("moe_layers") or model_layers
+    loads = torch.tensor(rows, dtype=torch.float64)
+    if loads.dim() != 2 or loads.shape[1] != n_experts or len(names) != loads.shape[0]:
+        raise ValueError(f"{path}: expert loads of shape {tuple(loads.shape)}; expected (layers, {n_experts})")
+    by_name = dict(zip(names, loads))
+    mean = loads.mean(0)
+    return torch.stack([by_name.get(n, mean) for n in model_layers])
+
+
+def read_expert(ckpt, template: str, e: int, weight: torch.Tensor, scale: torch.Tensor | None) -> None:
+    """Expert e's tensor (HF name template with {e}) from the model directory into weight (and its FP8 scale),
+    converted as loading converts it."""
+    hf = template.format(e=e)
+    stored = ckpt.read(hf)
+    if stored.dtype == fp8q.FP8 and weight.dtype == fp8q.FP8:
+        weight.copy_(stored)
+        scale.copy_(ckpt.read(hf + "_scale_inv"))
+    elif stored.dtype == fp8q.FP8:
+        weight.copy_(fp8q.weight_dequant(stored, ckpt.read(hf + "_scale_inv"), torch.float32))
+    elif weight.dtype == fp8q.FP8:
+        q, s = fp8q.weight_quant(stored)
+        weight.copy_(q)
+        scale.copy_(s)
+    else:
+        weight.copy_(stored)
+
+
+@torch.no_grad()
+def set_placement(runner, placement: torch.Tensor) -> None:
+    """Hold the experts of a new placement on this rank: a slot keeps its weights when its expert stays, takes
+    them from another of this rank's slots when it had them, else reads them from the model directory."""
+    from ..ckpt.hf import ours_to_hf
+    from ..ckpt.pretrained import CheckpointDir
+
+    shard, model = runner.sharding, runner.model
+    placement = placement.cpu().long()
+    check_placement(placement, shard.placement.shape[0], shard.config.n_routed_experts, shard.ep)
+    if placement.shape != shard.placement.shape:
+        raise ValueError(f"a new placement must keep the slots: {tuple(shard.placement.shape)}, not "
+                         f"{tuple(placement.shape)}")
+    ckpt = None
+    try:
+        names = [n for n, m in model.named_modules() if isinstance(m, MoE)]
+        for j, (name, moe) in enumerate(zip(names, moe_modules(model))):
+            old = shard.held(j)
+            new = placement[j, shard.slots.start: shard.slots.stop].tolist()
+            if new != old:
+                experts = moe.experts
+                tensors = {"w1": experts.w1, "w2": experts.w2, "w3": experts.w3}
+                before = {k: t.clone() for k, t in tensors.items()}
+                scales = {k: getattr(experts, f"{k}_scale_inv") for k in tensors}
+                scales_before = {k: None if t is None else t.clone() for k, t in scales.items()}
+                for slot, e in enumerate(new):
+                    if e in old:
+                        src = old.index(e)
+                        for k, t in tensors.items():
+                            t[slot].copy_(before[k][src])
+                            if scales[k] is not None:
+                                scales[k][slot].copy_(scales_before[k][src])
+                        continue
+                    if ckpt is None:
+                        ckpt = CheckpointDir(runner.model_path)
+                    for k, t in tensors.items():
+                        template = ours_to_hf(f"{name}.experts.{k}", shard.config.num_hidden_layers)[0][0]
+                        read_expert(ckpt, template, e, t[slot], None if scales[k] is None else scales[k][slot])
+            moe.dispatcher.place(placement[j])
+        shard.placement = placement.clone()
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+
+
+def expert_balance(model: DeepSeekV3) -> dict | None:
+    """What the ranks carried so far: per MoE layer the pairs computed by each rank and max / mean of those
+    (1.0: even), and the mean of that ratio over layers. None without expert parallelism."""
+    dispatchers = [m.dispatcher for m in moe_modules(model)]
+    if not dispatchers or not isinstance(dispatchers[0], PlacedExperts):
+        return None
+    per_rank = torch.stack([d.slot_load.view(d.world, -1).sum(-1) for d in dispatchers])  # (layers, ranks)
+    mean = per_rank.mean(-1)
+    ratio = torch.where(mean > 0, per_rank.max(-1).values / mean.clamp_min(1e-30), torch.ones_like(mean))
+    return {"max_over_mean": ratio.mean().item(), "max_over_mean_layers": ratio.tolist(),
+            "pairs_per_rank": per_rank.tolist(), "slots": int(dispatchers[0].placement.numel()),
+            "experts": dispatchers[0].n_experts}
 
 
 # ---- setting it up ---------------------------------------------------------------------------------------
@@ -326,16 +574,31 @@ def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]
 
 
 def model_parallel_llm(path: str, tp: int = 1, ep: int = 1, *, dtype=None, device: str | None = None,
-                       **llm_kwargs):
+                       num_redundant_experts: int = 0, expert_loads: str | None = None,
+                       eplb_interval: int | None = None, **llm_kwargs):
     """Under torchrun: every rank loads its shard of the model directory and builds an engine. Rank 0 gets the
     LLM back, its runner a LockstepRunner (call `stop_workers(llm)` when done); every other rank serves rank 0's
-    calls until then and gets None."""
+    calls until then and gets None. With expert parallelism: num_redundant_experts extra expert slots, placed
+    by EPLB on expert_loads (a training run's metrics.jsonl, `read_expert_loads`) or equal loads, and re-placed
+    by the loads served every eplb_interval forwards (and on `llm.runner.rebalance()`)."""
     from ..ckpt.pretrained import load_pretrained, model_bytes
     from ..infer import LLM
     from ..tokenizer import Tokenizer
 
+    config = ModelConfig.from_hf(path)
+    if (num_redundant_experts or expert_loads or eplb_interval) and ep == 1:
+        raise ValueError("--num-redundant-experts, --expert-loads and --eplb-interval place experts over the "
+                         "ranks of --ep N")
+    if eplb_interval is not None and eplb_interval < 1:
+        raise ValueError(f"--eplb-interval {eplb_interval} must be >= 1 (forwards between re-placements)")
+    loads = None
+    if expert_loads:
+        with torch.device("meta"):
+            names = [n for n, m in DeepSeekV3(config).named_modules() if isinstance(m, MoE)]
+        loads = read_expert_loads(expert_loads, names, config.n_routed_experts)
+    placement = initial_placement(config, ep, num_redundant_experts, loads)
     rank, world, dev = init_distributed(device)
-    shard = Sharding(ModelConfig.from_hf(path), rank, world, tp, ep)
+    shard = Sharding(config, rank, world, tp, ep, placement)
     model = install(load_pretrained(path, dtype=dtype, device=dev, shard=shard, progress=False if rank else None),
                     shard)
     held = [None] * world  # each rank's weight bytes, reported by rank 0
@@ -345,11 +608,12 @@ def model_parallel_llm(path: str, tp: int = 1, ep: int = 1, *, dtype=None, devic
               + ", ".join(f"{b / 2**20:.1f}" for b in held) + " MiB", file=sys.stderr, flush=True)
     tokenizer = Tokenizer.from_dir(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
     llm = LLM(model, tokenizer=tokenizer, cpu_kernels=False, cuda_graphs=False, **llm_kwargs)
-    llm.sharding = shard
+    llm.sharding = llm.runner.sharding = shard
+    llm.runner.model_path = path
     if rank != 0:
         serve_worker(llm.runner)
         return None
-    llm.runner = LockstepRunner(llm.runner)
+    llm.runner = LockstepRunner(llm.runner, eplb_interval=eplb_interval)
     if llm.speculator is not None:
         llm.speculator.runner = llm.runner
     return llm
