@@ -239,8 +239,9 @@ def _generate_with(args, llm) -> None:
     balance = getattr(llm.runner, "expert_balance", lambda: None)()
     if balance is not None:  # expert parallel: what each rank's experts computed
         print(f"[expert load per rank, max / mean over {len(balance['pairs_per_rank'][0])} ranks: "
-              f"{balance['max_over_mean']:.3f} (mean over {len(balance['max_over_mean_layers'])} MoE layers; "
-              f"{balance['slots']} slots for {balance['experts']} experts)]", file=sys.stderr)
+              f"{balance['max_over_mean']:.3f} (mean over the MoE layers that ran; "
+              f"{balance['slots']} slots for {balance['experts']} experts); per layer: "
+              f"[{', '.join(f'{r:.3f}' for r in balance['max_over_mean_layers'])}]]", file=sys.stderr)
     if args.output_file:
         from .ckpt.io import atomic_write_text
         atomic_write_text(args.output_file, "".join(

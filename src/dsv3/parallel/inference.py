@@ -544,14 +544,17 @@ def set_placement(runner, placement: torch.Tensor) -> None:
 
 def expert_balance(model: DeepSeekV3) -> dict | None:
     """What the ranks carried so far: per MoE layer the pairs computed by each rank and max / mean of those
-    (1.0: even), and the mean of that ratio over layers. None without expert parallelism."""
+    (1.0: even), and the mean of that ratio over the layers that computed anything. None without expert
+    parallelism."""
     dispatchers = [m.dispatcher for m in moe_modules(model)]
     if not dispatchers or not isinstance(dispatchers[0], PlacedExperts):
         return None
     per_rank = torch.stack([d.slot_load.view(d.world, -1).sum(-1) for d in dispatchers])  # (layers, ranks)
     mean = per_rank.mean(-1)
-    ratio = torch.where(mean > 0, per_rank.max(-1).values / mean.clamp_min(1e-30), torch.ones_like(mean))
-    return {"max_over_mean": ratio.mean().item(), "max_over_mean_layers": ratio.tolist(),
+    used = mean > 0  # (an MTP module's layer computes nothing unless it drafts)
+    ratio = torch.where(used, per_rank.max(-1).values / mean.clamp_min(1e-30), torch.ones_like(mean))
+    overall = ratio[used].mean().item() if used.any() else 1.0
+    return {"max_over_mean": overall, "max_over_mean_layers": ratio.tolist(),
             "pairs_per_rank": per_rank.tolist(), "slots": int(dispatchers[0].placement.numel()),
             "experts": dispatchers[0].n_experts}
 
