@@ -371,6 +371,7 @@ class LockstepRunner:
         self.cache = _LockstepCache(self)
         self.stopped = False
         self.eplb_interval, self.forwards = eplb_interval, 0
+        self.rebalance_requested = False  # set from another thread (a server's /rebalance): done before the next step
 
     def _call(self, name: str, *args, **kwargs):
         if self.stopped:
@@ -380,7 +381,8 @@ class LockstepRunner:
 
     def forward(self, batch):
         self.forwards += 1
-        if self.eplb_interval and self.forwards % self.eplb_interval == 0:
+        if self.rebalance_requested or (self.eplb_interval and self.forwards % self.eplb_interval == 0):
+            self.rebalance_requested = False
             self.rebalance()
         return self._call("forward", batch)
 
