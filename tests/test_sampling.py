@@ -11,7 +11,9 @@ from dsv3.infer.speculative import verify_chain, verify_draft
 
 def test_params_validation():
     for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(max_new_tokens=0),
-                dict(stop=[""]), dict(logprobs=50)):
+                dict(stop=[""]), dict(logprobs=50), dict(presence_penalty=3), dict(frequency_penalty="1"),
+                dict(repetition_penalty=-1), dict(logit_bias={1: 200}), dict(min_tokens=-1),
+                dict(logits_processors=["f"])):
         with pytest.raises(ValueError, match=list(bad)[0]):
             SamplingParams(**bad)
     assert SamplingParams(stop="###").stop == ["###"]
@@ -40,6 +42,21 @@ def test_sampler_probs_shortcut_matches_the_full_processing():
         onehot = torch.zeros_like(want).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
         want = torch.where(torch.tensor([p.greedy for p in params])[:, None], onehot, want)
         assert torch.equal(s.probs(logits, params), want)
+
+
+def test_adjustments_come_before_temperature_top_k_and_top_p():
+    """vLLM's order: the penalties change the logits that temperature, top-k and top-p then process, so a
+    penalised favourite can lose its place in the top-k."""
+    s = Sampler("cpu")
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    p = SamplingParams(top_k=1, presence_penalty=2.0)  # token 0 (in the output): 3 - 2 = 1 < 2
+    adjusted = s.adjust(logits, [p], lambda: [([2], [0])])
+    assert torch.equal(adjusted, torch.tensor([[1.0, 2.0, 1.0, 0.0]]))
+    assert torch.equal(s.probs(adjusted, [p]), torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+    assert int(s.sample(adjusted, [p], [None])) == 1
+    hot = SamplingParams(temperature=0.5, logit_bias={3: 1.0})  # bias, then temperature: (0 + 1) / 0.5
+    want = torch.softmax(torch.tensor([[3.0, 2.0, 1.0, 1.0]]) / 0.5, -1)
+    assert torch.allclose(s.probs(s.adjust(logits, [hot], lambda: [([0], [])]), [hot]), want)
 
 
 def test_draw_is_exact():

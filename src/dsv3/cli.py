@@ -107,6 +107,15 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0: all)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="per reply (default 256)")
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtracted from the logit of each token the reply already holds, in [-2, 2] (default 0)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtracted once per time the reply already holds the token, in [-2, 2] (default 0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages the tokens of prompt and reply (their positive logits divided by it, "
+                        "negative ones multiplied; default 1: off)")
+    p.add_argument("--min-tokens", type=int, default=0,
+                   help="no end of sequence (and no stop) before this many tokens of a reply (default 0)")
     _add_engine_args(p)
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + reply (default: the config's)")
     p.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together (default 16)")
@@ -209,7 +218,9 @@ def _generate_with(args, llm) -> None:
     from .infer import SamplingParams
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed)
+                            max_new_tokens=args.max_new_tokens, seed=args.seed,
+                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                            repetition_penalty=args.repetition_penalty, min_tokens=args.min_tokens)
     tok = llm.tokenizer
     if tok is None:
         raise ValueError(f"{args.model} has no tokenizer.json; `dsv3 generate` needs one")

@@ -28,7 +28,7 @@ from . import cpu_kernels as cpu_kernels_lib
 from .cuda_graphs import DecodeGraphs, capture_blocker
 from .kv_cache import LatentCache
 from .model_runner import DEFAULT_ATTENTION_WORKSPACE, ModelRunner, build_batch
-from .sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
+from .sampling import Sampler, SamplingParams, TokenLogprob, history, token_logprobs
 from .scheduler import Scheduler, Sequence, Status
 from .speculative import DraftPolicy, MTPSpeculator
 
@@ -156,7 +156,7 @@ class LLM:
             self.max_model_len = self.cache.capacity
         self.runner = ModelRunner(self.model, self.cache, attention_workspace=attention_workspace
                                   or DEFAULT_ATTENTION_WORKSPACE)
-        self.sampler = Sampler(dev, seed)
+        self.sampler = Sampler(dev, seed, eos_token_ids=self.eos_token_ids)
         self.speculator = None
         if speculative_policy not in ("adaptive", "always") and not isinstance(speculative_policy, DraftPolicy):
             raise ValueError(f"speculative_policy={speculative_policy!r}: expected 'adaptive', 'always' or a "
@@ -295,10 +295,10 @@ class LLM:
             raise ValueError(f"params must be a SamplingParams, not {type(params).__name__}")
         else:  # the engine's own copy, checked again (a dataclass can be changed after it was built)
             params = dataclasses.replace(params)
-        bad = [t for t in params.stop_token_ids if t >= self.config.vocab_size]
-        if bad:
-            raise ValueError(f"stop_token_ids: token id {bad[0]} is outside the vocabulary "
-                             f"[0, {self.config.vocab_size})")
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ())):
+            bad = [t for t in ids if t >= self.config.vocab_size]
+            if bad:
+                raise ValueError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
         if cache_salt is not None and not isinstance(cache_salt, str):
             raise ValueError(f"cache_salt={cache_salt!r} must be a string or None")
         ids = self.encode_prompt(prompt)
@@ -385,8 +385,11 @@ class LLM:
                     if len(sampling) < len(seqs):
                         last = last.index_select(0, torch.tensor(sampling, dtype=torch.long, device=last.device))
                     last_logits = self.runner.logits(last)
-            tokens = iter(self.sampler.sample(last_logits, [reqs[i].params for i in sampling],
-                                              [reqs[i].generator for i in sampling]).tolist() if sampling else [])
+            params = [reqs[i].params for i in sampling]
+            if sampling:
+                last_logits = self.sampler.adjust(last_logits, params, lambda: [history(seqs[i]) for i in sampling])
+            tokens = iter(self.sampler.sample(last_logits, params, [reqs[i].generator for i in sampling]).tolist()
+                          if sampling else [])
             ends = list(itertools.accumulate(batch.feed_lens))
             new_tokens, token_rows = [[] for _ in seqs], [[] for _ in seqs]
             for i in sampling:
@@ -451,7 +454,7 @@ class LLM:
         reason = None
         for j, t in enumerate(toks):
             n_out = before + j + 1
-            if t in req.stop_ids:
+            if t in req.stop_ids and n_out >= p.min_tokens:  # as vLLM (before min_tokens they are masked anyway)
                 reason = "stop"
             elif n_out >= p.max_new_tokens or seq.num_prompt_tokens + n_out >= self.max_model_len:
                 reason = "length"
@@ -468,7 +471,9 @@ class LLM:
             base = len(req.text)
             for j, t in enumerate(toks):
                 piece = req.detok.add([t]) + (req.detok.flush() if reason and j == len(toks) - 1 else "")
-                piece, hit = self._cut_at_stop(req, piece)
+                hit = False
+                if before + j + 1 >= p.min_tokens:  # as vLLM: no stop string ends an output shorter than min_tokens
+                    piece, hit = self._cut_at_stop(req, piece)
                 req.text += piece
                 if hit:  # what follows the token that completed the stop string was never generated
                     reason = "stop"

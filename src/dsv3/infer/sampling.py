@@ -1,10 +1,19 @@
-"""Sampling: SamplingParams, the processed distribution (temperature -> top-k -> top-p) and an exact
-categorical draw by inverting the CDF with one uniform per token, taken from the request's own generator
-when it has a seed (so a seeded request gives the same tokens whatever else is in the batch)."""
+"""Sampling: SamplingParams, the adjusted logits (logit_bias -> min_tokens -> repetition, frequency and
+presence penalties -> the request's logits processors), the processed distribution (temperature -> top-k ->
+top-p) and an exact categorical draw by inverting the CDF with one uniform per token, taken from the request's
+own generator when it has a seed (so a seeded request gives the same tokens whatever else is in the batch).
+
+The adjustments are vLLM's (and OpenAI's, for the parameters OpenAI has): every place the engine samples,
+drafts or verifies a token first passes its logits through `Sampler.adjust` with the token history of the row,
+so that speculative decoding verifies against the distribution plain decoding samples from. Reported logprobs
+stay those of the raw model distribution (the engine computes them from the logits before any of this).
+"""
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +21,12 @@ import torch
 # the seeds torch.Generator.manual_seed takes (a negative one is read as its two's complement)
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
 MAX_LOGPROBS = 20
+MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2] (OpenAI's range)
+MAX_BIAS = 100.0  # a logit bias lies in [-100, 100] (OpenAI's range)
+
+# fn(prompt_ids, output_ids, logits (V,)) -> logits (V,): vLLM's processor signature with the prompt
+LogitsProcessor = Callable[[list[int], list[int], torch.Tensor], torch.Tensor]
+History = tuple[list[int], list[int]]  # a row's (prompt ids, output ids so far, drafts included)
 
 
 @dataclass
@@ -26,6 +41,16 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # more tokens that end the output (kept in it)
     logprobs: int | None = None  # also return the log-probability of each token (and this many top ones)
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (scoring a text's likelihood)
+    presence_penalty: float = 0.0  # subtracted from the logit of every token the output holds, in [-2, 2]
+    frequency_penalty: float = 0.0  # subtracted once per time the output holds the token, in [-2, 2]
+    repetition_penalty: float = 1.0  # > 0, 1: off; divides positive (multiplies negative) logits of the tokens
+    # in the prompt or the output (CTRL's penalty, as transformers and vLLM apply it)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    min_tokens: int = 0  # end-of-sequence and stop tokens are masked, and stop strings not looked for, until
+    # this many tokens are generated
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)  # each fn(prompt_ids, output_ids,
+    # logits (V,)) -> logits (V,), applied in order after the adjustments above; it is called for draft rows of
+    # speculative decoding too (histories that may be rejected), so it must depend on its arguments only
 
     def __post_init__(self) -> None:
         self.validate()
@@ -66,16 +91,49 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and not (integer(v) and 0 <= v <= MAX_LOGPROBS):
                 raise ValueError(f"{name}={v!r} must be an integer in [0, {MAX_LOGPROBS}]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (number(v) and -MAX_PENALTY <= v <= MAX_PENALTY):
+                raise ValueError(f"{name}={v!r} must be a number in [{-MAX_PENALTY:g}, {MAX_PENALTY:g}]")
+        if not (number(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty={self.repetition_penalty!r} must be a finite number > 0 (1: off)")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias={self.logit_bias!r} must be a dict of token id -> bias (or None)")
+            for t, b in self.logit_bias.items():
+                if not (integer(t) and t >= 0):
+                    raise ValueError(f"logit_bias: key {t!r} must be a token id (an integer >= 0)")
+                if not (number(b) and -MAX_BIAS <= b <= MAX_BIAS):
+                    raise ValueError(f"logit_bias: the bias of token {t} is {b!r}; it must be a number in "
+                                     f"[{-MAX_BIAS:g}, {MAX_BIAS:g}]")
+        if not (integer(self.min_tokens) and 0 <= self.min_tokens <= self.max_new_tokens):
+            raise ValueError(f"min_tokens={self.min_tokens!r} must be an integer in [0, max_new_tokens="
+                             f"{self.max_new_tokens}]")
+        if isinstance(self.logits_processors, tuple):
+            self.logits_processors = list(self.logits_processors)
+        if not (isinstance(self.logits_processors, list) and all(callable(f) for f in self.logits_processors)):
+            raise ValueError(f"logits_processors={self.logits_processors!r} must be a list of callables "
+                             "fn(prompt_ids, output_ids, logits) -> logits")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether its logits are changed before sampling (so that sampling needs the row's token history)."""
+        return bool(self.penalized or self.logit_bias or self.min_tokens or self.logits_processors)
+
 
 @dataclass
 class TokenLogprob:
     """A token's log-probability under the model's own distribution (log_softmax of the raw logits, before
-    temperature, top-k and top-p, as OpenAI reports it), and the `num_top` most likely tokens there."""
+    penalties, logit_bias, logits processors, temperature, top-k and top-p, as vLLM reports it by default), and
+    the `num_top` most likely tokens there."""
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # (token id, log-probability), most likely first
@@ -91,6 +149,74 @@ def token_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: int) -> 
     else:
         tops = [[] for _ in token_ids]
     return [TokenLogprob(t, c, top) for t, c, top in zip(token_ids, chosen, tops)]
+
+
+def history(seq, drafts: list[int] | tuple[()] = ()) -> History:
+    """A scheduler Sequence's (prompt ids, output ids), followed by the drafts before the row being sampled."""
+    out = seq.token_ids[seq.num_prompt_tokens:]
+    return seq.token_ids[:seq.num_prompt_tokens], (out + list(drafts) if drafts else out)
+
+
+def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], histories: list[History],
+                  eos_token_ids: Collection[int] = ()) -> torch.Tensor:
+    """logits (R, V), each row's params and (prompt ids, output ids) -> the logits to sample from, float32, a new
+    tensor (R, V). In vLLM's order: logit_bias added; while a row's output is shorter than min_tokens, its stop
+    tokens (stop_token_ids, and eos_token_ids unless ignore_eos) set to -inf; the repetition penalty on the
+    tokens of prompt and output (a logit > 0 divided by it, else multiplied), then the output's counts times the
+    frequency penalty and its presence times the presence penalty subtracted; then the logits processors, row by
+    row. The built-ins are a few batched ops over the rows that use them (counts by one bincount), whatever the
+    vocabulary; rows that use none are copied unchanged."""
+    logits = logits.to(torch.float32, copy=True)
+    V, dev = logits.shape[-1], logits.device
+    bias_rows, bias_ids, bias_vals, masked_rows, masked_ids = [], [], [], [], []
+    for r, (p, (_, out)) in enumerate(zip(params, histories)):
+        if p.logit_bias:
+            bias_rows += [r] * len(p.logit_bias)
+            bias_ids += p.logit_bias.keys()
+            bias_vals += p.logit_bias.values()
+        if len(out) < p.min_tokens:
+            stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
+            masked_rows += [r] * len(stops)
+            masked_ids += stops
+    if bias_rows:
+        index = (torch.tensor(bias_rows, device=dev), torch.tensor(bias_ids, device=dev))
+        logits.index_put_(index, torch.tensor(bias_vals, dtype=torch.float32, device=dev), accumulate=True)
+    if masked_rows:
+        logits[torch.tensor(masked_rows, device=dev), torch.tensor(masked_ids, device=dev)] = float("-inf")
+    pen = [r for r, p in enumerate(params) if p.penalized]
+    if pen:
+        logits[pen] = _penalize(logits[pen], [params[r] for r in pen], [histories[r] for r in pen])
+    for r, p in enumerate(params):
+        for fn in p.logits_processors:
+            row = fn(*histories[r], logits[r])
+            if not (isinstance(row, torch.Tensor) and row.shape == (V,)):
+                raise ValueError(f"the logits processor {fn!r} returned {type(row).__name__} "
+                                 f"{tuple(getattr(row, 'shape', ()))}, not a tensor of shape ({V},)")
+            logits[r] = row
+    return logits
+
+
+def _bincount(token_lists: list[list[int]], V: int, device: torch.device) -> torch.Tensor:
+    """How often each token occurs in each list -> (len(token_lists), V) int64."""
+    flat = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(len(token_lists)), torch.tensor([len(t) for t in token_lists]))
+    counts = torch.bincount((rows * V + flat).to(device), minlength=len(token_lists) * V)
+    return counts.view(len(token_lists), V)
+
+
+def _penalize(logits: torch.Tensor, params: list[SamplingParams], histories: list[History]) -> torch.Tensor:
+    """The repetition, frequency and presence penalties of rows that have some: logits (n, V) float32 -> (n, V)."""
+    V, dev = logits.shape[-1], logits.device
+    counts = _bincount([out for _, out in histories], V, dev)
+    rep = [p.repetition_penalty for p in params]
+    if any(r != 1 for r in rep):
+        seen = counts > 0
+        seen |= _bincount([prompt for prompt, _ in histories], V, dev) > 0
+        rep_t = torch.tensor(rep, dtype=torch.float32, device=dev)[:, None]
+        logits = torch.where(seen, torch.where(logits > 0, logits / rep_t, logits * rep_t), logits)
+    freq = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=dev)[:, None]
+    presence = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=dev)[:, None]
+    return logits - freq * counts - presence * (counts > 0)
 
 
 def processed_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
@@ -122,8 +248,11 @@ def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 class Sampler:
     """Draws tokens for a batch of requests, each with its own parameters and random stream."""
 
-    def __init__(self, device: torch.device, seed: int | None = None):
+    def __init__(self, device: torch.device, seed: int | None = None, eos_token_ids: Collection[int] = ()):
+        """eos_token_ids: the model's end-of-sequence tokens, which min_tokens masks (with a request's own
+        stop_token_ids) unless the request ignores them."""
         self.device = torch.device(device)
+        self.eos_token_ids = set(eos_token_ids)
         self.default = torch.Generator(device="cpu")
         self.default.manual_seed(seed if seed is not None else torch.initial_seed())
 
@@ -142,6 +271,15 @@ class Sampler:
         u = u[0] if len(u) == 1 else torch.cat(u)
         return u if self.device.type == "cpu" else u.to(self.device)
 
+    def adjust(self, logits: torch.Tensor, params: list[SamplingParams],
+               histories: Callable[[], list[History]]) -> torch.Tensor:
+        """The logits every row samples, drafts or verifies from (adjust_logits), the same tensor when no row's
+        params adjust them. histories() gives each row's (prompt ids, output ids) and is only called when one
+        does: the token history of that row, a speculative row's drafts before it included."""
+        if not any(p.adjusts_logits for p in params):
+            return logits
+        return adjust_logits(logits, params, histories(), self.eos_token_ids)
+
     def params_tensors(self, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dev = self.device
         temp = torch.tensor([max(p.temperature, 1e-5) for p in params], device=dev)
@@ -150,7 +288,8 @@ class Sampler:
         return temp, top_k, top_p
 
     def probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """The distribution each row samples from (one-hot at the argmax for greedy rows)."""
+        """The distribution each row samples from (one-hot at the argmax for greedy rows), from logits that
+        `adjust` has already passed."""
         greedy = [p.greedy for p in params]
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
             probs = processed_probs(logits, *self.params_tensors(params))
@@ -168,7 +307,8 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
                generators: list[torch.Generator | None]) -> torch.Tensor:
-        """logits (B, V) -> tokens (B,). Greedy rows take the argmax and consume no randomness."""
+        """logits (B, V), already through `adjust` -> tokens (B,). Greedy rows take the argmax and consume no
+        randomness."""
         greedy = [p.greedy for p in params]
         if all(greedy):
             return logits.argmax(dim=-1)

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .model_runner import ModelRunner, StepBatch, build_batch, slot_of
-from .sampling import Sampler, draw
+from .sampling import History, Sampler, draw, history
 from .scheduler import Sequence
 
 
@@ -410,8 +410,9 @@ class MTPSpeculator:
             last = batch.last_rows(h)
             if len(idx) < len(seqs):
                 last = last.index_select(0, torch.tensor(idx, device=h.device))
-            toks = self.sampler.sample(self.runner.logits(last), [seqs[i].params for i in idx],
-                                       [generators[i] for i in idx]).tolist()
+            params = [seqs[i].params for i in idx]
+            logits = self.sampler.adjust(self.runner.logits(last), params, lambda: [history(seqs[i]) for i in idx])
+            toks = self.sampler.sample(logits, params, [generators[i] for i in idx]).tolist()
             for i, t in zip(idx, toks):
                 new_tokens[i], token_rows[i] = [t], [ends[i] - 1]
         return new_tokens, token_rows, kept_rows
@@ -430,6 +431,9 @@ class MTPSpeculator:
         logits = self.runner.logits(h if len(needed) == ends[-1] else
                                     h.index_select(0, torch.tensor(needed, dtype=torch.long, device=h.device)))
         offsets = [0, *itertools.accumulate(len(r) for r in spans)]
+        # the logits to verify against, each row adjusted with its own history: the drafts before it
+        logits = self.sampler.adjust(logits, [params[i] for i, r in enumerate(spans) for _ in r],
+                                     lambda: [x for s, r in zip(seqs, spans) if r for x in self._row_histories(s)])
         # greedy verification needs argmaxes only: all of them in one op and one read back (one sync on a GPU)
         argmax = logits.argmax(dim=-1).tolist() if any(p.greedy for p in params) else []
         # sampled verification, the processed distributions p of its rows: all of them in one call too
@@ -564,6 +568,14 @@ class MTPSpeculator:
             self._propose(sub, [params[i] for i in live], [generators[i] for i in live],
                           self.runner.mtp_logits(h_mtp), extend=True)
 
+    def _row_histories(self, seq: Sequence) -> list[History]:
+        """The token history at each verified row of a sequence: its last token's (the output so far), then each
+        draft's: a chain's row j follows drafts[:j]; an alternative follows the output and itself."""
+        prompt, out = history(seq)
+        if self.num_tokens == 1:
+            return [(prompt, out)] + [(prompt, out + [d]) for d in seq.draft]
+        return [(prompt, out + seq.draft[:j]) for j in range(len(seq.draft) + 1)]
+
     def _trim(self, seq: Sequence, room: int) -> None:
         """Keep at most `room` drafts (and their distributions)."""
         if len(seq.draft) > room:
@@ -611,7 +623,11 @@ class MTPSpeculator:
     def _propose(self, seqs, params, generators, draft_logits: torch.Tensor, extend: bool = False) -> None:
         """Set each sequence's drafts from the MTP module's logits (B, V) at its last row: the top-k for greedy
         requests, one token drawn from q (remembered for its verification) for sampled ones. extend: append
-        the next draft of a chain instead."""
+        the next draft of a chain instead. The logits are adjusted as the main model's are, each row with its
+        history, the drafts so far included: drafts then follow the penalties and logits processors (a sampled
+        draft's q is the distribution it was drawn from, whatever that is)."""
+        draft_logits = self.sampler.adjust(draft_logits, params,
+                                           lambda: [history(s, s.draft if extend else ()) for s in seqs])
         greedy = [i for i, p in enumerate(params) if p.greedy]
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if greedy:

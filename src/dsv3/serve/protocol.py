@@ -2,10 +2,11 @@
 errors (`{"error": {"message", "type", "param", "code"}}`), and the responses and stream chunks of
 /v1/chat/completions and /v1/completions, built as plain dicts.
 
-Supported beyond OpenAI, as vLLM spells them: `top_k` (0 or -1: no limit), `ignore_eos`, and `cache_salt`
-(requests share prefix-cache blocks only with requests of the same salt). Known OpenAI
-parameters this server does not implement (penalties, logit_bias, tools, suffix, best_of > n) are refused
-with a 400 when set to anything but their neutral value; unknown fields are ignored, as vLLM does.
+Supported beyond OpenAI, as vLLM spells them: `top_k` (0 or -1: no limit), `ignore_eos`, `cache_salt`
+(requests share prefix-cache blocks only with requests of the same salt), `repetition_penalty` and `min_tokens`
+(the openai client sends them in `extra_body`). Known OpenAI parameters this server does not implement (tools,
+suffix, best_of > n) are refused with a 400 when set to anything but their neutral value; unknown fields are
+ignored, as vLLM does.
 `max_tokens: null` asks for the rest of the context (vLLM's reading). Text must be valid Unicode: JSON can spell a
 lone surrogate ("\\ud800"), which no tokenizer can encode, and such a string is a 400 naming its field.
 """
@@ -19,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..infer.sampling import SamplingParams, TokenLogprob
+from ..infer.sampling import MAX_BIAS, MAX_PENALTY, SamplingParams, TokenLogprob
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 
 MAX_STOP = 16  # OpenAI allows 4; lm-eval's generate tasks send their `until` strings and the EOS text, often more
@@ -153,9 +154,11 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = False  # extension: keep going past the end-of-sequence token
     cache_salt: str | None = Field(None, max_length=1024)  # extension: a prefix-cache namespace (one per tenant)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict | None = None
+    presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)  # extension: 1 is off
+    logit_bias: dict | None = None  # {"token id": bias in [-100, 100]}
+    min_tokens: int | None = Field(None, ge=0)  # extension: no end of sequence or stop before this many tokens
     user: str | None = None
 
     @field_validator("model", "stop", "user", "cache_salt", mode="before")
@@ -175,15 +178,25 @@ class _Sampling(_Strict):
             raise ValueError(f"must hold 1 to {MAX_STOP} non-empty strings")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict | None) -> dict[int, float] | None:
+        """JSON's string keys -> token ids (their range in the vocabulary is the engine's check)."""
+        if v is None:
+            return None
+        bias = {}
+        for key, b in v.items():
+            if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+                raise ValueError(f"key {key!r} is not a token id (a string of digits, such as \"50256\")")
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not -MAX_BIAS <= b <= MAX_BIAS:
+                raise ValueError(f"the bias of token {key} is {b!r}; it must be a number in [-100, 100]")
+            bias[int(key)] = float(b)
+        return bias
+
     @model_validator(mode="after")
     def _supported(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                raise ValueError(f"{name} is not supported by this server (only 0)")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported by this server")
         return self
 
     @property
@@ -194,13 +207,20 @@ class _Sampling(_Strict):
                         prompt_logprobs: int | None = None) -> SamplingParams:
         """Choice j of n gets seed + j: the choices differ, and the request stays reproducible."""
         top_k = self.top_k or 0
+        if (self.min_tokens or 0) > max_new_tokens:
+            raise APIError(400, f"min_tokens={self.min_tokens} is more than the {max_new_tokens} tokens this request "
+                                "may generate (max_tokens, or the room left in the context)", param="min_tokens")
         try:
             return SamplingParams(
                 temperature=1.0 if self.temperature is None else float(self.temperature),
                 top_p=1.0 if self.top_p is None else float(self.top_p),
                 top_k=top_k if 0 < top_k < TOP_K_ALL else 0, max_new_tokens=max_new_tokens, stop=self.stop,
                 seed=None if self.seed is None else (self.seed + choice) % (1 << 64),
-                ignore_eos=bool(self.ignore_eos), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                ignore_eos=bool(self.ignore_eos), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                presence_penalty=float(self.presence_penalty or 0),
+                frequency_penalty=float(self.frequency_penalty or 0),
+                repetition_penalty=1.0 if self.repetition_penalty is None else float(self.repetition_penalty),
+                logit_bias=self.logit_bias or None, min_tokens=self.min_tokens or 0)
         except ValueError as e:  # the fields were checked above; the engine's own checks have the last word
             raise APIError(400, str(e)) from None
 
