@@ -17,6 +17,8 @@ Per library, on the same tokens:
   schema's property order, tokenised as the tokenizer does): computing the next-token bitmask, mean and p99,
   advancing the matcher by the token, and applying the bitmask to a row of logits (dsv3's apply_bitmask, the
   same code for all: it costs what the mask's pattern costs);
+- exactness: the instances again, one token per character (valid continuations BPE would not choose, as a
+  model may sample them): how many of them the mask leaves out (an exact mask: none);
 - sampling: `--samples` outputs per schema drawn from random logits under the library's mask (Gaussian logits,
   tokens holding a closing quote, bracket or brace raised so that outputs end), each checked with
   `jsonschema` against the schema (`unfinished` if it reaches `--max-tokens` first); the mask's time while
@@ -383,6 +385,19 @@ def check(schema, text: str) -> str | None:
     return errors[0].message if errors else None
 
 
+def masked_valid_tokens(lib: Library, grammar, ids: list[int], bitmask) -> int:
+    """`ids`: a valid text in small pieces (one token per character, a tokenization BPE would not choose, as a
+    model may sample): -> how many of them the mask left out. An exact mask leaves out none of them."""
+    m = lib.matcher(grammar)
+    missed = 0
+    for t in ids:
+        lib.fill(m, bitmask)
+        missed += not (int(bitmask[0, t // 32]) >> (t % 32)) & 1
+        if not lib.accept(m, t):
+            raise AssertionError(f"{lib.name} refused a token of a valid text")
+    return missed
+
+
 def feature_support(lib: Library, tok: Tokenizer, bitmask) -> dict[str, str]:
     out = {}
     for feature, schema, valid, invalid in FEATURES:
@@ -405,7 +420,8 @@ def measure(cls, tok: Tokenizer, args, closers: torch.Tensor) -> dict:
     lib = cls(tok, args.logits, args.threads)
     r = {"library": lib.name, "version": lib.version, "setup_s": time.perf_counter() - t0, "compile_ms": {},
          "mask_us": [], "accept_us": [], "sample_mask_us": [], "valid": 0, "invalid": [], "unfinished": 0,
-         "samples": 0, "unsupported_schemas": {}, "rejected_instances": [], "apply_us": []}
+         "samples": 0, "unsupported_schemas": {}, "rejected_instances": [], "apply_us": [],
+         "char_tokens": 0, "char_tokens_masked": 0}
     print(f"{lib.name} {lib.version}: setup {r['setup_s']:.2f} s", flush=True)
     bitmask = torch.zeros(1, (args.logits + 31) // 32, dtype=torch.int32)  # the libraries mask the padding
     gen = torch.Generator().manual_seed(args.seed)
@@ -425,6 +441,10 @@ def measure(cls, tok: Tokenizer, args, closers: torch.Tensor) -> dict:
             r["accept_us"] += accepts
             if not ok:
                 r["rejected_instances"].append(f"{name}: {compact(x)}")
+                continue
+            chars = [i for c in compact(x) for i in tok.encode(c, add_special_tokens=False)]
+            r["char_tokens"] += len(chars)
+            r["char_tokens_masked"] += masked_valid_tokens(lib, grammar, chars, bitmask)
         for _ in range(args.samples):
             ids, times = sample(lib, grammar, tok, closers, args.logits, args.max_tokens, gen, bitmask)
             r["sample_mask_us"] += times
@@ -477,8 +497,9 @@ def main(argv=None) -> None:
 
     print(f"\ntokenizer {tok.vocab_size:,} tokens, logits {args.logits:,} rows")
     print("| library | setup s | compile ms mean / max | mask us mean / p99 | advance us mean | "
-          "mask us while sampling mean / p99 | applying it (dsv3) us mean | sampled outputs valid | features |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "mask us while sampling mean / p99 | applying it (dsv3) us mean | valid tokens masked | "
+          "sampled outputs valid | features |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         c = list(r["compile_ms"].values())
         feats = sum(v == "yes" for v in r["features"].values())
@@ -486,7 +507,7 @@ def main(argv=None) -> None:
               f"{statistics.mean(c):.1f} / {max(c):.1f} | {statistics.mean(r['mask_us']):.0f} / "
               f"{p99(r['mask_us']):.0f} | {statistics.mean(r['accept_us']):.0f} | "
               f"{statistics.mean(r['sample_mask_us']):.0f} / {p99(r['sample_mask_us']):.0f} | "
-              f"{statistics.mean(r['apply_us']):.0f} | "
+              f"{statistics.mean(r['apply_us']):.0f} | {r['char_tokens_masked']} / {r['char_tokens']} | "
               f"{r['valid']} / {r['samples']} ({r['unfinished']} unfinished, {len(r['invalid'])} invalid) | "
               f"{feats} / {len(FEATURES)} |")
     print("\ncompile ms per schema:")

@@ -308,3 +308,13 @@ def test_engine_samples_are_always_valid(tok, speculative):
         assert tok.decode(out.token_ids[:-1]).encode() in ref.complete, out.text
     if speculative:  # drafts were made, and some rejected: the processors rolled back
         assert 0 < llm.stats["accepted"] < llm.stats["drafted"], llm.stats
+
+
+@pytest.mark.gpu
+def test_cuda_logits_are_masked_as_cpu_logits(tok):
+    make = compile_response_format(FORMAT, tok)
+    logits = torch.randn(tok.vocab_size + PAD)
+    for text in ['{"name": "ab", "ok": ', '{"name": "ab", "ok": }']:  # a state, and a rejected history
+        ids = tok.encode(text, add_special_tokens=False)
+        out = make()([], ids, logits.cuda())
+        assert out.device.type == "cuda" and torch.equal(out.cpu(), make()([], ids, logits))

@@ -13,7 +13,7 @@ makes them free, `{"type": "regex", "regex": ...}` and `{"type": "grammar", "gra
 guided_regex / guided_grammar); `{"type": "text"}` is no constraint (None).
 
 The output is JSON in one form: json.dumps's separators (", " and ": "), no other whitespace, properties in
-the schema's order, none the schema does not name (OpenAI's strict mode; vLLM's default with this library).
+the schema's order, none the schema does not name (OpenAI's strict mode, and xgrammar's default).
 Free whitespace would let a model spend its tokens on spaces and newlines without end (vLLM has a switch to
 turn it off for that reason), and json.dumps's form is the one most JSON in training text has.
 
@@ -25,17 +25,18 @@ gave that token no probability) leaves end-of-sequence alone allowed; so does a 
 the tokenizer's vocabulary (the model's padding) are always masked.
 
 The library is xgrammar, picked by benchmarks/structured_output.py against llguidance and outlines-core on
-a V3-size tokenizer (128,000 tokens, 129,280 logits; benchmarks/RESULTS.md, "Structured output"):
-- its masks are the cheapest per token, mean and tail: 9 us mean / 43 us p99 teacher-forced, 13 / 65 us
-  while sampling, against llguidance's 30 / 165 and 46 / 179 us, on one core;
+a V3-size tokenizer (figures in benchmarks/RESULTS.md, "Structured output"):
+- its masks cost a quarter to a third of llguidance's per token, in the mean and at the 99th percentile
+  (applying a mask to 129K logits costs more than either's mean);
 - they are exact: a token is allowed iff its bytes keep the text a prefix of a valid output, whatever the
-  tokenization (llguidance allows only the canonical tokenization where the grammar forces the bytes);
-- its rollback is unlimited, which speculative decoding needs;
-- it handled all 13 JSON-schema features of the benchmark, and every sampled output was valid.
-It costs a compile per new schema (17-47 ms on one thread here, against llguidance's ~1 ms, which it
-defers to the first masks), paid once per schema thanks to the cache. outlines-core took 0.3-9 s to compile,
-ignored integer bounds and produced invalid outputs. xgrammar brings torch, transformers and triton along,
-so it is the `structured` extra (`pip install 'dsv3[structured]'`), imported when first needed.
+  tokenization (llguidance leaves out about a third of valid non-canonical tokens, allowing only the
+  canonical tokenization where the grammar forces the bytes);
+- its rollback is unlimited, which speculative verification needs;
+- it handled every JSON-schema feature of the benchmark, and every sampled output was valid.
+Its cost is a compile per new schema (tens of ms on one thread, where llguidance defers its work to the
+first masks), paid once per schema thanks to the cache. outlines-core took seconds to compile, ignored
+integer bounds and let invalid outputs through. xgrammar brings transformers and triton along, so it is
+the `structured` extra (`pip install 'dsv3[structured]'`), imported when first needed.
 """
 
 from __future__ import annotations
