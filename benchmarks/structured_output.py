@@ -46,7 +46,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from dsv3.data.corpus import builtin_corpus  # noqa: E402
-from dsv3.infer.structured import apply_bitmask, token_bytes  # noqa: E402
+from dsv3.infer.structured import _byte_level_chars, apply_bitmask, token_bytes  # noqa: E402
 from dsv3.tokenizer import Tokenizer, train_bpe  # noqa: E402
 from common import print_machine  # noqa: E402
 
@@ -179,7 +179,7 @@ def v3_size_tokenizer(vocab_size: int, seed: int = 0) -> Tokenizer:
     tok = train_bpe((d.text for d in builtin_corpus()), vocab_size=vocab_size)
     spec = json.loads(tok.tok.to_str())
     vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
-    byte_char = {b: c for c, b in _byte_chars().items()}
+    byte_char = {b: c for c, b in _byte_level_chars().items()}
     enc = lambda b: "".join(byte_char[x] for x in b)  # noqa: E731
 
     def add(a: str, b: str) -> None:
@@ -204,11 +204,6 @@ def v3_size_tokenizer(vocab_size: int, seed: int = 0) -> Tokenizer:
     print(f"tokenizer: byte-level BPE, {trained:,} tokens trained on the built-in corpus + "
           f"{len(vocab) - trained:,} synthetic merges = {len(vocab):,}", flush=True)
     return Tokenizer(HFTokenizer.from_str(json.dumps(spec)), tok.config)
-
-
-def _byte_chars() -> dict[str, int]:
-    from dsv3.infer.structured import _byte_level_chars
-    return _byte_level_chars()
 
 
 # ---- the libraries, behind one small interface ---------------------------------------------------------------
