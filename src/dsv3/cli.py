@@ -11,18 +11,27 @@ import time
 
 def _add_convert(sub) -> None:
     p = sub.add_parser(
-        "convert", help="rewrite a model directory in another dtype, in FP8, or resharded",
+        "convert", help="rewrite a model directory in another dtype, in FP8, resharded, or per rank",
         description="Load a DeepSeek-V3/V2 model directory and write it again: another dtype, FP8 with "
                     "128x128 block scales (--fp8), or other shard sizes. The whole model is held in memory; "
                     "for FP8 <-> BF16 on checkpoints larger than RAM use fp8-cast-bf16 / quantize-fp8, "
-                    "which stream.")
+                    "which stream. With --model-parallel N: the official demo's per-rank layout instead, streamed "
+                    "tensor by tensor, every tensor in its stored dtype.")
     p.add_argument("--input", required=True, help="model directory to read (config.json + *.safetensors)")
     p.add_argument("--output", required=True, help="directory to write")
-    p.add_argument("--dtype", default="bfloat16", help="dtype of the written weights: bfloat16, float16, float32")
+    p.add_argument("--dtype", default=None,
+                   help="dtype of the written weights: bfloat16 (default), float16, float32")
     p.add_argument("--fp8", action="store_true", help="write projections as FP8 e4m3 with block scales")
     p.add_argument("--scale-fmt", choices=["ue8m0"], default=None,
                    help="with --fp8: round scales up to powers of two (DeepSeek-V3.1's format)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument("--max-shard-size", default=None, help="largest shard, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument("--model-parallel", type=int, default=None, metavar="N",
+                   help="write the official DeepSeek-V3 demo's layout for N processes, model{i}-mp{N}.safetensors "
+                        "for i < N (heads, vocabulary and the dense and shared MLPs split, routed experts divided; "
+                        "MTP in model{i}-mp{N}-mtp.safetensors), plus model_args.json, the demo's --config. Read by "
+                        "`torchrun --nproc-per-node N -m dsv3 generate|serve --tp N --ep N` (each rank reads only its "
+                        "file), by one process, and by the demo's generate.py. Dtypes are kept (FP8 stays FP8, but "
+                        "slices that would cut 128x128 blocks are written dequantised in float32)")
     _add_overwrite(p)
     p.set_defaults(func=_convert)
 
@@ -36,11 +45,27 @@ def _add_overwrite(p: argparse.ArgumentParser) -> None:
 
 
 def _convert(args) -> None:
-    from .ckpt.convert import convert
+    from .ckpt.convert import convert, convert_model_parallel
     t0 = time.time()
-    convert(args.input, args.output, dtype=args.dtype, fp8=args.fp8, scale_fmt=args.scale_fmt,
-            max_shard_size=args.max_shard_size, overwrite=args.overwrite)
-    print(f"wrote {args.output} in {time.time() - t0:.1f}s")
+    if args.model_parallel is None:
+        convert(args.input, args.output, dtype=args.dtype or "bfloat16", fp8=args.fp8, scale_fmt=args.scale_fmt,
+                max_shard_size=args.max_shard_size or "5GB", overwrite=args.overwrite)
+        print(f"wrote {args.output} in {time.time() - t0:.1f}s")
+        return
+    given = [flag for flag, v in (("--dtype", args.dtype), ("--fp8", args.fp8), ("--scale-fmt", args.scale_fmt),
+                                  ("--max-shard-size", args.max_shard_size)) if v]
+    if given:
+        raise ValueError(f"--model-parallel writes every tensor in its stored dtype, one file per rank: it does not "
+                         f"take {', '.join(given)}; convert the dtype first (dsv3 convert --dtype, fp8-cast-bf16, "
+                         "quantize-fp8), then split")
+    n = args.model_parallel
+    dequantised = convert_model_parallel(args.input, args.output, n, overwrite=args.overwrite)
+    if dequantised:
+        print(f"note: {len(dequantised)} FP8 weight(s) split into slices that cut their 128x128 scale blocks were "
+              f"written dequantised, in float32 (e.g. {dequantised[0]}); dsv3 reads them, the official demo cannot",
+              file=sys.stderr)
+    files = f"model0-mp{n}.safetensors" + (f" .. model{n - 1}-mp{n}.safetensors" if n > 1 else "")
+    print(f"wrote {args.output} ({files}) in {time.time() - t0:.1f}s")
 
 
 def _add_fp8_cast(sub) -> None:

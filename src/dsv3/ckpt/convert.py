@@ -6,9 +6,11 @@
 - `quantize_fp8`: the way back, BF16/FP32 -> the official FP8 layout (optionally with power-of-two
   `ue8m0` scales, as DeepSeek-V3.1).
 - `convert` (not streaming: the whole model in memory): another dtype, FP8, other shard sizes.
+- `convert_model_parallel` (streaming: one tensor at a time): the official demo's per-rank layout,
+  `model{i}-mp{N}.safetensors` (model_parallel.py).
 
-Shard names are kept, so a sharded checkpoint stays sharded the same way. Both write their output through
-`output.model_output`: whole or not at all, an existing output that is not ours only with `overwrite`.
+The first two keep shard names, so a sharded checkpoint stays sharded the same way. All write their output
+through `output.model_output`: whole or not at all, an existing output that is not ours only with `overwrite`.
 """
 
 from __future__ import annotations
@@ -154,3 +156,29 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype |
     with model_output(dst, inputs=[src], overwrite=overwrite, writer="convert") as tmp:
         save_pretrained(model, tmp, dtype=dtype, fp8=fp8, scale_fmt=scale_fmt, max_shard_size=max_shard_size)
         copy_files(src, tmp, [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))])
+
+
+def convert_model_parallel(src: str | os.PathLike, dst: str | os.PathLike, n: int, progress: bool | None = None,
+                           overwrite: bool = False) -> list[str]:
+    """`dsv3 convert --model-parallel N`: write `src` (an HF directory, or one in this layout for another N) as the
+    official demo's files for n ranks, every tensor in its stored dtype, with config.json, `model_args.json` (the
+    demo's --config) and the input's other files. -> the FP8 weights written dequantised in float32, because their
+    slices would cut 128x128 scale blocks (see model_parallel.py)."""
+    from ..config import ModelConfig
+    from .model_parallel import Layout, model_args, open_checkpoint, write_model_parallel
+    src, dst = os.fspath(src), os.fspath(dst)
+    _check_input(src)
+    raw = _read_config(src)
+    layout = Layout(ModelConfig.from_hf(src), n)
+    ckpt = open_checkpoint(src, layout.config)
+    try:
+        with model_output(dst, inputs=[src], overwrite=overwrite, writer="convert-model-parallel") as tmp:
+            dequantised = write_model_parallel(ckpt, layout, tmp, progress)
+            atomic_write_json(os.path.join(tmp, "config.json"), raw)
+            atomic_write_json(os.path.join(tmp, "model_args.json"), model_args(layout.config))
+            skip = {INDEX, "config.json", "model_args.json", RECORD}
+            copy_files(src, tmp, [f for f in sorted(os.listdir(src)) if f not in skip and not f.endswith(".safetensors")
+                                  and os.path.isfile(os.path.join(src, f))])
+    finally:
+        ckpt.close()
+    return dequantised

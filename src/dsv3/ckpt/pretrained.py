@@ -152,6 +152,9 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
         them to `dtype` at load; True also quantises a BF16/FP32 checkpoint's projections to FP8.
     shard: this process's part of a model-parallel model (parallel/inference.py's `Sharding`): the split
         tensors get their local shapes and only this process's slices are read (its experts, its rows).
+
+    A directory in the official demo's model-parallel layout (`model{i}-mp{N}.safetensors`, written by
+    `dsv3 convert --model-parallel N`) loads whole, or with a shard of tp = ep = N from its rank's files alone.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -159,7 +162,11 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     config = ModelConfig.from_hf(path)
     dtype = resolve_dtype(dtype, config.torch_dtype)
     device = torch.device(device or "cpu")
-    ckpt = CheckpointDir(path)
+    from .model_parallel import is_model_parallel, open_model_parallel
+    if is_model_parallel(path):  # the official demo's model{i}-mp{N} files (ckpt/model_parallel.py)
+        ckpt, shard = open_model_parallel(path, config, shard)
+    else:
+        ckpt = CheckpointDir(path)
     try:
         model = _load(ckpt, config, dtype, device, fp8, progress, shard)
     finally:
@@ -193,8 +200,10 @@ def _load(ckpt: CheckpointDir, config: ModelConfig, dtype: torch.dtype, device: 
     for name, mod in model.named_modules():  # decide FP8 storage per projection, from the checkpoint
         if isinstance(mod, Linear):
             hf = ours_to_hf(f"{name}.weight", L)[0][0]
-        elif isinstance(mod, Experts):
-            hf = ours_to_hf(f"{name}.w1", L)[0][0].format(e=0)
+        elif isinstance(mod, Experts):  # (the first expert stored: a model-parallel rank's file holds its own)
+            template = ours_to_hf(f"{name}.w1", L)[0][0]
+            hf = next((h for e in range(mod.n_experts) if (h := template.format(e=e)) in ckpt.where),
+                      template.format(e=0))
         else:
             continue
         stored_fp8 = hf in ckpt.where and ckpt.info(hf).dtype == fp8q.FP8
@@ -455,8 +464,9 @@ def stage_weights(path: str, names: list[str], shards: list[list[PendingTensor]]
     return staged
 
 
-# a model's weight files (what a new save replaces; an adapter's .safetensors is not one)
-MODEL_WEIGHTS = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")
+# a model's weight files (what a new save replaces; an adapter's .safetensors is not one), the model-parallel
+# layout's (model{i}-mp{N}[-mtp]) included
+MODEL_WEIGHTS = re.compile(r"^model(-\d+-of-\d+|\d+-mp\d+(-mtp)?)?\.safetensors$")
 
 
 def commit_weights(path: str, staged: list[tuple[str, str]], index: dict | None) -> None:
