@@ -54,7 +54,8 @@ def dirs(tmp_path_factory):
 # ---- the demo's rules, restated from inference/convert.py ----------------------------------------------------------
 
 OFFICIAL = {  # the module's HF name -> (demo name, split dim)
-    "embed_tokens": ("embed", 0), "input_layernorm": ("attn_norm", None), "post_attention_layernorm": ("ffn_norm", None),
+    "embed_tokens": ("embed", 0), "input_layernorm": ("attn_norm", None),
+    "post_attention_layernorm": ("ffn_norm", None),
     "q_proj": ("wq", 0), "q_a_proj": ("wq_a", None), "q_a_layernorm": ("q_norm", None), "q_b_proj": ("wq_b", 0),
     "kv_a_proj_with_mqa": ("wkv_a", None), "kv_a_layernorm": ("kv_norm", None), "kv_b_proj": ("wkv_b", 0),
     "o_proj": ("wo", 1), "gate": ("gate", None), "gate_proj": ("w1", 0), "down_proj": ("w2", 1), "up_proj": ("w3", 0),
@@ -190,6 +191,21 @@ def test_model_args_are_the_demos_config_of_v3():
     assert mp.model_args(dsv3.ModelConfig.preset("671B")) == {**config_671b, **yarn_defaults}
 
 
+def test_deepseek_v3_keeps_every_fp8_slice_up_to_16_processes():
+    """DeepSeek-V3's own shapes (46,183 weights, as released) split on 128-blocks over N = 1..16: its FP8 files are
+    the demo's exactly; over 32 the dense and shared MLPs' slices (576 and 64 wide) would cut blocks."""
+    from dsv3.ckpt.hf import is_quantizable
+
+    config = dsv3.ModelConfig.preset("671B")
+    shapes = mp.expected_shapes(config)
+    assert len(shapes) == 46183
+    for n in (1, 2, 4, 8, 16, 32):
+        layout = mp.Layout(config, n)
+        cut = {h.split(".")[-2] for h, shape in shapes.items()
+               if is_quantizable(h) and mp.cuts_blocks(shape, layout.split_dim(h), n)}
+        assert cut == (set() if n <= 16 else {"gate_proj", "up_proj", "down_proj"}), n
+
+
 # ---- torchrun ----------------------------------------------------------------------------------------------------
 
 def generate(args, tmp_path, name, nproc=None):
@@ -242,6 +258,10 @@ def test_layouts_that_do_not_split_are_refused(dirs, tmp_path, capsys):
     (foreign / "notes.txt").write_text("mine")
     assert main(["convert", "--input", str(hf), "--output", str(foreign), "--model-parallel", "2"]) == 2
     assert "not written by dsv3" in capsys.readouterr().err
+    shutil.copy(dirs["micro-bf16"][1] / "model0-mp2.safetensors", foreign / "model0-mp4.safetensors")
+    assert main(["convert", "--input", str(hf), "--output", str(foreign), "--model-parallel", "2", "--overwrite"]) == 0
+    assert (foreign / "notes.txt").read_text() == "mine"  # its own file carried along; the old model's weights not
+    assert not (foreign / "model0-mp4.safetensors").exists() and mp.layout_size(str(foreign)) == 2
 
 
 def test_loading_for_another_layout_is_refused(dirs):
@@ -279,8 +299,8 @@ def test_damaged_directories_are_refused_by_name(dirs, tmp_path):
                                               r"expert 0 belongs to the file of rank 0"):
         load_pretrained(swapped)
 
-    def rewrite(d, change):
-        path = str(d / "model0-mp2.safetensors")
+    def rewrite(d, change, rank=0):
+        path = str(d / f"model{rank}-mp2.safetensors")
         with safe_open(path, "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         change(tensors)
@@ -304,3 +324,8 @@ def test_damaged_directories_are_refused_by_name(dirs, tmp_path):
     with pytest.raises(CheckpointError, match=r"model0-mp2.safetensors: missing tensor\(s\): "
                                               r"model.layers.0.self_attn.o_proj.weight"):
         load_pretrained(short, shard=Sharding(config, 0, 2, 2, 2))
+    uneven = copy("uneven")  # ranks that disagree: the whole model cannot be put together
+    rewrite(uneven, lambda t: t.pop("norm.weight"), rank=1)
+    with pytest.raises(CheckpointError, match="'model.norm.weight' is in the file.s. of rank 0 but not in those of "
+                                              "rank 1"):
+        load_pretrained(uneven)

@@ -30,8 +30,9 @@ def _add_convert(sub) -> None:
                         "for i < N (heads, vocabulary and the dense and shared MLPs split, routed experts divided; "
                         "MTP in model{i}-mp{N}-mtp.safetensors), plus model_args.json, the demo's --config. Read by "
                         "`torchrun --nproc-per-node N -m dsv3 generate|serve --tp N --ep N` (each rank reads only its "
-                        "file), by one process, and by the demo's generate.py. Dtypes are kept (FP8 stays FP8, but "
-                        "slices that would cut 128x128 blocks are written dequantised in float32)")
+                        "file), by one process, and by the demo's generate.py. Dtypes are kept: FP8 stays FP8, but "
+                        "slices that would cut 128x128 blocks are written dequantised in float32, which the demo "
+                        "cannot read (none for DeepSeek-V3 with N up to 16)")
     _add_overwrite(p)
     p.set_defaults(func=_convert)
 

@@ -164,7 +164,7 @@ class _Piece:
         self.local = tuple(s // n if d == dim else s for d, s in enumerate(shape))
 
 
-def plan(ckpt, layout: Layout) -> list[_Piece]:
+def _plan(ckpt, layout: Layout) -> list[_Piece]:
     """Each tensor of an HF-named checkpoint view, checked against the config (names, shapes, FP8 scales, sizes that
     split), and where it goes; in the checkpoint's order. Nothing is read but the headers."""
     want = expected_shapes(layout.config)
@@ -224,7 +224,8 @@ class _StreamWriter:
         offset = 0
         for name, dtype, shape in entries:
             nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # tensor data starts 8-byte aligned
@@ -239,17 +240,21 @@ class _StreamWriter:
         if x.numel():
             self._f.write(memoryview(x.reshape(-1).view(torch.uint8).numpy()))
 
-    def close(self) -> None:
+    def finish(self) -> None:
+        """Every declared entry written: flush it to disk and close."""
         assert next(self._next, None) is None, f"{self.path}: entries left unwritten"
         self._f.flush()
         os.fsync(self._f.fileno())
+        self._f.close()
+
+    def close(self) -> None:
         self._f.close()
 
 
 def write_model_parallel(ckpt, layout: Layout, out: str, progress: bool | None = None) -> list[str]:
     """Write the layout's files for every rank into the directory `out`, reading each tensor of `ckpt` (an HF-named
     view: CheckpointDir or AssembledFiles) once. -> the HF names of the FP8 weights written dequantised."""
-    pieces = plan(ckpt, layout)
+    pieces = _plan(ckpt, layout)
     files: dict[tuple[int, bool], list[_Piece]] = {}
     for p in pieces:
         for r in p.ranks:
@@ -271,11 +276,10 @@ def write_model_parallel(ckpt, layout: Layout, out: str, progress: bool | None =
                     writers[r, p.mtp].write(demo_name(p.hf), part)
                 bar.update(ckpt.info(p.hf).nbytes)
         for w in writers.values():
-            w.close()
-    finally:
+            w.finish()
+    finally:  # (on an error the files are left incomplete: model_output discards the directory)
         for w in writers.values():
-            if not w._f.closed:
-                w._f.close()
+            w.close()
     return [p.hf for p in pieces if p.dequantise]
 
 
@@ -297,7 +301,7 @@ def model_args(config: ModelConfig) -> dict:
         # the demo applies YaRN whenever its max_seq_len exceeds original_seq_len: a factor of 1 leaves RoPE as it is
         "original_seq_len": config.original_max_position_embeddings if yarn else config.max_position_embeddings,
         "rope_theta": config.rope_theta, "rope_factor": config.rope_factor if yarn else 1.0,
-        "beta_fast": config.beta_fast, "beta_slow": config.beta_slow, "mscale": config.mscale_all_dim or 1.0,
+        "beta_fast": config.beta_fast, "beta_slow": config.beta_slow, "mscale": config.mscale_all_dim,
     }
     if qc.get("scale_fmt"):
         args["scale_fmt"] = qc["scale_fmt"]
@@ -400,8 +404,9 @@ class AssembledFiles:
             mine = {hf for hf in rf.where if len(self.layout.ranks(hf)) > 1}
             if mine != shared:
                 odd = sorted(mine ^ shared)[0]
-                raise CheckpointError(f"{self.path}: {odd!r} is in the file(s) of rank {0 if odd in shared else rf.rank} "
-                                      f"but not in those of rank {rf.rank if odd in shared else 0}")
+                has, lacks = (0, rf.rank) if odd in shared else (rf.rank, 0)
+                raise CheckpointError(f"{self.path}: {odd!r} is in the file(s) of rank {has} but not in those of "
+                                      f"rank {lacks}")
             for hf in shared:
                 a, b = first.info(hf), rf.info(hf)
                 if (a.dtype, a.shape) != (b.dtype, b.shape):
