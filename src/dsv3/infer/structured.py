@@ -172,8 +172,8 @@ class GrammarCompiler:
                 return self.cache[key]
         try:
             if kind == "json_schema":
-                compiled = self.compiler.compile_json_schema(json.dumps(spec), any_whitespace=False,
-                                                             strict_mode=True)
+                grammar = xgr_grammar().from_json_schema(json.dumps(spec), any_whitespace=False, strict_mode=True)
+                compiled = self.compiler.compile_grammar(_json_control_characters_escaped(str(grammar)))
             elif kind == "regex":
                 compiled = self.compiler.compile_regex(spec)
             elif kind == "grammar":
@@ -189,6 +189,22 @@ class GrammarCompiler:
             while len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
         return compiled
+
+
+# xgrammar 0.2.9 writes a length-bounded JSON string (maxLength, minLength) as characters from [^"\\\r\n], which
+# lets a raw control character (U+0000-U+001F) through: not JSON (json.loads refuses "\x04"). Its unbounded
+# strings exclude them. Such characters are taken out of the bounded ones here (escapes stay unavailable there,
+# as in xgrammar's own rule).
+_BOUNDED_STRING_CHARS = r'[^\"\\\r\n]'
+_JSON_STRING_CHARS = r'[^\0-\x1f\"\\]'
+
+
+def _json_control_characters_escaped(ebnf: str) -> str:
+    return ebnf.replace(_BOUNDED_STRING_CHARS, _JSON_STRING_CHARS)
+
+
+def xgr_grammar():
+    return _xgrammar().Grammar
 
 
 _compilers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its GrammarCompiler

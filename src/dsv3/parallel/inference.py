@@ -504,7 +504,7 @@ def set_placement(runner, placement: torch.Tensor) -> None:
     """Hold the experts of a new placement on this rank: a slot keeps its weights when its expert stays, takes
     them from another of this rank's slots when it had them, else reads them from the model directory."""
     from ..ckpt.hf import ours_to_hf
-    from ..ckpt.pretrained import CheckpointDir
+    from ..ckpt.model_parallel import open_checkpoint
 
     shard, model = runner.sharding, runner.model
     placement = placement.cpu().long()
@@ -533,7 +533,7 @@ def set_placement(runner, placement: torch.Tensor) -> None:
                                 scales[k][slot].copy_(scales_before[k][src])
                         continue
                     if ckpt is None:
-                        ckpt = CheckpointDir(runner.model_path)
+                        ckpt = open_checkpoint(runner.model_path, shard.config)  # (HF or per-rank layout)
                     for k, t in tensors.items():
                         template = ours_to_hf(f"{name}.experts.{k}", shard.config.num_hidden_layers)[0][0]
                         read_expert(ckpt, template, e, t[slot], None if scales[k] is None else scales[k][slot])

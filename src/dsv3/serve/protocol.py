@@ -204,8 +204,9 @@ class _Sampling(_Strict):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     def sampling_params(self, max_new_tokens: int, choice: int, logprobs: int | None = None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
-        """Choice j of n gets seed + j: the choices differ, and the request stays reproducible."""
+                        prompt_logprobs: int | None = None, logits_processors: list | None = None) -> SamplingParams:
+        """Choice j of n gets seed + j: the choices differ, and the request stays reproducible.
+        logits_processors: this choice's own (a grammar's processor keeps the state of one output)."""
         top_k = self.top_k or 0
         if (self.min_tokens or 0) > max_new_tokens:
             raise APIError(400, f"min_tokens={self.min_tokens} is more than the {max_new_tokens} tokens this request "
@@ -220,7 +221,8 @@ class _Sampling(_Strict):
                 presence_penalty=float(self.presence_penalty or 0),
                 frequency_penalty=float(self.frequency_penalty or 0),
                 repetition_penalty=1.0 if self.repetition_penalty is None else float(self.repetition_penalty),
-                logit_bias=self.logit_bias or None, min_tokens=self.min_tokens or 0)
+                logit_bias=self.logit_bias or None, min_tokens=self.min_tokens or 0,
+                logits_processors=list(logits_processors or []))
         except ValueError as e:  # the fields were checked above; the engine's own checks have the last word
             raise APIError(400, str(e)) from None
 
@@ -240,8 +242,8 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("top_logprobs needs logprobs: true")
         if self.tools:
             raise ValueError("tools are not supported by this server")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise ValueError("response_format other than {'type': 'text'} is not supported by this server")
+        if self.response_format is not None and not isinstance(self.response_format.get("type"), str):
+            raise ValueError("response_format needs a 'type': text, json_object, json_schema, regex or grammar")
         return self
 
     @property
