@@ -122,6 +122,49 @@ def test_bos_added_once_when_the_template_lacks_it(base_tok):
     assert masked_runs(tok, ids, mask) == [CONVERSATION[2]["content"] + EOS]
 
 
+TOOL_RECORD = {
+    "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+    "messages": [{"role": "user", "content": "Weather in Paris?"},
+                 {"role": "assistant", "content": None, "tool_calls": [
+                     {"id": "a", "type": "function", "function": {"name": "get_weather",
+                                                                  "arguments": '{"city": "Paris"}'}}]},
+                 {"role": "tool", "tool_call_id": "a", "content": '{"conditions": "sunny"}'},
+                 {"role": "assistant", "content": "It is sunny in Paris."}]}
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_tool_calls_are_trained_and_tool_results_are_not(base_tok, name):
+    """The loss covers the assistant's calls (as each template writes them) and its answer after the results;
+    the results and the tools' description are prompt."""
+    tok = with_template(base_tok, name)
+    record = json.loads(json.dumps(TOOL_RECORD))
+    if name == "deepseek_r1_0528":  # its template reads content even beside calls: it needs a string
+        record["messages"][1]["content"] = ""
+    ids, mask = render(tok, record)
+    call, answer = masked_runs(tok, ids, mask)
+    assert call.startswith("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
+                           '{"city": "Paris"}\n```<｜tool▁call▁end｜>')
+    if name in ("ours", "deepseek_r1_0528"):  # (the official V3 and R1 templates do not close a single call)
+        assert call.endswith("<｜tool▁calls▁end｜>" + EOS)
+    assert answer == "It is sunny in Paris." + EOS
+    prompt = tok.decode([t for t, m in zip(ids, mask) if not m], skip_special_tokens=False)
+    assert prompt.endswith('<｜tool▁output▁begin｜>{"conditions": "sunny"}<｜tool▁output▁end｜><｜tool▁outputs▁end｜>')
+    assert ("## Tools" in prompt) == (name == "ours")  # only ours describes the tools
+    assert ids == tok.encode(tok.apply_chat_template(record["messages"], tools=record["tools"],
+                                                     add_generation_prompt=False), add_special_tokens=False)
+
+
+def test_tool_records_in_openais_fine_tuning_format(tmp_path, base_tok):
+    record = json.loads(json.dumps(TOOL_RECORD))
+    record["messages"][1]["tool_calls"][0]["function"]["arguments"] = {"city": "Paris"}  # an object is its JSON
+    del record["messages"][1]["content"]
+    p = tmp_path / "tools.jsonl"
+    p.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    (rec,) = load_chat_records(p)
+    assert rec["tools"] == TOOL_RECORD["tools"] and rec["messages"] == TOOL_RECORD["messages"]
+    assert render(base_tok, rec) == render(base_tok, TOOL_RECORD)
+
+
 # ---- records -------------------------------------------------------------------------------------------------
 
 def test_records_messages_and_prompt_completion(tmp_path, base_tok):
@@ -148,6 +191,15 @@ def test_records_messages_and_prompt_completion(tmp_path, base_tok):
     ('{"messages": [{"role": "user", "content": ["x"]}]}', "content must be a string"),
     ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant turn"),
     ('{"messages": [], "prompt": "a", "completion": "b"}', "not both"),
+    ('{"messages": [{"role": "user", "content": "x", "tool_calls": []}]}', "only assistant messages have tool_calls"),
+    ('{"messages": [{"role": "assistant", "content": null, "tool_calls": [{"function": {}}]}]}',
+     "tool_calls\\[0\\] must be"),
+    ('{"messages": [{"role": "assistant", "content": null, "tool_calls": [{"function": {"name": "f", '
+     '"arguments": "{oops"}}]}]}', "arguments is not JSON"),
+    ('{"messages": [{"role": "assistant", "content": null, "tool_calls": [{"function": {"name": "f", '
+     '"arguments": "[1]"}}]}]}', "must be a JSON object"),
+    ('{"tools": [{"name": "f"}], "messages": [{"role": "assistant", "content": "x"}]}', "tools\\[0\\] must be"),
+    ('{"messages": [{"role": "assistant", "content": null}]}', "content must be a string"),
 ])
 def test_malformed_records_name_path_and_line(tmp_path, line, problem):
     p = tmp_path / "bad.jsonl"

@@ -82,10 +82,13 @@ def test_sft_loss_is_the_mean_over_the_steps_assistant_tokens_whatever_the_micro
     task = TASKS["arithmetic"]
     recs = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": task.trace(r)}]}
             for r in task.records("train", 12, 0)]
-    data = PackedChat(records_to_examples(tok, recs), 96, seed=0, pad_id=2)
+    for seed in range(20):  # a packing whose two halves hold different numbers of assistant tokens
+        data = PackedChat(records_to_examples(tok, recs), 96, seed=seed, pad_id=2)
+        whole = data.batch(0, 4)
+        halves = [data.batch(0, 2), data.batch(2, 2)]
+        if halves[0].num_loss_tokens != halves[1].num_loss_tokens:
+            break
     model = dsv3.load_pretrained(base, dtype=torch.float32)
-    whole = data.batch(0, 4)
-    halves = [data.batch(0, 2), data.batch(2, 2)]
     trainer = argparse.Namespace(par=None, dp=1)
     obj = SFT(mtp_lambda=0.0, alpha=0.0)
     obj.prepare_step([whole], trainer)

@@ -119,15 +119,24 @@ class Tokenizer:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # ---- chat ------------------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tokenize: bool = False, **kwargs) -> str | list[int]:
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
+                            add_generation_prompt: bool = True, tokenize: bool = False,
+                            **kwargs) -> str | list[int]:
+        """tools: OpenAI's function definitions ({"type": "function", "function": {name, description,
+        parameters}}), given to the template as `tools` (as transformers does; a template may ignore them)."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat_template (tokenizer_config.json)")
         if self._template is None:
             self._template = _compile(self.chat_template)
-        text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+        text = self._template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                      **{k: v for k, v in self.special.items() if v is not None}, **kwargs)
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def describe_tools(tools: list[dict]) -> str:
+    """The tools as CHAT_TEMPLATE describes them in the system prompt (TOOLS_PROMPT), for a template that does
+    not describe them itself (the official DeepSeek-V3 template)."""
+    return _compile(TOOLS_PROMPT).render(tools=tools)
 
 
 def _compile(source: str):
@@ -188,26 +197,80 @@ class IncrementalDetokenizer:
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
 FIM_BEGIN, FIM_HOLE, FIM_END = "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"
-SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, FIM_BEGIN, FIM_HOLE, FIM_END]  # ids 0..7, BOS 0 and EOS 1 as V3
+# DeepSeek-V3's tool-call tokens, in its vocabulary's order
+TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+TOOL_CALL_BEGIN, TOOL_CALL_END = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>"
+TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
+TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+TOOL_SEP = "<｜tool▁sep｜>"
+TOOL_TOKENS = [TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END,
+               TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, TOOL_SEP]
+# ids 0..7 as before (BOS 0 and EOS 1 as V3), the tool tokens 8..16
+SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, FIM_BEGIN, FIM_HOLE, FIM_END, *TOOL_TOKENS]
 
-# DeepSeek-V3's chat format: BOS, the system prompt, then <｜User｜>... <｜Assistant｜>...<｜end▁of▁sentence｜> turns.
+# How `tools` are described to the model, at the end of the system prompt: DeepSeek-V3.1's layout (a "## Tools"
+# section, one "### name" entry per function with its description and JSON-schema parameters, then the call
+# format), with V3's call format (the `function` type and the arguments in a json code block). The official V3
+# template does not print tools at all; vLLM's and SGLang's V3 tool templates describe them in the system prompt
+# too, each in its own words. `describe_tools` renders this alone.
+TOOLS_PROMPT = (
+    "{{ '## Tools\\nYou can call these tools:\\n' }}"
+    "{% for tool in tools %}{% set f = tool['function'] if tool['function'] is defined else tool %}"
+    "{{ '\\n### ' + f['name'] + '\\n' }}"
+    "{% if f['description'] %}{{ 'Description: ' + f['description'] + '\\n' }}{% endif %}"
+    "{{ '\\nParameters: ' }}{{ f['parameters'] | default({}) | tojson }}{{ '\\n' }}"
+    "{% endfor %}"
+    "{{ '\\nTo call tools, reply with <｜tool▁calls▁begin｜>, then each call as "
+    "<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\nARGUMENTS\\n```<｜tool▁call▁end｜> (a new line "
+    "between calls), then <｜tool▁calls▁end｜>. NAME is one of the tools above and ARGUMENTS a JSON object that "
+    "follows its parameters.' }}"
+)
+
+# DeepSeek-V3's chat format: BOS, the system prompt (then the tools), then <｜User｜>... and
+# <｜Assistant｜>...<｜end▁of▁sentence｜> turns. An assistant turn may end in tool calls:
+#   <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGUMENTS\n```<｜tool▁call▁end｜>
+#   (\n and more calls)<｜tool▁calls▁end｜><｜end▁of▁sentence｜>
+# and the tool results follow it as <｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>RESULT<｜tool▁output▁end｜>
+# (\n and more results)<｜tool▁outputs▁end｜>, after which the assistant's next turn begins without a role token.
+# This is the official V3 template's rendering, without its slips (it closes a single call with neither
+# <｜tool▁calls▁end｜> nor EOS, opens only the conversation's first calls and first results, and drops the calls of
+# a message that also has content): the token sequence of vLLM's and SGLang's V3 tool templates and of R1-0528's.
+# Arguments are the JSON text of OpenAI's `function.arguments`, as the official template takes them.
 CHAT_TEMPLATE = (
-    "{% set ns = namespace(system='') %}"
+    "{% set ns = namespace(system='', calls=false, outputs=false) %}"
     "{% for message in messages %}{% if message['role'] == 'system' %}"
     "{% set ns.system = ns.system + message['content'] %}{% endif %}{% endfor %}"
     "{{ bos_token }}{{ ns.system }}"
+    "{% if tools %}{% if ns.system %}{{ '\\n\\n' }}{% endif %}" + TOOLS_PROMPT + "{% endif %}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<｜Assistant｜>' + message['content'] + eos_token }}"
+    "{% if message['role'] == 'user' %}"
+    "{% if ns.outputs %}{{ '<｜tool▁outputs▁end｜>' }}{% endif %}{% set ns.calls = false %}{% set ns.outputs = false %}"
+    "{{ '<｜User｜>' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% if ns.outputs %}{{ '<｜tool▁outputs▁end｜>' }}{% else %}{{ '<｜Assistant｜>' }}{% endif %}"
+    "{% set ns.outputs = false %}"
+    "{% set ns.calls = message['tool_calls'] is not none and message['tool_calls'] | length > 0 %}"
+    "{% if message['content'] %}{{ message['content'] }}{% endif %}"
+    "{% if ns.calls %}{{ '<｜tool▁calls▁begin｜>' }}{% for call in message['tool_calls'] %}"
+    "{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ '<｜tool▁call▁begin｜>' + call['type'] + '<｜tool▁sep｜>' + call['function']['name'] + '\\n```json\\n' "
+    "+ call['function']['arguments'] + '\\n```<｜tool▁call▁end｜>' }}"
+    "{% endfor %}{{ '<｜tool▁calls▁end｜>' }}{% endif %}"
+    "{{ eos_token }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{% if ns.outputs %}{{ '\\n<｜tool▁output▁begin｜>' }}"
+    "{% elif ns.calls %}{{ '<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>' }}"
+    "{% else %}{{ raise_exception('a tool message must follow an assistant message with tool_calls') }}{% endif %}"
+    "{% set ns.outputs = true %}{{ message['content'] + '<｜tool▁output▁end｜>' }}"
     "{% elif message['role'] != 'system' %}{{ raise_exception('unknown role: ' + message['role']) }}"
     "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+    "{% if ns.outputs %}{{ '<｜tool▁outputs▁end｜>' }}{% elif add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
 )
 
 
 def train_bpe(texts, vocab_size: int, min_frequency: int = 2, show_progress: bool = False) -> Tokenizer:
-    """Byte-level BPE (any text round-trips) with DeepSeek-V3's special tokens at ids 0..7 and its chat
-    format. BOS is added by the tokenizer.json post-processor, so transformers and dsv3 encode alike."""
+    """Byte-level BPE (any text round-trips) with DeepSeek-V3's special tokens (ids 0..16: SPECIAL_TOKENS) and
+    its chat format, tool calls included. BOS is added by the tokenizer.json post-processor, so transformers and dsv3 encode alike."""
     from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
     tok = _HFTokenizer(models.BPE())

@@ -1,10 +1,14 @@
 """Conversations -> token ids with a loss mask -> packed rows for supervised fine-tuning (`dsv3 sft`).
 
 - Records are JSONL: `{"messages": [{"role", "content"}, ...]}` (OpenAI roles) or `{"prompt", "completion"}`.
+  Tool use as in OpenAI's fine-tuning format: `"tools"` beside the messages (function definitions, which the
+  template describes to the model), assistant messages with `"tool_calls"` (content then may be null) and
+  `{"role": "tool", "tool_call_id", "content"}` results. Arguments may be given as JSON text or as an object.
 - `render` uses the tokenizer's own chat template and nothing template-specific. The loss covers exactly what
   the model must generate at inference: for assistant turn i, the template renders messages[:i] with the
   generation prompt (text A, what the model is given) and messages[:i+1] without it (text B); the turn is
-  B[len(A):], which for DeepSeek-V3 is the content and the <｜end▁of▁sentence｜> that closes it.
+  B[len(A):], which for DeepSeek-V3 is the content, any tool calls, and the <｜end▁of▁sentence｜> that closes it
+  (after tool results the prompt ends in <｜tool▁outputs▁end｜>, which the model is given, not trained on).
 - A template may rewrite an assistant message. R1's drops `<think>...</think>` from every assistant message
   (at inference the answered turn is generated, never rendered). The trained turn must be what the model
   should generate, so when the rendered turn lacks the record's content (whitespace trimming aside), the
@@ -21,6 +25,7 @@
 from __future__ import annotations
 
 import bisect
+import json
 import os
 from dataclasses import dataclass
 
@@ -32,7 +37,7 @@ from .corpus import jsonl_lines
 from .dataset import EpochOrder
 
 IGNORE = -100  # the label of a position with no loss (cross_entropy's ignore_index)
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 _PLACEHOLDER = "\u2983dsv3 assistant content\u2984"  # rendered in place of a turn's content, then replaced
 
 Example = tuple[list[int], list[bool]]  # token ids, loss mask (True on the assistant's tokens)
@@ -71,19 +76,64 @@ def _check_record(rec) -> dict:
     messages = rec["messages"]
     if not isinstance(messages, list):
         raise ValueError(f"field 'messages' must be a list, not {type(messages).__name__}")
-    for k, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ValueError(f"messages[{k}] must be an object, not {type(m).__name__}")
-        for key in ("role", "content"):
-            if key not in m:
-                raise ValueError(f"messages[{k}] is missing field {key!r}")
-        if m["role"] not in ROLES:
-            raise ValueError(f"messages[{k}] has unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(m["content"], str):
-            raise ValueError(f"messages[{k}].content must be a string, not {type(m['content']).__name__}")
-    if not any(m["role"] == "assistant" for m in messages):
+    if rec.get("tools") is not None:
+        _check_tools(rec["tools"])
+    checked = [_check_message(k, m) for k, m in enumerate(messages)]
+    if not any(m["role"] == "assistant" for m in checked):
         raise ValueError("no assistant turn (nothing to train on)")
-    return rec
+    return {**rec, "messages": checked}
+
+
+def _check_message(k: int, m) -> dict:
+    """A message as the template takes it: content a string (null for an assistant's tool calls alone),
+    tool_calls in OpenAI's form with JSON-text arguments."""
+    if not isinstance(m, dict):
+        raise ValueError(f"messages[{k}] must be an object, not {type(m).__name__}")
+    if "role" not in m:
+        raise ValueError(f"messages[{k}] is missing field 'role'")
+    if m["role"] not in ROLES:
+        raise ValueError(f"messages[{k}] has unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
+    calls = m.get("tool_calls")
+    if calls is not None and m["role"] != "assistant":
+        raise ValueError(f"messages[{k}]: only assistant messages have tool_calls, not {m['role']!r} ones")
+    if calls is not None:
+        m = {**m, "tool_calls": [_check_call(f"messages[{k}].tool_calls[{j}]", c) for j, c in enumerate(calls)]}
+    if calls and m.get("content") is None:
+        return {**m, "content": None}
+    if "content" not in m:
+        raise ValueError(f"messages[{k}] is missing field 'content'")
+    if not isinstance(m["content"], str):
+        raise ValueError(f"messages[{k}].content must be a string, not {type(m['content']).__name__}")
+    return m
+
+
+def _check_call(where: str, c) -> dict:
+    fn = c.get("function") if isinstance(c, dict) else None
+    if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
+        raise ValueError(f"{where} must be {{\"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}, "
+                         f"not {c!r}")
+    if c.get("type", "function") != "function":
+        raise ValueError(f"{where}.type must be 'function', not {c['type']!r}")
+    args = fn.get("arguments", {})
+    if not isinstance(args, str):
+        args = json.dumps(args, ensure_ascii=False)
+    try:
+        parsed = json.loads(args)
+    except ValueError:
+        raise ValueError(f"{where}.function.arguments is not JSON: {args[:80]!r}") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{where}.function.arguments must be a JSON object, not {args[:80]!r}")
+    return {**c, "type": "function", "function": {**fn, "arguments": args}}
+
+
+def _check_tools(tools) -> None:
+    if not isinstance(tools, list):
+        raise ValueError(f"field 'tools' must be a list of function definitions, not {type(tools).__name__}")
+    for j, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
+            raise ValueError(f"tools[{j}] must be {{\"type\": \"function\", \"function\": {{\"name\", \"description\", "
+                             f"\"parameters\"}}}}, not {t!r}")
 
 
 # ---- rendering -----------------------------------------------------------------------------------------------
@@ -92,14 +142,14 @@ def render(tok: Tokenizer, record: dict) -> Example:
     """A conversation rendered with the tokenizer's chat template -> (ids, mask), mask True exactly on the
     tokens of the assistant turns (content and closing end-of-sentence; not the role token, not BOS).
     Messages after the last assistant turn are left out: nothing would be trained on them."""
-    messages = record["messages"]
+    messages, tools = record["messages"], record.get("tools") or None
     pieces: list[tuple[str, bool]] = []  # (text, trained), in order
     text = ""  # the concatenation of pieces
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = tok.apply_chat_template(messages[:i], add_generation_prompt=True)
-        turn = _assistant_turn(tok, messages, i, prompt)
+        prompt = tok.apply_chat_template(messages[:i], tools=tools, add_generation_prompt=True)
+        turn = _assistant_turn(tok, messages, i, prompt, tools)
         if not prompt.startswith(text):  # the earlier turns render differently as history: they become prompt
             pieces, text = [], ""
         pieces += [(prompt[len(text):], False), (turn, True)]
@@ -120,15 +170,15 @@ def render(tok: Tokenizer, record: dict) -> Example:
     return ids, mask
 
 
-def _assistant_turn(tok: Tokenizer, messages: list[dict], i: int, prompt: str) -> str:
+def _assistant_turn(tok: Tokenizer, messages: list[dict], i: int, prompt: str, tools: list | None = None) -> str:
     """The text the template adds for assistant message i after `prompt` (messages[:i] with the generation
     prompt): B[len(A):], or the record's content put verbatim where the template puts content."""
-    full = tok.apply_chat_template(messages[:i + 1], add_generation_prompt=False)
-    content = messages[i]["content"]
+    full = tok.apply_chat_template(messages[:i + 1], tools=tools, add_generation_prompt=False)
+    content = messages[i]["content"] or ""  # (null beside tool calls)
     if full.startswith(prompt) and content.strip() in full[len(prompt):]:
         return full[len(prompt):]
     # The template rewrote the content (R1's drops the reasoning): where would it put content verbatim?
-    probe = tok.apply_chat_template(messages[:i] + [{**messages[i], "content": _PLACEHOLDER}],
+    probe = tok.apply_chat_template(messages[:i] + [{**messages[i], "content": _PLACEHOLDER}], tools=tools,
                                     add_generation_prompt=False)
     if probe.count(_PLACEHOLDER) == 1:
         verbatim = probe.replace(_PLACEHOLDER, content)
@@ -151,12 +201,22 @@ def records_to_examples(tok: Tokenizer, records: list[dict], progress: bool = Fa
         from tqdm import tqdm
 
         it = tqdm(records, desc="rendering conversations", unit="record")
+    from jinja2.exceptions import TemplateError
+
     out = []
     for k, rec in enumerate(it, 1):
         try:
             out.append(render(tok, rec))
         except ValueError as e:
             raise ValueError(f"record {k}: {e}") from None
+        except (TemplateError, TypeError, KeyError, AttributeError) as e:  # raised inside the template
+            hint = ""
+            if rec.get("tools") or any(m["role"] == "tool" or m.get("tool_calls") for m in rec["messages"]):
+                hint = ("; it has tool calls or tool results, which this template may not render (a tokenizer "
+                        "trained by dsv3 before tool calling was added has such a template: its "
+                        "tokenizer_config.json chat_template can be replaced by dsv3.tokenizer.CHAT_TEMPLATE "
+                        "or the official DeepSeek-V3 one)")
+            raise ValueError(f"record {k}: the chat template failed on it ({type(e).__name__}: {e}){hint}") from None
     return out
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import secrets
@@ -56,6 +57,8 @@ from ..infer.sampling import SamplingParams
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TextOffsets,
                        TokenizeRequest, TokenText, chat_logprobs, completion_logprobs, error_body, json_plain, new_id,
                        now, sse, usage, validation_error)
+from ..tokenizer import TOOL_CALL_END, describe_tools
+from .tools import NAMED_CALL_END, ChoiceOutput, forced_prefix
 
 log = logging.getLogger("dsv3.serve")
 PROTECTED = ("/v1", "/tokenize", "/detokenize", "/tokenizer_info")  # what an API key guards (/health, /metrics: open)
@@ -391,6 +394,27 @@ class _APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+_PROBE_TOOL = {"type": "function", "function": {"name": "probe", "description": "d", "parameters": {}}}
+
+
+def shows_tools(tok) -> bool:
+    """Whether the chat template describes `tools` to the model (the official V3 template does not)."""
+    probe = [{"role": "user", "content": "x"}]
+    try:
+        return tok.apply_chat_template(probe, tools=[_PROBE_TOOL]) != tok.apply_chat_template(probe)
+    except Exception:  # no template, or one that fails on this probe: requests will say so
+        return False
+
+
+def with_tools_described(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """For a template that does not describe tools: their description (tokenizer.describe_tools, the built-in
+    template's words) as a system message after the leading ones, so that the model knows what it may call."""
+    k = 0
+    while k < len(messages) and messages[k]["role"] == "system":
+        k += 1
+    return [*messages[:k], {"role": "system", "content": describe_tools(tools)}, *messages[k:]]
+
+
 async def _watch_disconnect(request: Request, job: Job) -> None:
     """The body has been read, so the next ASGI message is the client going away (or the response ending)."""
     while True:
@@ -464,12 +488,17 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
         if body.model_extra:
             log.warning("ignoring unsupported request fields: %s", ", ".join(sorted(body.model_extra)))
 
-    def render_chat(messages, add_generation_prompt: bool, no_template_hint: str = "") -> list[int]:
-        """Chat messages -> token ids through the chat template (in a worker thread: it can be slow)."""
+    def render_chat(messages, add_generation_prompt: bool, no_template_hint: str = "",
+                    tools: list[dict] | None = None) -> list[int]:
+        """Chat messages (and the tools the model may call) -> token ids through the chat template (in a worker
+        thread: it can be slow)."""
         from jinja2.exceptions import TemplateError
+        msgs = [m.as_template_input() for m in messages]
+        if tools and not template_shows_tools:
+            msgs = with_tools_described(msgs, tools)
         try:
-            return tok.apply_chat_template([m.as_template_input() for m in messages],
-                                           add_generation_prompt=add_generation_prompt, tokenize=True)
+            return tok.apply_chat_template(msgs, tools=tools, add_generation_prompt=add_generation_prompt,
+                                           tokenize=True)
         except TemplateError as e:
             raise APIError(400, f"messages: the chat template refused them: {e}", param="messages") from None
         except ValueError as e:  # no chat template
@@ -532,6 +561,28 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    template_shows_tools = shows_tools(tok)
+
+    async def tool_grammar(body: ChatCompletionRequest):
+        """tool_choice naming a function: a grammar processor factory for its arguments (JSON of its parameters'
+        schema), or None without the structured-output library (the arguments are then only parsed)."""
+        tool = next(t for t in body.tools if t.function.name == body.forced_tool)
+        schema = tool.function.parameters
+        rf = ({"type": "json_schema", "json_schema": {"name": tool.function.name, "schema": schema, "strict": True}}
+              if schema else {"type": "json_object"})
+        try:
+            from ..infer.structured import compile_response_format
+        except ImportError:
+            return None
+        try:
+            return await run_in_threadpool(compile_response_format, rf, tok, eos_token_ids=llm.eos_token_ids)
+        except ImportError:
+            return None
+        except ValueError as e:
+            i = body.tools.index(tool)
+            raise APIError(400, f"tools[{i}].function.parameters: {e}", param=f"tools.{i}.function.parameters") \
+                from None
+
     # ---- endpoints ----------------------------------------------------------------------------------------------
     created = now()
 
@@ -567,14 +618,30 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
         check_model(body)
         n = body.n or 1
         engine.check_size(1, n)
-        prompt = await run_in_threadpool(render_chat, body.messages, True, "; use /v1/completions")
+        tools = body.tool_mode != "none"
+        if tools and body.tool_mode != "auto" and (body.response_format or {}).get("type", "text") != "text":
+            raise APIError(400, f"tool_choice {body.tool_choice!r} asks for a tool call, response_format for an "
+                                "answer in a format: give one of them", param="tool_choice")
+        prompt = await run_in_threadpool(render_chat, body.messages, True, "; use /v1/completions",
+                                         [t.as_template_input() for t in body.tools] if tools else None)
+        # tool_choice "required" or a named function: the call's opening is written into the prompt (tools.py)
+        prefix = forced_prefix(body.tool_mode, body.forced_tool) if tools else ""
+        prompt = prompt + (tok.encode(prefix, add_special_tokens=False) if prefix else [])
         max_new = budget(len(prompt), body.max_new_tokens, "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        grammar = await response_format(body.response_format)
-        job = engine.submit([prompt] * n, [body.sampling_params(max_new, j, logprobs=top,
-                                                                logits_processors=[grammar()] if grammar else None)
-                                           for j in range(n)], cache_salt=body.cache_salt)
+        grammar = await (tool_grammar(body) if body.tool_mode == "named" else response_format(body.response_format))
+        params = [body.sampling_params(max_new, j, logprobs=top, logits_processors=[grammar()] if grammar else None)
+                  for j in range(n)]
+        call_end = tok.token_to_id(TOOL_CALL_END)
+        if tools and (body.tool_mode == "named" or body.parallel_tool_calls is False) and not grammar \
+                and call_end is not None and call_end < llm.config.vocab_size:  # one call: end at its end
+            params = [dataclasses.replace(p, stop_token_ids=[*p.stop_token_ids, call_end]) for p in params]
+        job = engine.submit([prompt] * n, params, cache_salt=body.cache_salt)
         rid, t = new_id("chatcmpl"), now()
+        # with tools, each choice's text is parsed for calls (its tokens decoded again, special tokens kept)
+        outputs = [ChoiceOutput(tok, llm.eos_token_ids, [x.function.name for x in body.tools], prefix,
+                                NAMED_CALL_END if body.tool_mode == "named" and grammar else "", body.stop)
+                   for _ in range(n)] if tools else None
 
         def chunk(choices: list[dict], **extra) -> dict:
             return {"id": rid, "object": "chat.completion.chunk", "created": t, "model": model_name,
@@ -583,18 +650,31 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
         if body.stream:
             extra = {"usage": None} if body.include_usage else {}
 
+            def choice(j: int, delta: dict, lps=None, finish_reason=None) -> str:
+                return sse(chunk([{"index": j, "delta": delta, "logprobs": lps, "finish_reason": finish_reason}],
+                                 **extra))
+
             async def chunks():
                 yield sse(chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None} for j in range(n)], **extra))
                 completion = cached = 0
                 async with aclosing(events(job, request)) as outs:
                     async for o in outs:
-                        completion += len(o.step.new_token_ids)
-                        if o.final is not None and o.index == 0:  # n choices share one prompt: it counts once
+                        step, j = o.step, o.index
+                        completion += len(step.new_token_ids)
+                        if o.final is not None and j == 0:  # n choices share one prompt: it counts once
                             cached = o.final.num_cached_tokens
-                        lps = {"content": chat_logprobs(token_text, o.step.logprobs)} if top is not None else None
-                        yield sse(chunk([{"index": o.index, "delta": {"content": o.step.new_text}, "logprobs": lps,
-                                          "finish_reason": o.step.finish_reason}], **extra))
+                        lps = {"content": chat_logprobs(token_text, step.logprobs)} if top is not None else None
+                        if outputs is None:
+                            yield choice(j, {"content": step.new_text}, lps, step.finish_reason)
+                            continue
+                        delta = outputs[j].add(step.new_token_ids, step.finish_reason)
+                        if delta.content or lps:
+                            yield choice(j, {"content": delta.content}, lps)
+                        for call in delta.tool_calls:
+                            yield choice(j, {"tool_calls": [call]})
+                        if step.finished:
+                            yield choice(j, {}, finish_reason=outputs[j].finish_reason(step.finish_reason))
                 if body.include_usage:
                     yield sse(chunk([], usage=usage(len(prompt), completion, cached)))
             return streaming(chunks())
@@ -602,9 +682,15 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
         done = await finals(job, request)
         if done is None:  # the client went away
             return Response(status_code=499)
-        choices = [{"index": j, "message": {"role": "assistant", "content": done[j].text},
-                    "logprobs": {"content": chat_logprobs(token_text, done[j].logprobs)} if top is not None else None,
-                    "finish_reason": done[j].finish_reason} for j in range(n)]
+        choices = []
+        for j in range(n):
+            message, reason = {"role": "assistant", "content": done[j].text}, done[j].finish_reason
+            if outputs is not None:
+                outputs[j].add(done[j].token_ids, reason)
+                message, reason = outputs[j].message(), outputs[j].finish_reason(reason)
+            choices.append({"index": j, "message": message, "finish_reason": reason,
+                            "logprobs": {"content": chat_logprobs(token_text, done[j].logprobs)}
+                            if top is not None else None})
         return {"id": rid, "object": "chat.completion", "created": t, "model": model_name, "choices": choices,
                 "usage": usage(len(prompt), sum(len(f.token_ids) for f in done.values()), done[0].num_cached_tokens)}
 

@@ -4,9 +4,10 @@ errors (`{"error": {"message", "type", "param", "code"}}`), and the responses an
 
 Supported beyond OpenAI, as vLLM spells them: `top_k` (0 or -1: no limit), `ignore_eos`, `cache_salt`
 (requests share prefix-cache blocks only with requests of the same salt), `repetition_penalty` and `min_tokens`
-(the openai client sends them in `extra_body`). Known OpenAI parameters this server does not implement (tools,
-suffix, best_of > n) are refused with a 400 when set to anything but their neutral value; unknown fields are
-ignored, as vLLM does.
+(the openai client sends them in `extra_body`). Known OpenAI parameters this server does not implement (suffix,
+best_of > n) are refused with a 400 when set to anything but their neutral value; unknown fields are ignored, as
+vLLM does. Tool calling: `tools`, `tool_choice`, `parallel_tool_calls`, assistant messages with `tool_calls`
+(content null) and `tool` messages with `tool_call_id` (the server's side is in api.py and tools.py).
 `max_tokens: null` asks for the rest of the context (vLLM's reading). Text must be valid Unicode: JSON can spell a
 lone surrogate ("\\ud800"), which no tokenizer can encode, and such a string is a 400 naming its field.
 """
@@ -104,12 +105,62 @@ class StreamOptions(_Strict):
     include_usage: bool | None = False
 
 
+MAX_TOOLS = 128  # OpenAI's limit on functions per request
+TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+class FunctionCall(_Strict):
+    name: str = Field(min_length=1)
+    arguments: Any = "{}"  # JSON text of an object, as OpenAI sends it (an object is taken as its JSON)
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, v: Any) -> str:
+        text = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise ValueError(f"must be the JSON text of an object, not {text[:80]!r}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"must be the JSON text of an object, not {text[:80]!r}")
+        return text
+
+
+class ToolCallParam(_Strict):
+    """A call in an assistant message of the conversation (one the model made earlier)."""
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def as_template_input(self) -> dict:
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.function.name, "arguments": self.function.arguments}}
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=TOOL_NAME)
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    def as_template_input(self) -> dict:
+        """As transformers passes tools to a template: the definition with the fields that were given."""
+        return {"type": "function", "function": self.function.model_dump(exclude_none=True, exclude={"strict"})}
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Any = None  # a string, or a list of {"type": "text", "text": ...} parts (checked below)
     name: str | None = None
+    tool_calls: list[ToolCallParam] | None = None  # an assistant's calls (content may then be null)
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
-    @field_validator("content", "name", mode="before")
+    @field_validator("content", "name", "tool_calls", "tool_call_id", mode="before")
     @classmethod
     def _encodable(cls, v: Any) -> Any:
         return check_text(v)
@@ -134,11 +185,18 @@ class ChatMessage(_Strict):
     def _has_content(self) -> "ChatMessage":
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"only assistant messages have tool_calls, not {self.role} ones")
         return self
 
     def as_template_input(self) -> dict:
         role = "system" if self.role == "developer" else self.role  # OpenAI's newer name for the system role
-        return {"role": role, "content": self.content or ""}
+        out = {"role": role, "content": self.content or ""}
+        if self.tool_calls:  # content null when there is none: the official V3 template tells calls alone so
+            out.update(content=self.content or None, tool_calls=[c.as_template_input() for c in self.tool_calls])
+        if self.role == "tool" and self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class _Sampling(_Strict):
@@ -233,15 +291,40 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Any = None  # "none", "auto", "required" or {"type": "function", "function": {"name": ...}}
+    parallel_tool_calls: bool | None = None  # false: at most one call per reply
     response_format: dict | None = None
+
+    @field_validator("tools", "tool_choice", mode="before")
+    @classmethod
+    def _encodable_tools(cls, v: Any) -> Any:
+        return check_text(v)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v: Any) -> str | dict | None:
+        if v is None or v in ("none", "auto", "required"):
+            return v
+        fn = v.get("function") if isinstance(v, dict) else None
+        if not (isinstance(v, dict) and v.get("type") == "function" and isinstance(fn, dict)
+                and isinstance(fn.get("name"), str)):
+            raise ValueError("must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": "
+                             "{\"name\": ...}}")
+        return v
 
     @model_validator(mode="after")
     def _chat_rules(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
-        if self.tools:
-            raise ValueError("tools are not supported by this server")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise ValueError(f"tools: two functions are named {next(n for n in names if names.count(n) > 1)!r}")
+        if self.tool_choice not in (None, "none") and not names:
+            raise ValueError("tool_choice needs tools (the functions the model may call)")
+        if self.forced_tool is not None and self.forced_tool not in names:
+            raise ValueError(f"tool_choice names the function {self.forced_tool!r}, which is not one of the tools "
+                             f"({', '.join(names)})")
         if self.response_format is not None and not isinstance(self.response_format.get("type"), str):
             raise ValueError("response_format needs a 'type': text, json_object, json_schema, regex or grammar")
         return self
@@ -249,6 +332,20 @@ class ChatCompletionRequest(_Sampling):
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def tool_mode(self) -> str:
+        """none (no tools, or tool_choice "none"), auto (the default with tools), required, or named."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, dict):
+            return "named"
+        return self.tool_choice or "auto"
+
+    @property
+    def forced_tool(self) -> str | None:
+        """The function tool_choice names, if it names one."""
+        return self.tool_choice["function"]["name"] if isinstance(self.tool_choice, dict) else None
 
 
 class CompletionRequest(_Sampling):

@@ -2,6 +2,7 @@
 
     dsv3 sft --init-from runs/demo --task arithmetic --out runs/sft --steps 300 --lr 1e-3
     dsv3 sft --init-from DIR --data chats.jsonl --out runs/sft --steps 1000
+    dsv3 sft --init-from runs/demo --task tool-use --out runs/tools --steps 200 --lr 1e-3
 
 Records (JSONL, one per line): `{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}` or
 `{"prompt": ..., "completion": ...}`. Each is rendered with the model's own chat template; the loss falls on
@@ -10,7 +11,11 @@ into rows of --seq-len tokens with sample masking: no attention across records, 
 each. `--task NAME` trains on a built-in task instead (data/tasks.py: generated from --seed, with a held-out
 split): completions with step-by-step `<think>` reasoning (`--completions traces`, the default) or the answer
 alone (`--completions answers`); its held-out prompts are then also answered greedily at each evaluation
-and scored (`eval_accuracy`: right answers in the required format).
+and scored (`eval_accuracy`: right answers in the required format). `--task tool-use` is the built-in tool-use
+conversations (data/tool_use.py: tool calls, tool results, answers); each held-out assistant turn is answered
+and scored (`eval_accuracy`: the right calls, or the right text; `eval_format`: calls where calls are due).
+Records may carry tools too (OpenAI's fine-tuning format: `"tools"`, assistant `"tool_calls"`, `"role": "tool"`
+results); the loss then covers the assistant's tool-call tokens as well.
 
 Everything else is `dsv3 train`'s Trainer: the RUN directory is a model directory of the latest checkpoint
 with metrics.jsonl (loss, val_loss, eval_accuracy per step), plots and resumable checkpoints; the same
@@ -30,7 +35,7 @@ from typing import ClassVar
 
 import torch
 
-from ..data import chat
+from ..data import chat, tool_use
 from ..data.tasks import TASKS, Task, load_records, make_task
 from ..eval.bpb import summed_cross_entropy
 from ..eval.tasks import live_engine, task_accuracy
@@ -41,6 +46,7 @@ from .objectives import SFT
 from .trainer import PRECISIONS, Trainer, TrainConfig, export_model, run_tokenizer
 
 COMPLETIONS = ("traces", "answers")
+CHAT_TASKS = {"tool-use": tool_use}  # built-in conversations for SFT alone (no verifier for GRPO)
 
 
 @dataclass
@@ -64,8 +70,10 @@ class SFTConfig(TrainConfig):
     mtp_lambda: tuple[float, float] = (0.1, 0.1)
 
     def __post_init__(self) -> None:
-        check_source(self, "dsv3 sft fine-tunes a model", "chat records")
+        check_source(self, "dsv3 sft fine-tunes a model", "chat records", [*TASKS, *CHAT_TASKS])
         super().__post_init__()
+        if self.task in CHAT_TASKS and self.digits is not None:
+            raise ValueError(f"--digits is an arithmetic option, not one of --task {self.task}")
         if self.completions not in COMPLETIONS:
             raise ValueError(f"--completions {self.completions!r}: expected one of {', '.join(COMPLETIONS)}")
 
@@ -78,14 +86,14 @@ class SFTConfig(TrainConfig):
         return TrainConfig.with_defaults(c, max_positions)
 
 
-def check_source(c, what: str, records: str) -> None:
+def check_source(c, what: str, records: str, tasks=TASKS) -> None:
     """A post-training run starts from a model (--init-from) and reads either a built-in task or --data."""
     if c.init_from is None:
         raise ValueError(f"{what}: give --init-from DIR (a model directory)")
     if (c.task is None) == (c.data is None):
         raise ValueError(f"give either --task NAME (a built-in task) or --data FILE.jsonl ({records})")
-    if c.task is not None and c.task not in TASKS:
-        raise ValueError(f"--task {c.task!r}: expected one of {', '.join(sorted(TASKS))}")
+    if c.task is not None and c.task not in tasks:
+        raise ValueError(f"--task {c.task!r}: expected one of {', '.join(sorted(tasks))}")
 
 
 def held_out(record: dict, seed: int, fraction: float) -> bool:
@@ -107,11 +115,18 @@ class SFTData:
 
     def __init__(self) -> None:
         self.eval_prompts: list[dict] = []
+        self.score = task_accuracy  # (llm, eval_prompts, max_new_tokens) -> accuracy, format, mean_length
         self.llm = None
 
     def prepare(self, c: SFTConfig, run_dir: str):
         tok = run_tokenizer(c, run_dir)
-        if c.task is not None:
+        if c.task in CHAT_TASKS:
+            task = CHAT_TASKS[c.task]
+            train_records = task.records("train", c.task_records, c.seed)
+            self.eval_prompts = val_records = task.records("test", c.eval_records, c.seed)
+            self.score = task.accuracy
+            source = f"task:{c.task}"
+        elif c.task is not None:
             task = task_of(c)
             completion = task.trace if c.completions == "traces" else task.answer_only
             def as_chat(r: dict) -> dict:
@@ -171,9 +186,10 @@ class SFTData:
                 self.llm = live_engine(model, trainer.tok, c.seq_len + c.eval_max_new_tokens)
             else:
                 self.llm.refresh_weights()
-            r = task_accuracy(self.llm, self.eval_prompts, c.eval_max_new_tokens)
+            r = self.score(self.llm, self.eval_prompts, c.eval_max_new_tokens)
             model.train()
             out.update(eval_accuracy=r["accuracy"], eval_format=r["format"], eval_length=r["mean_length"])
+            out.update({f"eval_{k}": r[k] for k in ("call_accuracy", "answer_accuracy") if r.get(k) is not None})
         return out
 
     def summary(self, trainer: Trainer, last: dict) -> dict:
@@ -199,7 +215,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, metavar="FILE.jsonl",
                    help="chat records: {\"messages\": [...]} or {\"prompt\", \"completion\"} per line")
-    g.add_argument("--task", default=None, choices=sorted(TASKS), help="a built-in task instead of --data")
+    g.add_argument("--task", default=None, choices=sorted([*TASKS, *CHAT_TASKS]),
+                   help="a built-in task instead of --data (tool-use: conversations with tool calls)")
     g.add_argument("--task-records", type=int, default=5000, help="--task: training records (default 5000)")
     g.add_argument("--completions", choices=COMPLETIONS, default="traces",
                    help="--task: train on step-by-step reasoning then the answer (traces, default) or on the "
