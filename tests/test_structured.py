@@ -266,6 +266,27 @@ def test_regex_and_grammar_formats_constrain(tok):
         assert first and first <= digit
 
 
+STRINGS = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 4}, "t": {"type": "string"}},
+           "required": ["s", "t"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("rf, prefix", [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": STRINGS}}, b'{"s": "'),  # length-bounded
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": STRINGS}}, b'{"s": "", "t": "'),  # unbounded
+    ({"type": "json_object"}, b'{"'),
+    ({"type": "regex", "regex": "a.+"}, b"a"),
+    ({"type": "regex", "regex": "a[^x]+"}, b"a"),
+], ids=["bounded string", "string", "json_object", "regex dot", "regex negated class"])
+def test_text_is_utf8_without_surrogates(tok, rf, prefix):
+    """After the byte ED, a UTF-8 continuation byte 80-9F is allowed (U+D000-U+D7FF) but A0-BF is not: ED A0..ED BF
+    would spell a surrogate (U+D800-U+DFFF), which no UTF-8 decoder takes (xgrammar's classes admit them)."""
+    byte = {b[0]: i for i, b in enumerate(token_bytes(tok)) if b and len(b) == 1}  # byte-level BPE: all 256
+    processor = compile_response_format(rf, tok)()
+    allowed = allowed_by(processor, [byte[c] for c in prefix] + [byte[0xED]], tok.vocab_size)
+    assert byte[0x80] in allowed and byte[0x9F] in allowed
+    assert not {byte[c] for c in range(0xA0, 0xC0)} & allowed
+
+
 def test_compiled_grammars_are_cached_by_canonical_json(tok):
     comp = GrammarCompiler(tok, cache_size=2)
     a = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}}

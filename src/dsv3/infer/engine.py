@@ -64,10 +64,19 @@ class _Request:
     generator: torch.Generator | None
     detok: IncrementalDetokenizer | None
     text: str = ""
+    released: int = 0  # with stop strings: text[:released] has been handed out (the rest may begin one)
     stop_ids: set[int] = field(default_factory=set)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     partial_prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # while prefilled in chunks
+
+
+def _stop_prefix_length(text: str, stops: list[str]) -> int:
+    """The length of the longest end of `text` that some stop string starts with (and is not whole)."""
+    for n in range(min(len(text), max(map(len, stops)) - 1), 0, -1):
+        if any(s.startswith(text[-n:]) for s in stops):
+            return n
+    return 0
 
 
 class LLM:
@@ -468,7 +477,6 @@ class LLM:
             delta = req.detok.add(toks) + (req.detok.flush() if reason else "")
             req.text += delta
         elif req.detok is not None:  # token by token: a stop string may end inside a step's several tokens
-            base = len(req.text)
             for j, t in enumerate(toks):
                 piece = req.detok.add([t]) + (req.detok.flush() if reason and j == len(toks) - 1 else "")
                 hit = False
@@ -481,7 +489,11 @@ class LLM:
                     toks = toks[: j + 1]
                     lps = lps[: j + 1] if lps is not None else None
                     break
-            delta = req.text[base:]  # empty if the stop string began in text already returned
+            # text that may begin a stop string is held back until it is known not to (as vLLM's stop buffer):
+            # a stream never hands out text that a stop string later takes back
+            end = len(req.text) if reason else len(req.text) - _stop_prefix_length(req.text, p.stop)
+            delta = req.text[req.released:max(end, req.released)]
+            req.released = max(end, req.released)
         if lps is not None:
             req.logprobs.extend(lps)
         if reason:
@@ -501,7 +513,7 @@ class LLM:
         if not hits:
             return delta, False
         cut = window_start + min(hits)  # index in text + delta where the stop string begins
-        if cut < len(req.text):  # the stop string began in text already returned: take that part back
+        if cut < len(req.text):  # the stop string began in earlier text (held back, never handed out): cut it
             req.text = req.text[:cut]
             return "", True
         return delta[: cut - len(req.text)], True

@@ -173,9 +173,10 @@ class GrammarCompiler:
         try:
             if kind == "json_schema":
                 grammar = xgr_grammar().from_json_schema(json.dumps(spec), any_whitespace=False, strict_mode=True)
-                compiled = self.compiler.compile_grammar(_json_control_characters_escaped(str(grammar)))
+                compiled = self.compiler.compile_grammar(_mend_ebnf(str(grammar)))
             elif kind == "regex":
-                compiled = self.compiler.compile_regex(spec)
+                grammar = xgr_grammar().from_regex(spec)
+                compiled = self.compiler.compile_grammar(_mend_ebnf(str(grammar)))
             elif kind == "grammar":
                 compiled = self.compiler.compile_grammar(spec)
             else:
@@ -191,16 +192,44 @@ class GrammarCompiler:
         return compiled
 
 
-# xgrammar 0.2.9 writes a length-bounded JSON string (maxLength, minLength) as characters from [^"\\\r\n], which
-# lets a raw control character (U+0000-U+001F) through: not JSON (json.loads refuses "\x04"). Its unbounded
-# strings exclude them. Such characters are taken out of the bounded ones here (escapes stay unavailable there,
-# as in xgrammar's own rule).
+# Two slips of xgrammar 0.2.9's JSON and regex grammars, mended in the EBNF text before it is compiled:
+# - a length-bounded JSON string (maxLength, minLength) is written as characters from [^"\\\r\n], which lets a
+#   raw control character (U+0000-U+001F) through: not JSON (json.loads refuses "\x04"). Its unbounded strings
+#   exclude them; the bounded ones are given the same class here (escapes stay unavailable there, as in its rule).
+# - its character classes are over code points, and a negated class (or the regex "." = [\0-\U0010ffff]) takes
+#   the UTF-16 surrogates U+D800-U+DFFF too, whose 3-byte forms (ED A0 80..ED BF BF) are not UTF-8: a model
+#   may spell one with byte tokens, and the text then decodes to three U+FFFD (a 6-character string that counts
+#   as one under maxLength). Every negated class here also excludes the surrogates, and "." is everything else.
 _BOUNDED_STRING_CHARS = r'[^\"\\\r\n]'
-_JSON_STRING_CHARS = r'[^\0-\x1f\"\\]'
+_JSON_STRING_CHARS = r'[^\0-\x1f\"\\\r\n]'
+_ANY_CHAR, _ANY_SCALAR = r"[\0-\U0010ffff]", r"[\0-\ud7ff\ue000-\U0010ffff]"
+_SURROGATES = r"\ud800-\udfff"
 
 
-def _json_control_characters_escaped(ebnf: str) -> str:
-    return ebnf.replace(_BOUNDED_STRING_CHARS, _JSON_STRING_CHARS)
+def _mend_ebnf(ebnf: str) -> str:
+    """The EBNF text with both slips mended (see above); quoted literals are left as they are."""
+    out, i, n = [], 0, len(ebnf)
+    while i < n:
+        c = ebnf[i]
+        if c in "\"[":  # a literal "..." or a class [...]: copied whole (backslash escapes skipped)
+            close = '"' if c == '"' else "]"
+            j = i + 1
+            while j < n and ebnf[j] != close:
+                j += 2 if ebnf[j] == "\\" else 1
+            token = ebnf[i:j + 1]
+            if c == "[":
+                if token == _BOUNDED_STRING_CHARS:
+                    token = _JSON_STRING_CHARS
+                if token == _ANY_CHAR:
+                    token = _ANY_SCALAR
+                elif token.startswith("[^") and _SURROGATES not in token:
+                    token = token[:-1] + _SURROGATES + "]"
+            out.append(token)
+            i = j + 1
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
 
 
 def xgr_grammar():
