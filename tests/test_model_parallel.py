@@ -18,7 +18,7 @@ import torch
 import dsv3
 from dsv3.ckpt.pretrained import load_pretrained, model_bytes
 from dsv3.cli import main
-from dsv3.infer import LLM
+from dsv3.infer import LLM, SamplingParams
 from dsv3.parallel.inference import Sharding, check_layout
 from dsv3.tokenizer import train_bpe
 
@@ -246,7 +246,8 @@ httpx = pytest.importorskip("httpx")
 
 
 class TorchrunServer:
-    """`torchrun --nproc-per-node 2 -m dsv3 serve --tp 2 --ep 2` on a free port of 127.0.0.1."""
+    """`torchrun --nproc-per-node 2 -m dsv3 serve --tp 2 --ep 2 --num-redundant-experts 2` on a free port of
+    127.0.0.1."""
 
     def __init__(self, model_dir, log_path):
         port = free_port()
@@ -254,7 +255,7 @@ class TorchrunServer:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
                f"--master-port={free_port()}", "--max-restarts=0", "-m", "dsv3", "serve", "--model", str(model_dir),
                "--port", str(port), "--served-model-name", MODEL, "--max-model-len", str(CONTEXT),
-               "--tp", "2", "--ep", "2", "--threads", "1", "--log-level", "warning"]
+               "--tp", "2", "--ep", "2", "--num-redundant-experts", "2", "--threads", "1", "--log-level", "warning"]
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
                                      env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -314,3 +315,23 @@ def ref(model_dir):
 @pytest.fixture(scope="module")
 def model(model_dir):
     return dsv3.load_pretrained(model_dir)
+
+
+def test_rebalance_re_places_experts_and_keeps_greedy_output(server, client, ref):
+    """POST /rebalance: the redundant experts placed by the loads served so far before the next step; the greedy
+    reply is the one-process engine's before and after. /metrics reports the balance."""
+    def reply():
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "the cat"}],
+                                           temperature=0, max_tokens=12, extra_body={"ignore_eos": True})
+        return r.choices[0].message.content
+    want = ref.generate([ref.tokenizer.apply_chat_template([{"role": "user", "content": "the cat"}], tokenize=True)],
+                        SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True))[0].text
+    assert reply() == want
+    r = server.http.post("/rebalance")
+    assert r.status_code == 200 and r.json()["status"] == "scheduled", r.text
+    assert r.json()["before"] >= 1.0
+    assert reply() == want  # (the re-placement ran before this reply's first step)
+    metrics = server.http.get("/metrics").text
+    line = next(x for x in metrics.splitlines() if x.startswith("dsv3_expert_load_max_over_mean "))
+    assert float(line.split()[1]) >= 1.0
+    assert "dsv3_expert_slots 10" in metrics and "dsv3_expert_rebalances_total 1" in metrics

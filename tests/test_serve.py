@@ -475,6 +475,7 @@ def test_api_key(model_dir):
         assert srv.metrics()['dsv3_http_errors_total{status="401"}'] == 5
         assert srv.http.post("/tokenize", json={"prompt": "the cat"}).status_code == 401  # the tokenizer: guarded
         assert srv.http.get("/tokenizer_info", headers={"Authorization": "Bearer sekret"}).status_code == 200
+        assert srv.http.post("/rebalance").status_code == 401  # an operator's action: guarded
     finally:
         srv.stop()
 
@@ -619,3 +620,11 @@ def test_tokenizer_endpoints_as_vllm(server, ref):
                               ("/detokenize", {}, 400)]:
         r = server.http.post(path, content=json.dumps(bad), headers={"Content-Type": "application/json"})
         assert r.status_code == status and "error" in r.json(), (path, bad, r.status_code, r.text)
+
+
+def test_rebalance_needs_expert_parallelism(server):
+    """/rebalance re-places experts over the ranks of --ep: a one-process server says so (a 400 naming --ep), and
+    its /metrics carry no expert-balance gauges (tests/test_model_parallel.py covers a model-parallel server)."""
+    r = server.http.post("/rebalance")
+    assert r.status_code == 400 and "--ep N" in r.json()["error"]["message"], r.text
+    assert "dsv3_expert_load_max_over_mean" not in server.http.get("/metrics").text

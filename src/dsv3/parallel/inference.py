@@ -372,6 +372,7 @@ class LockstepRunner:
         self.stopped = False
         self.eplb_interval, self.forwards = eplb_interval, 0
         self.rebalance_requested = False  # set from another thread (a server's /rebalance): done before the next step
+        self.rebalances = 0  # re-placements done
 
     def _call(self, name: str, *args, **kwargs):
         if self.stopped:
@@ -399,6 +400,7 @@ class LockstepRunner:
         loads = torch.stack([d.load for d in dispatchers])
         placement = rebalance_experts(loads, shard.placement.shape[1], shard.config.n_group or 1, 1, shard.ep)[0]
         self._call("set_placement", placement)
+        self.rebalances += 1
         return placement
 
     def expert_balance(self) -> dict | None:

@@ -27,8 +27,10 @@ shape; the engine loop never sees a request that failed validation.
 
 Endpoints: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions, POST /v1/completions; vLLM's POST
 /tokenize (a text, or chat messages rendered by the chat template -> token ids), POST /detokenize and GET
-/tokenizer_info; GET /health, GET /metrics (Prometheus text). With an API key, /v1/* and the tokenizer
-endpoints need `Authorization: Bearer KEY`; /health and /metrics stay open for load balancers and scrapers.
+/tokenizer_info; GET /health, GET /metrics (Prometheus text); POST /rebalance on a model-parallel server with
+expert parallelism (the redundant experts re-placed by EPLB on the loads served so far, before the next step).
+With an API key, /v1/*, the tokenizer endpoints and /rebalance need `Authorization: Bearer KEY`; /health and
+/metrics stay open for load balancers and scrapers.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ from ..tokenizer import TOOL_CALL_END, describe_tools
 from .tools import NAMED_CALL_END, ChoiceOutput, forced_prefix
 
 log = logging.getLogger("dsv3.serve")
-PROTECTED = ("/v1", "/tokenize", "/detokenize", "/tokenizer_info")  # what an API key guards (/health, /metrics: open)
+# what an API key guards (/health and /metrics stay open)
+PROTECTED = ("/v1", "/tokenize", "/detokenize", "/tokenizer_info", "/rebalance")
 
 
 # ---- the engine loop -------------------------------------------------------------------------------------------
@@ -826,6 +829,17 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
                 "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                 "chat_template": tok.chat_template, "model_max_length": context_len}
 
+    @app.post("/rebalance")
+    async def rebalance():
+        """Expert parallelism: re-place the redundant experts by the loads served so far (EPLB), before the
+        engine's next step; greedy output is unchanged (replicas hold the same weights)."""
+        runner = llm.runner
+        if not hasattr(runner, "rebalance_requested") or runner.expert_balance() is None:
+            raise APIError(400, "/rebalance re-places experts over the ranks of expert parallelism: serve under "
+                                "torchrun with --ep N (and --num-redundant-experts R for replicas of hot experts)")
+        runner.rebalance_requested = True
+        return {"status": "scheduled", "before": runner.expert_balance()["max_over_mean"]}
+
     @app.get("/health")
     async def health():
         if not engine.alive:
@@ -881,6 +895,16 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
                stats["prefix_cache_lookup_tokens"])
         metric("prefix_cache_hits_total", "counter", "Token positions found there (their prefill was skipped).",
                stats["prefix_cache_hit_tokens"])
+        balance = llm.runner.expert_balance() if hasattr(llm.runner, "expert_balance") else None
+        if balance is not None:  # expert parallelism (a model-parallel server)
+            metric("expert_load_max_over_mean", "gauge", "Expert-parallel balance: per MoE layer, the most "
+                   "(token, expert) pairs one rank computed over the mean per rank, averaged over the layers "
+                   "(1.0: even; /rebalance or --eplb-interval re-place the redundant experts).",
+                   f"{balance['max_over_mean']:.6f}")
+            metric("expert_slots", "gauge", "Expert slots over all ranks (experts plus redundant replicas).",
+                   balance["slots"])
+            metric("expert_rebalances_total", "counter", "Re-placements of the experts done (EPLB).",
+                   llm.runner.rebalances)
         if "drafted" in stats:
             metric("spec_drafts_total", "counter", "MTP drafted positions verified.", stats["drafted"])
             metric("spec_accepted_total", "counter", "MTP drafted positions whose token was kept.", stats["accepted"])
