@@ -304,6 +304,18 @@ def test_stop_strings(client, ref):
     assert "".join(ch.choices[0].text for ch in chunks) == want and chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_stop_token_ids(client, ref):
+    """vLLM's stop_token_ids: the output ends at the first of them, which it keeps (as vLLM does for a token that
+    is not special)."""
+    full = greedy(ref, "the cat", 8, ignore_eos=True)
+    stop = full.token_ids[3]
+    want = full.token_ids[:full.token_ids.index(stop) + 1]
+    r = client.completions.create(model=MODEL, prompt="the cat", temperature=0, max_tokens=8,
+                                  extra_body={"ignore_eos": True, "stop_token_ids": [stop]})
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == len(want)
+    assert r.choices[0].text == ref.tokenizer.decode(want)
+
+
 def test_seed_reproducibility(client):
     def sample(seed):
         return client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=1.0, max_tokens=8,
@@ -414,6 +426,9 @@ BAD = {  # case -> (request, status, param named or None, a phrase of the messag
     "chat prompt fills the context": (_chat(messages=[{"role": "user", "content": LONG}], max_tokens=None), 400,
                                       "messages", "no room"),
     "token id outside the vocabulary": (_cmpl(prompt=[1, 2, 100000]), 400, "prompt", "outside the vocabulary"),
+    "logit_bias outside the vocabulary": (_chat(logit_bias={"100000": 5}), 400, "logit_bias", "outside the vocabulary"),
+    "stop token outside the vocabulary": (_cmpl(prompt="hi", stop_token_ids=[100000]), 400, "stop_token_ids",
+                                          "outside the vocabulary"),
     "empty token list": (_cmpl(prompt=[]), 400, "prompt", "non-empty"),
     "prompt wrong type": (_cmpl(prompt=3), 400, "prompt", "must be a string"),
     # strings JSON can spell but UTF-8 cannot encode (a lone surrogate): the tokenizer cannot take them

@@ -63,6 +63,7 @@ from ..tokenizer import TOOL_CALL_END, describe_tools
 from .tools import NAMED_CALL_END, ChoiceOutput, forced_prefix
 
 log = logging.getLogger("dsv3.serve")
+ENGINE_CHECKED_FIELDS = ("logit_bias", "stop_token_ids")  # token ids only the engine knows the range of
 # what an API key guards (/health and /metrics stay open)
 PROTECTED = ("/v1", "/tokenize", "/detokenize", "/tokenizer_info", "/rebalance")
 
@@ -267,7 +268,8 @@ class EngineLoop:
                 rid = self.llm.add_request(prompt, params, cache_salt=job.cache_salt)
             except Exception as e:
                 if isinstance(e, ValueError):  # the handler checked already; the engine's checks have the last word
-                    error = APIError(400, str(e))
+                    field = str(e).split(":", 1)[0]  # the engine names a request field first where one is at fault
+                    error = APIError(400, str(e), param=field if field in ENGINE_CHECKED_FIELDS else None)
                 else:
                     log.exception("adding a request to the engine failed")
                     error = APIError(500, f"the engine failed to add the request: {type(e).__name__}: {e}",

@@ -3,8 +3,8 @@ errors (`{"error": {"message", "type", "param", "code"}}`), and the responses an
 /v1/chat/completions and /v1/completions, built as plain dicts.
 
 Supported beyond OpenAI, as vLLM spells them: `top_k` (0 or -1: no limit), `ignore_eos`, `cache_salt`
-(requests share prefix-cache blocks only with requests of the same salt), `repetition_penalty` and `min_tokens`
-(the openai client sends them in `extra_body`). Known OpenAI parameters this server does not implement (suffix,
+(requests share prefix-cache blocks only with requests of the same salt), `repetition_penalty`, `min_tokens` and
+`stop_token_ids` (the openai client sends them in `extra_body`). Known OpenAI parameters this server does not implement (suffix,
 best_of > n) are refused with a 400 when set to anything but their neutral value; unknown fields are ignored, as
 vLLM does. Tool calling: `tools`, `tool_choice`, `parallel_tool_calls`, assistant messages with `tool_calls`
 (content null) and `tool` messages with `tool_call_id` (the server's side is in api.py and tools.py).
@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..infer.sampling import MAX_BIAS, MAX_PENALTY, SamplingParams, TokenLogprob
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 
+MAX_STOP_TOKENS = 64  # stop_token_ids per request
 MAX_STOP = 16  # OpenAI allows 4; lm-eval's generate tasks send their `until` strings and the EOS text, often more
 # (vLLM sets no limit): 16 keeps a request's per-token stop check bounded
 MAX_N = 128  # OpenAI's limit on choices per request
@@ -217,6 +218,7 @@ class _Sampling(_Strict):
     repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)  # extension: 1 is off
     logit_bias: dict | None = None  # {"token id": bias in [-100, 100]}
     min_tokens: int | None = Field(None, ge=0)  # extension: no end of sequence or stop before this many tokens
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKENS)  # extension
     user: str | None = None
 
     @field_validator("model", "stop", "user", "cache_salt", mode="before")
@@ -280,6 +282,7 @@ class _Sampling(_Strict):
                 frequency_penalty=float(self.frequency_penalty or 0),
                 repetition_penalty=1.0 if self.repetition_penalty is None else float(self.repetition_penalty),
                 logit_bias=self.logit_bias or None, min_tokens=self.min_tokens or 0,
+                stop_token_ids=list(self.stop_token_ids or []),
                 logits_processors=list(logits_processors or []))
         except ValueError as e:  # the fields were checked above; the engine's own checks have the last word
             raise APIError(400, str(e)) from None
