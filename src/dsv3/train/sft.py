@@ -2,7 +2,7 @@
 
     dsv3 sft --init-from runs/demo --task arithmetic --out runs/sft --steps 300 --lr 1e-3
     dsv3 sft --init-from DIR --data chats.jsonl --out runs/sft --steps 1000
-    dsv3 sft --init-from runs/demo --task tool-use --out runs/tools --steps 200 --lr 1e-3
+    dsv3 sft --init-from runs/demo --task tool-use --out runs/tools --steps 1000 --lr 2e-3 --seq-len 1024
 
 Records (JSONL, one per line): `{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}` or
 `{"prompt": ..., "completion": ...}`. Each is rendered with the model's own chat template; the loss falls on
